@@ -1,0 +1,45 @@
+"""Audio decoding: any file soundfile reads, to 16 kHz mono float32.
+
+`datasets.Audio` decodes through torchcodec, which needs CUDA libraries; soundfile + librosa's
+resampler work everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from infer.qwen_omni import SAMPLE_RATE
+
+
+class AudioError(ValueError):
+    """An audio file that is missing or cannot be decoded; the message names the file."""
+
+
+def load_audio(path: str | Path, max_seconds: float | None = None) -> np.ndarray:
+    """Decode `path` to a mono float32 waveform at 16 kHz, optionally cut to `max_seconds`."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: audio file not found")
+    try:
+        wave, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError) as err:
+        raise AudioError(f"{path}: cannot decode audio ({err})") from None
+    wave = wave.mean(axis=1)
+    if rate != SAMPLE_RATE:
+        import librosa  # imported lazily: its first call compiles with numba for ~15 s
+
+        wave = librosa.resample(wave, orig_sr=rate, target_sr=SAMPLE_RATE)
+    if wave.size == 0:
+        raise AudioError(f"{path}: audio file holds no samples")
+    if max_seconds is not None:
+        wave = wave[: int(max_seconds * SAMPLE_RATE)]
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def write_wav(path: str | Path, wave: np.ndarray, rate: int = SAMPLE_RATE) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), wave, rate, subtype="PCM_16")

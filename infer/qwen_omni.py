@@ -1,0 +1,240 @@
+"""Everything specific to Qwen3-Omni, in one place.
+
+Training, inference, data preparation and evaluation all build prompts, tokenise audio and load
+the thinker through this module, so the prompt seen at training time cannot drift from the one
+seen at inference time. Facts and their sources are in ../shared/QWEN3_OMNI_NOTES.md.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+SAMPLE_RATE = 16_000
+IGNORE_INDEX = -100
+
+# Special tokens of the Qwen3-Omni tokenizer. Their ids always come from the tokenizer in use.
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+AUDIO_START, AUDIO_PAD, AUDIO_END = "<|audio_start|>", "<|audio_pad|>", "<|audio_end|>"
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ENDOFTEXT = "<|endoftext|>"
+SPECIAL_TOKENS = [
+    ENDOFTEXT, IM_START, IM_END, AUDIO_START, AUDIO_END, AUDIO_PAD,
+    VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, THINK_OPEN, THINK_CLOSE,
+]
+
+# Parts of the thinker that LoRA must leave alone unless a recipe asks otherwise.
+NON_TEXT_MODULES = ("audio_tower", "visual")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# transformers 5 fuses the experts into 3-D parameters; LoRA reaches them via `target_parameters`.
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
+
+# The challenge baseline prompt (PROTOCOL.md) and Qwen's own advice for the Thinking model.
+PROMPT_SYSTEMS: dict[str, str | None] = {
+    "baseline": "You are a multi-task audio understanding and reasoning model.",
+    "qwen": None,
+}
+
+
+def _modeling():
+    # transformers is imported on first use: it takes ~5 s (it pulls in sklearn), which light
+    # commands (data generation, scoring) do not need to pay.
+    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe
+
+    return modeling_qwen3_omni_moe
+
+
+def thinker_class():
+    return _modeling().Qwen3OmniMoeThinkerForConditionalGeneration
+
+
+def moe_block_class():
+    """The sparse MoE block: ZeRO-3 must treat it as a leaf, else it hangs on experts that get no tokens."""
+    return _modeling().Qwen3OmniMoeThinkerTextSparseMoeBlock
+
+
+def audio_tower_class():
+    return _modeling().Qwen3OmniMoeAudioEncoder
+
+
+def question_text(question: str, choices: Sequence[str]) -> str:
+    """The user's text turn: the question and the choices, as the challenge baseline writes it."""
+    return question + "\nSelect one option from the provided choices:\n" + "\n".join(choices)
+
+
+def build_messages(question: str, choices: Sequence[str], prompt_style: str = "baseline") -> list[dict]:
+    """Chat messages holding only what Track 1 allows: audio, question, choices and a fixed prompt."""
+    if prompt_style not in PROMPT_SYSTEMS:
+        raise ValueError(f"unknown prompt style {prompt_style!r}; known: {sorted(PROMPT_SYSTEMS)}")
+    system = PROMPT_SYSTEMS[prompt_style]
+    messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
+    messages.append(
+        {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": question_text(question, choices)}]}
+    )
+    return messages
+
+
+def render_prompt(tokenizer, question: str, choices: Sequence[str], prompt_style: str = "baseline") -> str:
+    """Prompt text up to and including the assistant header, with one audio placeholder."""
+    messages = build_messages(question, choices, prompt_style)
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if prompt.count(AUDIO_PAD) != 1:
+        raise ValueError(f"chat template must render exactly one {AUDIO_PAD}, got {prompt.count(AUDIO_PAD)}")
+    return prompt
+
+
+def render_target(prompt: str, thinking: str, answer: str) -> str:
+    """Assistant continuation for SFT, written by hand.
+
+    The stock template drops <think>...</think> from assistant turns whose user content is a list
+    (always so with audio), so the target is appended to the generation prompt instead. Whatever
+    the generation prompt already opens (some templates end with "<think>\\n") is not repeated.
+    """
+    full = f"{THINK_OPEN}\n{thinking.strip()}\n{THINK_CLOSE}\n\n{answer}{IM_END}"
+    for cut in range(len(full), 0, -1):
+        if prompt.endswith(full[:cut]):
+            return full[cut:]
+    return full
+
+
+def audio_token_count(feature_frames: int) -> int:
+    """Number of <|audio_pad|> tokens the thinker expects for `feature_frames` mel frames."""
+    return int(_modeling()._get_feat_extract_output_lengths(torch.tensor(feature_frames)))
+
+
+@dataclass
+class OmniProcessor:
+    """Tokenizer + Whisper-style feature extractor, expanding the audio placeholder per clip.
+
+    The stock Qwen3OmniMoeProcessor also needs image/video processors (torchvision); audio
+    reasoning needs neither, so this does the audio part with the same length rule.
+    """
+
+    tokenizer: object
+    feature_extractor: object  # transformers.WhisperFeatureExtractor
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "OmniProcessor":
+        from transformers import AutoTokenizer, WhisperFeatureExtractor
+
+        return cls(
+            tokenizer=AutoTokenizer.from_pretrained(str(path)),
+            feature_extractor=WhisperFeatureExtractor.from_pretrained(str(path)),
+        )
+
+    def token_id(self, token: str) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise KeyError(f"tokenizer has no special token {token}")
+        return token_id
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return [self.token_id(IM_END), self.token_id(ENDOFTEXT)]
+
+    def audio_features(self, audios: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        feats = self.feature_extractor(
+            list(audios), sampling_rate=SAMPLE_RATE, padding=True, truncation=False,
+            return_attention_mask=True, return_tensors="pt",
+        )
+        return {"input_features": feats["input_features"], "feature_attention_mask": feats["attention_mask"]}
+
+    def expand_audio(self, prompt: str, feature_frames: int) -> str:
+        return prompt.replace(AUDIO_PAD, AUDIO_PAD * audio_token_count(feature_frames), 1)
+
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        audios: Sequence[np.ndarray],
+        targets: Sequence[str] | None = None,
+        padding_side: str = "left",
+    ) -> dict[str, torch.Tensor]:
+        """Batch of model inputs. With `targets`, adds `labels` that are -100 outside the targets."""
+        if len(prompts) != len(audios) or (targets is not None and len(targets) != len(prompts)):
+            raise ValueError("prompts, audios and targets must have the same length")
+        batch = self.audio_features(audios)
+        frames = batch["feature_attention_mask"].sum(-1).tolist()
+        sequences, label_rows = [], []
+        for i, prompt in enumerate(prompts):
+            ids = self.tokenizer(self.expand_audio(prompt, frames[i]), add_special_tokens=False)["input_ids"]
+            labels = [IGNORE_INDEX] * len(ids)
+            if targets is not None:
+                target_ids = self.tokenizer(targets[i], add_special_tokens=False)["input_ids"]
+                ids = ids + target_ids
+                labels = labels + target_ids
+            sequences.append(ids)
+            label_rows.append(labels)
+        batch.update(pad_sequences(sequences, label_rows, self.tokenizer.pad_token_id, padding_side))
+        if targets is None:
+            del batch["labels"]
+        return batch
+
+
+def pad_sequences(sequences: list[list[int]], labels: list[list[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    label_ids = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(zip(sequences, labels)):
+        span = slice(width - len(ids), width) if side == "left" else slice(0, len(ids))
+        input_ids[row, span] = torch.tensor(ids)
+        label_ids[row, span] = torch.tensor(labs)
+        attention[row, span] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": label_ids}
+
+
+def load_thinker(path: str | Path, dtype: str = "auto", device: str | None = None, attn_implementation: str | None = None):
+    """The thinker alone, from a thinker checkpoint or a full Qwen3-Omni checkpoint (talker skipped)."""
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    kwargs = {"dtype": torch_dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = thinker_class().from_pretrained(str(path), **kwargs)
+    if device:
+        model = model.to(device)
+    return model
+
+
+def text_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of the thinker's language model, wherever this transformers version puts them."""
+    text_model = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+    layers = getattr(text_model, "layers", None) or getattr(getattr(text_model, "language_model", None), "layers", None)
+    if layers is None:
+        raise AttributeError("cannot find the thinker's text decoder layers")
+    return layers
+
+
+def lora_target_names(model, projections: Sequence[str], include_audio_tower: bool = False) -> list[str]:
+    """Exact module names for LoRA: the given projections in the text layers (and the audio tower if asked).
+
+    Exact names, not a regex: peft widens patterns to suffix matches, which on this model also
+    hits the audio tower's q/k/v projections.
+    """
+    wanted = set(projections)
+    names = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in wanted or not isinstance(module, torch.nn.Linear):
+            continue
+        in_non_text = any(part in NON_TEXT_MODULES for part in name.split("."))
+        if in_non_text and not (include_audio_tower and ".audio_tower." in f".{name}."):
+            continue
+        names.append(name)
+    return names
+
+
+def expert_parameter_names(model) -> list[str]:
+    """Fused expert parameters (transformers 5) for peft's `target_parameters`."""
+    return [
+        name for name, _ in model.named_parameters()
+        if re.search(r"\.experts\.(%s)$" % "|".join(EXPERT_PARAMETERS), name)
+        and not any(part in NON_TEXT_MODULES for part in name.split("."))
+    ]

@@ -1,0 +1,110 @@
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep.synthetic import NUMBER_WORDS, TASKS, generate
+from infer.audio import load_audio
+from infer.data import load_items
+from infer.qwen_omni import SAMPLE_RATE
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    generate(tmp_path / "a", train=6, test=6, seed=3)
+    generate(tmp_path / "b", train=6, test=6, seed=3)
+    generate(tmp_path / "c", train=6, test=6, seed=4)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert digest(tmp_path / "a") != digest(tmp_path / "c")
+
+
+def test_splits_never_share_a_clip(synthetic_dir):
+    train = load_items(synthetic_dir / "train.jsonl")
+    test = load_items(synthetic_dir / "test.jsonl")
+    assert not {i.id for i in train} & {i.id for i in test}
+    assert not {i.audio_path for i in train} & {i.audio_path for i in test}
+    hashes = lambda items: {hashlib.sha256(i.audio_path.read_bytes()).hexdigest() for i in items}
+    assert not hashes(train) & hashes(test)
+
+
+def test_records_follow_the_mmar_schema(synthetic_dir):
+    items = load_items(synthetic_dir / "test.jsonl")
+    assert {i.meta["sub-category"] for i in items} == {t.sub_category for t in TASKS.values()}
+    for item in items:
+        assert item.answer in item.choices and item.thinking and item.meta["cue"]
+        assert len(item.meta["rubric"]) == 5
+        assert all(set(c) == {"name", "scoring_point", "note", "choices"} and c["choices"] == [0, 1] for c in item.meta["rubric"])
+        wave = item.load_audio()
+        assert 0.8 < wave.size / SAMPLE_RATE < 3.5
+
+
+def onsets(wave: np.ndarray, frame: int = 160, threshold: float = 0.05) -> list[float]:
+    """Rising edges of the frame RMS: an independent beep detector."""
+    rms = np.sqrt(np.mean(wave[: wave.size // frame * frame].reshape(-1, frame) ** 2, axis=1))
+    active = rms > threshold
+    rising = np.flatnonzero(active[1:] & ~active[:-1]) + 1
+    return [r * frame / SAMPLE_RATE for r in rising]
+
+
+def segment_features(wave: np.ndarray) -> list[tuple[float, float, float]]:
+    """(duration s, rms, dominant Hz) of each sounding segment."""
+    frame = 160
+    rms = np.sqrt(np.mean(wave[: wave.size // frame * frame].reshape(-1, frame) ** 2, axis=1))
+    active = np.concatenate([[False], rms > 0.02, [False]])
+    starts, ends = np.flatnonzero(active[1:] & ~active[:-1]), np.flatnonzero(~active[1:] & active[:-1])
+    out = []
+    for s, e in zip(starts, ends):
+        seg = wave[s * frame: e * frame]
+        spectrum = np.abs(np.fft.rfft(seg))
+        out.append(((e - s) * frame / SAMPLE_RATE, float(np.sqrt(np.mean(seg**2))), float(np.argmax(spectrum) * SAMPLE_RATE / seg.size)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def items(synthetic_dir):
+    return load_items(synthetic_dir / "train.jsonl") + load_items(synthetic_dir / "test.jsonl")
+
+
+def by_task(items, name):
+    chosen = [i for i in items if i.id.endswith(name)]
+    assert chosen, name
+    return chosen
+
+
+def test_beep_count_matches_detected_onsets(items):
+    for item in by_task(items, "beep_count"):
+        detected = onsets(item.load_audio())
+        assert NUMBER_WORDS[len(detected) - 1] == item.answer, item.id
+        assert np.allclose(detected, item.meta["facts"]["onsets"], atol=0.02)
+
+
+def test_pitch_loudness_and_duration_are_audible(items):
+    for item in by_task(items, "pitch_compare"):
+        (_, _, f1), (_, _, f2) = segment_features(item.load_audio())
+        assert (f1 > f2) == (item.answer == "the first tone"), item.id
+    for item in by_task(items, "loudness_compare"):
+        (_, r1, _), (_, r2, _) = segment_features(item.load_audio())
+        assert (r2 > r1) == (item.answer == "louder"), item.id
+    for item in by_task(items, "duration_compare"):
+        (d1, _, _), (d2, _, _) = segment_features(item.load_audio())
+        assert (d1 > d2) == (item.answer == "the first tone"), item.id
+
+
+def test_melody_and_order_are_audible(items):
+    for item in by_task(items, "melody_contour"):
+        pitches = [f for _, _, f in segment_features(item.load_audio())]
+        assert len(pitches) == 4
+        steps = np.sign(np.diff(pitches))
+        expected = {"upward": [1, 1, 1], "downward": [-1, -1, -1], "up then down": [1, 1, -1]}[item.answer]
+        assert steps.tolist() == expected, item.id
+    for item in by_task(items, "sound_order"):
+        wave = item.load_audio()
+        first = wave[int(0.1 * SAMPLE_RATE): int(0.6 * SAMPLE_RATE)]
+        # a pure tone concentrates its energy in one FFT bin; noise spreads it
+        spectrum = np.abs(np.fft.rfft(first)) ** 2
+        tonal = spectrum.max() / spectrum.sum() > 0.2
+        assert tonal == (item.answer == "a pure tone"), item.id
