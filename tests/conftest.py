@@ -9,7 +9,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-MMAR_META = REPO.parent / "shared" / "data" / "MMAR-meta.jsonl"
+# CI clones the repo with shared/ beside it; MMAR_META points elsewhere when needed.
+MMAR_META = Path(os.environ.get("MMAR_META", REPO.parent / "shared" / "data" / "MMAR-meta.jsonl"))
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
