@@ -27,9 +27,9 @@ def score(recipe, progress: bool = True, backend=None) -> dict:
     cfg, jcfg = recipe.eval, recipe.eval.judge
     started = time.perf_counter()
     out_dir = Path(cfg.report_dir)
-    recipe_file = save_recipe(recipe, out_dir / "recipe.yaml")
     meta = load_meta(cfg.meta)
     sub = match(load_submission(cfg.submission), meta)
+    recipe_file = save_recipe(recipe, out_dir / "recipe.yaml")
     judged = jcfg.backend != "none" or backend is not None
 
     correct: dict[str, bool] = {}
