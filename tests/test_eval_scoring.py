@@ -259,3 +259,12 @@ def test_paired_comparison(setup):
     c = compare(tmp / "ra", tmp / "rb" / "report.json", resamples=200)
     assert c["flipped_to_correct"] == ["i4"] and c["flipped_to_wrong"] == []
     assert c["rubrics_delta"] == pytest.approx(25.0)  # i4: 0 -> 1.0, over 4 items
+
+
+def test_scoring_path_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, eval.__main__, eval.score, eval.compare; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
