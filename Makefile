@@ -11,7 +11,7 @@ RECIPE     ?= recipes/tiny.yaml
 TINY       := artifacts/tiny-omni
 SYNTH      := artifacts/synthetic
 
-.PHONY: setup tiny data demo test clean
+.PHONY: setup tiny data demo test clean eval
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ $(TINY)/config.json: | setup
 data: $(SYNTH)/test.jsonl
 $(SYNTH)/test.jsonl: | setup
 	$(PY) -m data_prep.synthetic $(SYNTH)
+
+# Score a submission (default: the recipe's eval.submission); e.g. `make eval SUB=runs/x/submission.jsonl`.
+eval: | setup
+	$(PY) -m eval score $(RECIPE) $(if $(SUB),eval.submission=$(SUB))
 
 demo: tiny data
 	@echo "demo: tiny checkpoint in $(TINY), synthetic benchmark in $(SYNTH)"

@@ -97,17 +97,22 @@ class InferConfig(Section):
 
 
 class JudgeConfig(Section):
-    backend: Literal["openai", "local", "none"] = "none"
-    model: str = "gpt-4o-2024-11-20"
-    base_url: str = "https://api.openai.com/v1"
-    api_key_env: str = "OPENAI_API_KEY"
+    backend: Literal["openai", "local", "none"] = "none"  # none: Accuracy only, Rubrics not computed
+    model: str = "gpt-4o-2024-11-20"  # endpoint model name; for backend local, the checkpoint folder
+    base_url: str = "https://api.openai.com/v1"  # any OpenAI-compatible server (e.g. vLLM)
+    api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key
     temperature: float = 0.0
-    seed: int = 42
+    seed: int | None = 42
+    max_tokens: int | None = None  # openai: not sent when None (as officially); local: default 1024
     ratings: int = Field(5, gt=0)
-    max_attempts: int = Field(20, gt=0)
+    max_attempts: int = Field(20, gt=0)  # requests per rating until a reply parses (official: 20)
     concurrency: int = Field(8, gt=0)
     requests_per_minute: float | None = Field(None, gt=0)
     timeout_s: float = Field(120.0, gt=0)
+    backoff_s: float = Field(1.0, ge=0)  # first pause after 429/5xx/timeout, doubling up to backoff_max_s
+    backoff_max_s: float = Field(60.0, ge=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # local backend
+    device: str | None = None  # local backend
     cache: str = "runs/judge_cache.sqlite"
 
 
@@ -115,6 +120,9 @@ class EvalConfig(Section):
     meta: str = "artifacts/synthetic/test.jsonl"
     submission: str = "runs/tiny/submission.jsonl"
     report_dir: str = "runs/tiny/eval"
+    bootstrap: int = Field(1000, ge=0)  # resamples for the 95% confidence intervals (0: none)
+    bootstrap_seed: int = 0
+    charts: bool = True
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
 

@@ -1,0 +1,91 @@
+"""Command line: `python -m eval {score,compare,convert} ...`.
+
+    python -m eval score RECIPE.yaml [eval.submission=... eval.judge.backend=openai ...]
+    python -m eval compare A B --meta META.jsonl [--out compare.json]
+    python -m eval convert OLD.json NEW.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from eval.submission import SubmissionError
+
+
+def _score(argv: list[str]) -> int:
+    from eval.judge import FatalJudgeError
+    from eval.report import markdown
+    from eval.score import score
+    from infer.recipe import RecipeError, load_recipe, split_cli
+
+    try:
+        recipe = load_recipe(*split_cli(argv))
+    except RecipeError as err:
+        print(err, file=sys.stderr)
+        return 2
+    try:
+        report = score(recipe, progress=sys.stderr.isatty())
+    except FatalJudgeError as err:
+        print(f"judge error: {err}\nFinished ratings are in the cache; re-run to resume.", file=sys.stderr)
+        return 1
+    t = report["totals"]
+    rub = "not computed" if t["rubrics"] is None else f"{t['rubrics']:.2f}"
+    crs = "–" if t["crs"] is None else f"{t['crs']:.3f}"
+    print(f"Accuracy {t['accuracy']:.2f}  Rubrics {rub}  CRS {crs}  ({t['n']} items counted, "
+          f"{t['not_evaluated']} NOT EVALUATED, {len(report['missing_ids'])} missing)  "
+          f"-> {Path(recipe.eval.report_dir) / 'report.md'}")
+    return 0 if not report["not_evaluated"] else 3
+
+
+def _compare(argv: list[str]) -> int:
+    from eval.compare import compare, markdown
+
+    p = argparse.ArgumentParser(prog="python -m eval compare", description="Paired comparison of two runs.")
+    p.add_argument("a", help="submission JSONL/JSON, or report.json / report folder")
+    p.add_argument("b")
+    p.add_argument("--meta", help="benchmark meta JSONL (needed for submissions)")
+    p.add_argument("--resamples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write the comparison as JSON here")
+    args = p.parse_args(argv)
+    result = compare(args.a, args.b, args.meta, args.resamples, args.seed)
+    print(markdown(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _convert(argv: list[str]) -> int:
+    from eval.submission import convert_json_list
+
+    p = argparse.ArgumentParser(prog="python -m eval convert",
+                                description='Older [{"id","thinking","answer"}] JSON list -> submission JSONL.')
+    p.add_argument("src")
+    p.add_argument("dst")
+    args = p.parse_args(argv)
+    print(f"wrote {convert_json_list(args.src, args.dst)} records to {args.dst}")
+    return 0
+
+
+COMMANDS = {"score": _score, "compare": _compare, "convert": _convert}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except SubmissionError as err:
+        print(f"input error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
