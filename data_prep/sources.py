@@ -252,7 +252,9 @@ def complexaudio(root: Path, metadata_file: str = "metadata.jsonl") -> Iterator[
     """ComplexAudio: complex, overlapping acoustic scenes (mixed sound/speech/music).
 
     We know of no fixed official release layout, so this adapter reads a generic one (ASSUMED;
-    convert your copy to it): root/metadata.jsonl, one JSON object a line with
+    convert your copy to it).
+    Layout:
+        root/metadata.jsonl, one JSON object a line with
         "audio": path relative to root (required), "id": optional stable id (default: the path),
         "domain": optional, one of sound/speech/music (default sound), "licence": optional,
     and any other fields (captions, labels, transcript, ...) kept as the clip's metadata.
