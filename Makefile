@@ -11,7 +11,7 @@ RECIPE     ?= recipes/tiny.yaml
 TINY       := artifacts/tiny-omni
 SYNTH      := artifacts/synthetic
 
-.PHONY: setup tiny data demo test clean
+.PHONY: setup tiny data prep demo test clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ $(TINY)/config.json: | setup
 data: $(SYNTH)/test.jsonl
 $(SYNTH)/test.jsonl: | setup
 	$(PY) -m data_prep.synthetic $(SYNTH)
+
+# The Cogito-Pipe on $(RECIPE) (tiny: the synthetic clips as the raw source): manifest + data card.
+prep: data
+	$(PY) -m data_prep collect $(RECIPE)
+	$(PY) -m data_prep card $(RECIPE)
 
 demo: tiny data
 	@echo "demo: tiny checkpoint in $(TINY), synthetic benchmark in $(SYNTH)"

@@ -19,6 +19,7 @@ A shortfall (a source with fewer usable clips than its share) is reported, not r
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import random
@@ -52,20 +53,20 @@ def scan_source(spec: SourceSpec) -> tuple[list[dict], Counter[str]]:
     if not root.is_dir():
         raise DataError(f"source {spec.name}: root {root} is not a folder (download the dataset there; see the adapter's docstring)")
     try:
-        found = adapter.scan(root, **spec.options)
-        records, skipped, seen = [], Counter(), set()
-        for item in found:
-            if isinstance(item, Candidate):
-                record = candidate_record(spec, item)
-                if record["id"] in seen:
-                    skipped["duplicate_id"] += 1
-                    continue
-                seen.add(record["id"])
-                records.append(record)
-            else:
-                skipped[item.reason] += 1
+        inspect.signature(adapter.scan).bind(root, **spec.options)
     except TypeError as err:
         raise DataError(f"source {spec.name}: bad options {spec.options}: {err}") from None
+    records, skipped, seen = [], Counter(), set()
+    for item in adapter.scan(root, **spec.options):
+        if isinstance(item, Candidate):
+            record = candidate_record(spec, item)
+            if record["id"] in seen:
+                skipped["duplicate_id"] += 1
+                continue
+            seen.add(record["id"])
+            records.append(record)
+        else:
+            skipped[item.reason] += 1
     return records, skipped
 
 

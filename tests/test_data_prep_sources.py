@@ -329,3 +329,16 @@ def test_synthetic_as_raw_source(tmp_path, synthetic_dir):
     assert "question" not in json.dumps(beeps) and beeps["domain"] == records[0]["modality"]
     assert beeps["duration"] == pytest.approx(sf.info(records[0]["audio_path"]).duration, abs=1e-3)
     assert_counted(report, "synthetic")
+
+
+def test_bad_options_and_missing_layout_are_clear_errors(tmp_path):
+    from infer.data import DataError
+
+    root = tmp_path / "fma"
+    root.mkdir()
+    with pytest.raises(DataError, match=r"source fma: bad options \{'subsett': 'small'\}"):
+        run(tmp_path, "fma", root, subsett="small")
+    with pytest.raises(DataError, match=r"tracks\.csv: metadata file not found"):
+        run(tmp_path, "fma", root)
+    with pytest.raises(DataError, match="unknown dataset adapter 'clothoo'"):
+        run(tmp_path, "clothoo", root)
