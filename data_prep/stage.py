@@ -77,25 +77,39 @@ def _part_path(parts: Path, index: int, count: int) -> Path:
     return parts / f"shard-{index:05d}-of-{count:05d}.jsonl"
 
 
-def _repair_torn_tail(path: Path) -> None:
+def _repair_torn_tail(path: Path, chunk: int = 1 << 16) -> None:
     """Cut a journal back to its last complete line (a kill can leave half a line behind)."""
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return
-    keep = data.rfind(b"\n") + 1
     with path.open("r+b") as handle:
-        handle.truncate(keep)
+        size = handle.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:
+            start = max(0, end - chunk)
+            handle.seek(start)
+            block = handle.read(end - start)
+            if (newline := block.rfind(b"\n")) >= 0:
+                keep = start + newline + 1
+                break
+            end = start
+        else:
+            keep = 0
+        if keep < size:
+            handle.truncate(keep)
 
 
 def _journal(parts: Path) -> Iterator[tuple[Path, int, dict]]:
-    """(part file, byte offset, entry) for every complete line of every journal of the stage."""
+    """(part file, byte offset, entry) for every complete line of every journal of the stage.
+
+    Read-only: another shard may be appending to its journal right now, so an unfinished last
+    line is passed over here and only ever cut off by the journal's own shard (`run_stage`).
+    """
     if not parts.is_dir():
         return
     for path in sorted(parts.glob("shard-*.jsonl")):
-        _repair_torn_tail(path)
         with path.open("rb") as handle:
             offset = 0
             for line in handle:
+                if not line.endswith(b"\n"):
+                    break
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError:
@@ -142,12 +156,14 @@ def run_stage(
     input_path = Path(input_path)
     paths = stage_paths(work_dir, name)
     paths["parts"].mkdir(parents=True, exist_ok=True)
+    part = _part_path(paths["parts"], index, count)
+    if part.is_file():
+        _repair_torn_tail(part)
     all_ids = _input_ids(input_path)
     mine = {rid for rid in all_ids if shard_of(rid, count) == index}
     done = {entry["id"] for _, _, entry in _journal(paths["parts"])}
     todo = mine - done
 
-    part = _part_path(paths["parts"], index, count)
     shard_report_path = part.with_suffix(".report.json")
     previous = json.loads(shard_report_path.read_text()) if shard_report_path.is_file() else {}
     rejected: Counter[str] = Counter()

@@ -124,6 +124,18 @@ def test_shards_split_the_work_and_the_last_one_merges(tmp_path):
     assert [r["id"] for r in read_output(tmp_path / "work")] == expected_output(ids)  # input order, as unsharded
 
 
+def test_a_shard_never_cuts_another_shards_journal(tmp_path):
+    ids = write_input(tmp_path / "in.jsonl", 12)
+    parts = stage_paths(tmp_path / "work", "toy")["parts"]
+    parts.mkdir(parents=True)
+    other = parts / "shard-00001-of-00002.jsonl"
+    busy = '{"id": "r0001", "rejected": "odd"}\n{"id": "r00'  # shard 1 is mid-write right now
+    other.write_text(busy)
+    report = run_stage("toy", each(double_or_reject), tmp_path / "in.jsonl", tmp_path / "work", shard="0/2", show_progress=False)
+    assert other.read_text() == busy and report["complete"] is False
+    assert report["in"] == sum(shard_of(rid, 2) == 0 for rid in ids)
+
+
 def test_duplicate_output_ids_are_dropped_and_counted(tmp_path):
     write_input(tmp_path / "in.jsonl", 6)
     report = run_stage("toy", each(lambda r: [{"id": f"clip-{r['value'] // 2}"}]), tmp_path / "in.jsonl", tmp_path / "work",
@@ -200,3 +212,13 @@ def test_data_prep_config_validation():
         load_recipe(REPO / "recipes" / "tiny.yaml", ["data_prep.shard=4/4"])
     recipe = load_recipe(REPO / "recipes" / "cogito_data.yaml")
     assert len(recipe.data_prep.sources) == 10 and sum(s.ratio for s in recipe.data_prep.sources) == pytest.approx(1.0)
+
+
+def test_torn_tail_is_cut_back_to_the_last_complete_line(tmp_path):
+    from data_prep.stage import _repair_torn_tail
+
+    journal = tmp_path / "j.jsonl"
+    for content, kept in [('{"a": 1}\n{"b": 2}\n{"c": 3', '{"a": 1}\n{"b": 2}\n'), ('{"a": 1}\n', '{"a": 1}\n'), ('{"torn', ""), ("", "")]:
+        journal.write_text(content)
+        _repair_torn_tail(journal, chunk=4)  # several reads back from the end
+        assert journal.read_text() == kept
