@@ -11,7 +11,7 @@ RECIPE     ?= recipes/tiny.yaml
 TINY       := artifacts/tiny-omni
 SYNTH      := artifacts/synthetic
 
-.PHONY: setup tiny data demo test clean eval
+.PHONY: setup tiny data prep eval demo test clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ $(SYNTH)/test.jsonl: | setup
 # Score a submission (default: the recipe's eval.submission); e.g. `make eval SUB=runs/x/submission.jsonl`.
 eval: | setup
 	$(PY) -m eval score $(RECIPE) $(if $(SUB),eval.submission=$(SUB))
+
+# The Cogito-Pipe on $(RECIPE) (tiny: the synthetic clips as the raw source): manifest + data card.
+prep: data
+	$(PY) -m data_prep collect $(RECIPE)
+	$(PY) -m data_prep card $(RECIPE)
 
 demo: tiny data
 	@echo "demo: tiny checkpoint in $(TINY), synthetic benchmark in $(SYNTH)"

@@ -126,6 +126,51 @@ class EvalConfig(Section):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
 
+class SourceSpec(Section):
+    """One raw dataset of the Cogito-Pipe mixture: an adapter name (data_prep.sources) and its local copy."""
+
+    name: str  # adapter name, e.g. clotho, audioset, synthetic
+    root: str  # folder holding the dataset's official release layout (see the adapter's docstring)
+    count: int | None = Field(None, gt=0)  # exactly this many clips (all of them if fewer exist)
+    ratio: float | None = Field(None, gt=0, le=1)  # this share of data_prep.total
+    options: dict[str, Any] = Field(default_factory=dict)  # adapter keyword arguments (splits, subset, ...)
+    licence: str | None = None  # overrides the adapter's licence in the manifest and the data card
+
+    @model_validator(mode="after")
+    def _count_or_ratio(self) -> "SourceSpec":
+        if self.count is not None and self.ratio is not None:
+            raise ValueError(f"source {self.name}: give count or ratio, not both")
+        return self
+
+
+class DataPrepConfig(Section):
+    work_dir: str = "runs/tiny/data_prep"  # every stage's output, parts, report and the data card
+    seed: int = 0  # mixture sampling (and later stages' few-shot sampling)
+    total: int | None = Field(None, gt=0)  # clips in the mixture; sources with a ratio share it
+    sources: list[SourceSpec] = Field(default_factory=list)
+    shard: str = Field("0/1", pattern=r"^\d+/[1-9]\d*$")  # "i/n": this process handles shard i of n
+    min_seconds: float = Field(0.5, ge=0)  # shorter clips are rejected (too_short)
+    max_seconds: float | None = Field(None, gt=0)  # longer clips are rejected (too_long)
+    mmar_meta: str | None = None  # benchmark metadata for the contamination guard
+    mmar_audio_root: str | None = None  # the benchmark audio, when present: enables the audio-hash guard
+    seed_questions: str = "data_prep/seed_questions.jsonl"  # few-shot question pool of the QA stage
+
+    @model_validator(mode="after")
+    def _valid_mixture(self) -> "DataPrepConfig":
+        index, count = (int(x) for x in self.shard.split("/"))
+        if index >= count:
+            raise ValueError(f"shard {self.shard}: index must be below the shard count")
+        if any(s.ratio is not None for s in self.sources) and self.total is None:
+            raise ValueError("a source with a ratio needs data_prep.total")
+        ratios = sum(s.ratio or 0 for s in self.sources)
+        if ratios > 1 + 1e-9:
+            raise ValueError(f"source ratios add up to {ratios:.4g} > 1")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a source is listed twice in {names} (ids are prefixed by the source name)")
+        return self
+
+
 class Recipe(Section):
     name: str = "unnamed"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -134,6 +179,7 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    data_prep: DataPrepConfig = Field(default_factory=DataPrepConfig)
 
     @model_validator(mode="after")
     def _precision_matches_dtype(self) -> "Recipe":

@@ -1,0 +1,70 @@
+"""The Cogito-Pipe command line.
+
+    python -m data_prep collect RECIPE [--shard i/n] [dotted.key=value ...]
+    python -m data_prep guard FILE --meta MMAR-meta.jsonl [--audio-root DIR] [--out CLEAN.jsonl]
+    python -m data_prep card RECIPE [dotted.key=value ...]
+
+Every recipe command writes the resolved recipe into the work dir (resolved_recipe.yaml).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from infer.data import DataError
+from infer.recipe import Recipe, RecipeError, load_recipe, save_recipe, split_cli
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+def _recipe(argv: list[str]) -> Recipe:
+    """RECIPE [--shard i/n] [overrides]: --shard is the short form of data_prep.shard=i/n."""
+    args = list(argv)
+    if "--shard" in args:
+        at = args.index("--shard")
+        if at + 1 >= len(args):
+            raise RecipeError("--shard needs a value like 0/4")
+        args[at : at + 2] = [f"data_prep.shard={args[at + 1]}"]
+    path, overrides = split_cli(args)
+    if path is None:
+        raise RecipeError("expected a recipe: python -m data_prep COMMAND RECIPE.yaml [dotted.key=value ...]")
+    recipe = load_recipe(path, overrides)
+    save_recipe(recipe, Path(recipe.data_prep.work_dir) / "resolved_recipe.yaml")
+    return recipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "collect":
+            from data_prep.collect import collect
+
+            report = collect(_recipe(rest).data_prep)
+            print(json.dumps({k: report[k] for k in ("stage", "in", "out", "rejected", "seconds", "complete") if k in report}))
+            return 0
+        if command == "card":
+            from data_prep.card import write_card
+
+            recipe = _recipe(rest)
+            card = write_card(recipe.data_prep.work_dir)
+            print(f"data card: {card['records']} records, {card['hours']:.2f} h -> {recipe.data_prep.work_dir}/data_card.md")
+            return 0
+        if command == "guard":
+            from data_prep.guard import main as guard_main
+
+            return guard_main(rest)
+    except (RecipeError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The data card: what the training data is made of (the challenge requires sources and proportions).
+
+    python -m data_prep card RECIPE [overrides]  ->  WORK_DIR/data_card.md + data_card.json
+
+It describes the newest pipeline output in the work dir (the last of PIPELINE whose NAME.jsonl
+exists, e.g. the manifest now, the verified SFT file once stage 4 exists): records, clips and
+hours per source dataset and per domain with their proportions, licences, and for every stage
+report found in the work dir its counts in/out and rejections by reason.
+Records are read for `source`, `domain`, `licence`, `duration` and `audio_path`: later stages
+carry these manifest fields forward so the card can describe their output too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from data_prep.stage import read_reports
+from infer.data import DataError, read_jsonl
+
+PIPELINE = ("collect", "qa", "cot", "verify")  # stage order; later stages append their names
+
+
+def newest_output(work_dir: Path) -> Path:
+    for stage in reversed(PIPELINE):
+        if (path := work_dir / f"{stage}.jsonl").is_file():
+            return path
+    raise DataError(f"{work_dir}: no stage output ({', '.join(s + '.jsonl' for s in PIPELINE)}); run collect first")
+
+
+def _table(records: list[dict], key: str) -> dict[str, dict]:
+    groups: dict[str, dict] = defaultdict(lambda: {"records": 0, "clips": {}, "licences": Counter(), "domains": Counter()})
+    for record in records:
+        group = groups[str(record.get(key) or "unknown")]
+        group["records"] += 1
+        group["clips"][record.get("audio_path") or record["id"]] = float(record.get("duration") or 0.0)
+        group["licences"][record.get("licence") or "unknown"] += 1
+        group["domains"][record.get("domain") or "unknown"] += 1
+    total = sum(g["records"] for g in groups.values()) or 1
+    return {
+        name: {
+            "records": g["records"], "proportion": round(g["records"] / total, 4), "clips": len(g["clips"]),
+            "hours": round(sum(g["clips"].values()) / 3600, 4), "licences": dict(g["licences"].most_common()),
+            "domains": dict(g["domains"].most_common()),
+        }
+        for name, g in sorted(groups.items())
+    }
+
+
+def build_card(work_dir: str | Path, data_file: str | Path | None = None) -> dict:
+    work = Path(work_dir)
+    path = Path(data_file) if data_file is not None else newest_output(work)
+    records = [record for _, record in read_jsonl(path)]
+    clips = {r.get("audio_path") or r["id"]: float(r.get("duration") or 0.0) for r in records}
+    reports = read_reports(work)
+    order = [s for s in PIPELINE if s in reports] + sorted(s for s in reports if s not in PIPELINE)
+    collect = reports.get("collect", {})
+    return {
+        "data_file": str(path), "records": len(records), "clips": len(clips), "hours": round(sum(clips.values()) / 3600, 4),
+        "by_source": _table(records, "source"), "by_domain": _table(records, "domain"),
+        "mixture": collect.get("mixture", {}), "seed": collect.get("seed"), "scan": collect.get("scan", {}),
+        "stages": {s: {k: reports[s].get(k) for k in ("in", "out", "rejected", "seconds")} for s in order},
+    }
+
+
+def render_markdown(card: dict) -> str:
+    lines = [
+        "# Data card", "",
+        f"Data file: `{card['data_file']}`: **{card['records']} records**, {card['clips']} clips, "
+        f"**{card['hours']:.2f} hours** of audio.", "",
+        "## Sources", "",
+        "| source | records | share | clips | hours | domains | licences |", "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for name, row in card["by_source"].items():
+        lines.append(f"| {name} | {row['records']} | {100 * row['proportion']:.1f} % | {row['clips']} | {row['hours']:.2f} | "
+                     f"{', '.join(row['domains'])} | {'; '.join(row['licences'])} |")
+    lines += ["", "## Domains", "", "| domain | records | share | clips | hours |", "|---|---:|---:|---:|---:|"]
+    for name, row in card["by_domain"].items():
+        lines.append(f"| {name} | {row['records']} | {100 * row['proportion']:.1f} % | {row['clips']} | {row['hours']:.2f} |")
+    if card["mixture"]:
+        lines += ["", f"## Mixture (seed {card['seed']})", "",
+                  "| source | available | wanted | selected | shortfall | skipped at scan |", "|---|---:|---:|---:|---:|---|"]
+        for name, row in card["mixture"].items():
+            skipped = card["scan"].get(name, {}).get("skipped", {})
+            lines.append(f"| {name} | {row['available']} | {row['wanted']} | {row['selected']} | {row['shortfall']} | "
+                         f"{', '.join(f'{k}: {v}' for k, v in skipped.items()) or '-'} |")
+    lines += ["", "## Stages", "", "| stage | in | out | rejected | seconds |", "|---|---:|---:|---|---:|"]
+    for name, row in card["stages"].items():
+        rejected = ", ".join(f"{k}: {v}" for k, v in (row["rejected"] or {}).items()) or "-"
+        lines.append(f"| {name} | {row['in']} | {row['out']} | {rejected} | {row['seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_card(work_dir: str | Path, data_file: str | Path | None = None) -> dict:
+    card = build_card(work_dir, data_file)
+    work = Path(work_dir)
+    (work / "data_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+    (work / "data_card.md").write_text(render_markdown(card))
+    return card
