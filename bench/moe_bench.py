@@ -1,6 +1,6 @@
 """MoE experts: per-expert loop vs grouped GEMM vs batched GEMM, on one real-shaped MoE block.
 
-    python -m bench.moe_bench                      # CPU, float32, 256 tokens
+    python -m bench.moe_bench                      # CPU, float32, 128 tokens
     python -m bench.moe_bench --device cuda --dtype bfloat16 --tokens 8192
 
 Times forward + backward of the sparse MoE block of Qwen3-Omni-30B-A3B's thinker (hidden 2048,
@@ -72,18 +72,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--tokens", type=int, default=None, help="tokens per step (default: 8192 on CUDA, 256 on CPU)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per step (default: 8192 on CUDA, 128 on CPU)")
     parser.add_argument("--expert-grads", action="store_true", help="also compute the expert weight gradients")
     parser.add_argument("--decode-tokens", type=int, default=8, help="tokens of the forward-only (decode) case")
     parser.add_argument("--gather-limit-gib", type=float, default=2.0,
                         help="skip batched_mm where its per-pair weight copies would exceed this")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
-    tokens = args.tokens or (8192 if cuda else 256)
+    tokens = args.tokens or (8192 if cuda else 128)
     block = real_moe_block(dtype, args.device)
     block.experts.requires_grad_(args.expert_grads)
     info = machine()
