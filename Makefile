@@ -11,7 +11,7 @@ RECIPE     ?= recipes/tiny.yaml
 TINY       := artifacts/tiny-omni
 SYNTH      := artifacts/synthetic
 
-.PHONY: setup tiny data prep eval demo test clean
+.PHONY: setup tiny data prep eval demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,14 @@ demo: tiny data
 
 test: setup
 	$(PY) -m pytest
+
+# Every bench/*_bench.py with its small defaults; tables on stdout, JSON in runs/bench/ (docs/benchmarks.md).
+bench: setup
+	@mkdir -p runs/bench
+	@for script in bench/*_bench.py; do \
+		name=$$(basename $$script .py); \
+		$(PY) -m bench.$$name --json runs/bench/$$name.json || exit 1; \
+	done
 
 clean:
 	rm -rf artifacts runs

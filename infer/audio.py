@@ -7,6 +7,7 @@ resampler work everywhere.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -23,8 +24,14 @@ def load_audio(path: str | Path, max_seconds: float | None = None) -> np.ndarray
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: audio file not found")
+    return decode_audio(str(path), path, max_seconds)
+
+
+def decode_audio(source: str | BinaryIO, path: str | Path, max_seconds: float | None = None) -> np.ndarray:
+    """Like `load_audio`, from a file name or an open binary file (e.g. bytes already read and
+    hashed); `path` names the clip in errors."""
     try:
-        wave, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        wave, rate = sf.read(source, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as err:
         raise AudioError(f"{path}: cannot decode audio ({err})") from None
     wave = wave.mean(axis=1)

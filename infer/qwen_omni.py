@@ -138,12 +138,29 @@ class OmniProcessor:
     def eos_token_ids(self) -> list[int]:
         return [self.token_id(IM_END), self.token_id(ENDOFTEXT)]
 
-    def audio_features(self, audios: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+    def clip_features(self, audio: np.ndarray) -> np.ndarray:
+        """Log-mel features of one clip, `[mel_bins, samples // 160]` float32.
+
+        Each clip is extracted on its own, never inside a padded batch: Whisper's extractor on a
+        padded batch gives a clip's last frames (and its frame count) that depend on the other
+        clips in the batch, so the same item would look different at batch size 1 and 8. Alone,
+        a clip always gets what batch-size-1 inference gives it, and the result can be cached.
+        """
         feats = self.feature_extractor(
-            list(audios), sampling_rate=SAMPLE_RATE, padding=True, truncation=False,
-            return_attention_mask=True, return_tensors="pt",
+            audio, sampling_rate=SAMPLE_RATE, padding=True, truncation=False, return_tensors="np"
         )
-        return {"input_features": feats["input_features"], "feature_attention_mask": feats["attention_mask"]}
+        return feats["input_features"][0]
+
+    def audio_features(
+        self, audios: Sequence[np.ndarray] | None = None, features: Sequence[np.ndarray] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Padded batch of features, from waveforms or from per-clip `clip_features` computed earlier
+        (e.g. by infer.feature_cache); both give identical tensors."""
+        if (audios is None) == (features is None):
+            raise ValueError("give exactly one of audios and features")
+        if features is None:
+            features = [self.clip_features(audio) for audio in audios]
+        return pad_features(features)
 
     def expand_audio(self, prompt: str, feature_frames: int) -> str:
         return prompt.replace(AUDIO_PAD, AUDIO_PAD * audio_token_count(feature_frames), 1)
@@ -151,14 +168,17 @@ class OmniProcessor:
     def __call__(
         self,
         prompts: Sequence[str],
-        audios: Sequence[np.ndarray],
+        audios: Sequence[np.ndarray] | None = None,
         targets: Sequence[str] | None = None,
         padding_side: str = "left",
+        features: Sequence[np.ndarray] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Batch of model inputs. With `targets`, adds `labels` that are -100 outside the targets."""
-        if len(prompts) != len(audios) or (targets is not None and len(targets) != len(prompts)):
-            raise ValueError("prompts, audios and targets must have the same length")
-        batch = self.audio_features(audios)
+        """Batch of model inputs from waveforms (`audios`) or precomputed per-clip `features`.
+        With `targets`, adds `labels` that are -100 outside the targets."""
+        clips = audios if features is None else features
+        if clips is None or len(prompts) != len(clips) or (targets is not None and len(targets) != len(prompts)):
+            raise ValueError("prompts, audios (or features) and targets must have the same length")
+        batch = self.audio_features(audios, features)
         frames = batch["feature_attention_mask"].sum(-1).tolist()
         sequences, label_rows = [], []
         for i, prompt in enumerate(prompts):
@@ -176,6 +196,20 @@ class OmniProcessor:
         return batch
 
 
+def pad_features(features: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+    """Right-pad per-clip `[mel_bins, frames]` features into a batch with its frame mask.
+    Padded frames hold 0; the thinker reads only the frames the mask keeps."""
+    if not features:
+        raise ValueError("no audio features to batch")
+    width = max(f.shape[-1] for f in features)
+    input_features = torch.zeros((len(features), features[0].shape[0], width), dtype=torch.float32)
+    mask = torch.zeros((len(features), width), dtype=torch.int32)
+    for row, clip in enumerate(features):
+        input_features[row, :, : clip.shape[-1]] = torch.from_numpy(np.asarray(clip, dtype=np.float32))
+        mask[row, : clip.shape[-1]] = 1
+    return {"input_features": input_features, "feature_attention_mask": mask}
+
+
 def pad_sequences(sequences: list[list[int]], labels: list[list[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
     if side not in ("left", "right"):
         raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
@@ -191,12 +225,24 @@ def pad_sequences(sequences: list[list[int]], labels: list[list[int]], pad_id: i
     return {"input_ids": input_ids, "attention_mask": attention, "labels": label_ids}
 
 
-def load_thinker(path: str | Path, dtype: str = "auto", device: str | None = None, attn_implementation: str | None = None):
-    """The thinker alone, from a thinker checkpoint or a full Qwen3-Omni checkpoint (talker skipped)."""
+def load_thinker(
+    path: str | Path,
+    dtype: str = "auto",
+    device: str | None = None,
+    attn_implementation: str | None = None,
+    experts_implementation: str | None = None,
+):
+    """The thinker alone, from a thinker checkpoint or a full Qwen3-Omni checkpoint (talker skipped).
+
+    `experts_implementation`: how the fused MoE experts run ("grouped_mm", "batched_mm" or the
+    per-expert "eager" loop); None keeps transformers' default (grouped_mm where it can dispatch).
+    """
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     kwargs = {"dtype": torch_dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if experts_implementation:
+        kwargs["experts_implementation"] = experts_implementation
     model = thinker_class().from_pretrained(str(path), **kwargs)
     if device:
         model = model.to(device)

@@ -27,6 +27,8 @@ class ModelConfig(Section):
     path: str = "artifacts/tiny-omni"  # local checkpoint folder (thinker-only or full Qwen3-Omni)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+    # MoE experts: grouped GEMM, batched GEMM or the per-expert loop; None: transformers' default (grouped_mm)
+    experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = None
     prompt_style: Literal["baseline", "qwen"] = "baseline"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,7 +44,45 @@ CORPUS = [
     "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\"()[]{}-_/\\\n",
 ]
 
-TINY_SIZES = dict(hidden=64, layers=2, heads=4, kv_heads=2, experts=4, top_k=2, audio_dim=32, audio_layers=2)
+# Architecture sizes. `build_config` takes one of these (or a copy with overrides) and nothing else.
+TINY_SIZES = dict(
+    vocab=None, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128,
+    moe_intermediate=32, experts=4, top_k=2, max_positions=4096, mrope_section=[4, 2, 2],
+    audio_dim=32, audio_layers=2, audio_heads=2, audio_ffn=64, audio_downsample=16,
+    vision_dim=32, vision_layers=1, vision_heads=2, vision_ffn=64, vision_positions=64, deepstack=[0],
+    position_id_per_seconds=25,
+)
+
+# The released Qwen3-Omni-30B-A3B thinker (Thinking and Instruct share it), so benchmarks measure
+# real layer shapes without a download. Sources, checked 2026 against public copies:
+# - text: vocab 152064, hidden 2048, 48 layers, 32 query / 4 kv heads, head_dim 128, 128 experts top-8,
+#   moe_intermediate 768 (intermediate_size 768 too, unused: every layer is MoE, mlp_only_layers []),
+#   max_position_embeddings 65536, mrope_section [24, 20, 20], position_id_per_seconds 13:
+#   the checkpoint's config as printed by transformers 5.7 (a public "模型信息报告" dump of
+#   Qwen3-Omni-30B-A3B-Instruct) and tzhouam/vllm-omni benchmarks/qwen3-omni/transformers/
+#   model_structure_output/qwen3_omni_architecture.md (Embedding(152064, 2048), 48 MoE layers);
+#   keras-team/keras-hub keras_hub/src/models/qwen3_omni/qwen3_omni_presets.py (48 layers,
+#   32 query / 4 kv heads, 128 experts with 8 active, 30.5B total / 3.3B activated).
+# - audio encoder: d_model 1280, 32 layers, 20 heads, ffn 5120, output_dim 2048, downsample_hidden_size
+#   480 (n_window 50, n_window_infer 800, max_source_positions 1500, conv_chunksize 500 are the
+#   config-class defaults and the released values): the same config dump, and the defaults of
+#   transformers 5.20.2 Qwen3OmniMoeAudioEncoderConfig (whose output_dim default, 3584, is NOT the 30B's).
+# - vision encoder: depth 27, hidden 1152, 16 heads, ffn 4304, 2304 position embeddings, deepstack
+#   [8, 16, 24], out_hidden_size 2048: the same config dump.
+REAL_SIZES = dict(
+    vocab=152064, hidden=2048, layers=48, heads=32, kv_heads=4, head_dim=128, intermediate=768,
+    moe_intermediate=768, experts=128, top_k=8, max_positions=65536, mrope_section=[24, 20, 20],
+    audio_dim=1280, audio_layers=32, audio_heads=20, audio_ffn=5120, audio_downsample=480,
+    vision_dim=1152, vision_layers=27, vision_heads=16, vision_ffn=4304, vision_positions=2304,
+    deepstack=[8, 16, 24], position_id_per_seconds=13,
+)
+
+# Special-token ids of the real tokenizer (same config dump; <|endoftext|> is Qwen's pad id),
+# used when no tokenizer is given. Keys are tokens, "user" is the plain word's id.
+REAL_TOKEN_IDS = {
+    qo.ENDOFTEXT: 151643, qo.IM_END: 151645, qo.AUDIO_PAD: 151675, qo.AUDIO_START: 151669,
+    qo.IMAGE_PAD: 151655, qo.VIDEO_PAD: 151656, qo.VISION_START: 151652, "user": 872,
+}
 
 
 def build_tokenizer(vocab_size: int = 400) -> Qwen2Tokenizer:
@@ -65,35 +104,141 @@ def build_tokenizer(vocab_size: int = 400) -> Qwen2Tokenizer:
     return tokenizer
 
 
-def build_config(tokenizer, sizes: dict = TINY_SIZES) -> Qwen3OmniMoeThinkerConfig:
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in qo.SPECIAL_TOKENS}
-    head_dim = sizes["hidden"] // sizes["heads"]
-    half = head_dim // 2
-    mrope_section = [half - 2 * (half // 3), half // 3, half // 3]  # must sum to head_dim / 2
+def build_config(tokenizer=None, sizes: dict = TINY_SIZES, **overrides) -> Qwen3OmniMoeThinkerConfig:
+    """Thinker config of the given sizes; keyword overrides replace single sizes (`layers=1`).
+
+    With a tokenizer, special-token ids come from it and the vocabulary is at least its length;
+    without one (benchmarks of real shapes), the real ids and `sizes["vocab"]` are used.
+    """
+    unknown = set(overrides) - set(sizes)
+    if unknown:
+        raise KeyError(f"unknown sizes {sorted(unknown)}; known: {sorted(sizes)}")
+    sizes = {**sizes, **overrides}
+    if tokenizer is None:
+        if sizes["vocab"] is None:
+            raise ValueError("without a tokenizer the sizes must give the vocabulary size")
+        ids = REAL_TOKEN_IDS
+        vocab_size = sizes["vocab"]
+    else:
+        ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in REAL_TOKEN_IDS}
+        ids["user"] = ids["user"] or 0
+        vocab_size = max(sizes["vocab"] or 0, len(tokenizer))
+    if max(ids.values()) >= vocab_size:
+        raise ValueError(f"special-token ids up to {max(ids.values())} do not fit a vocabulary of {vocab_size}")
+    if sum(sizes["mrope_section"]) != sizes["head_dim"] // 2:
+        raise ValueError(f"mrope_section {sizes['mrope_section']} must sum to head_dim / 2")
     text_config = dict(
-        vocab_size=len(tokenizer), hidden_size=sizes["hidden"], intermediate_size=2 * sizes["hidden"],
+        vocab_size=vocab_size, hidden_size=sizes["hidden"], intermediate_size=sizes["intermediate"],
         num_hidden_layers=sizes["layers"], num_attention_heads=sizes["heads"],
-        num_key_value_heads=sizes["kv_heads"], head_dim=head_dim, moe_intermediate_size=sizes["hidden"] // 2,
-        num_experts=sizes["experts"], num_experts_per_tok=sizes["top_k"], max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope_section,
+        num_key_value_heads=sizes["kv_heads"], head_dim=sizes["head_dim"],
+        moe_intermediate_size=sizes["moe_intermediate"], num_experts=sizes["experts"],
+        num_experts_per_tok=sizes["top_k"], max_position_embeddings=sizes["max_positions"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": sizes["mrope_section"],
                          "interleaved": True, "mrope_interleaved": True},
         pad_token_id=ids[qo.ENDOFTEXT], eos_token_id=ids[qo.IM_END],
     )
     audio_config = dict(
-        num_mel_bins=128, encoder_layers=sizes["audio_layers"], encoder_attention_heads=2,
-        encoder_ffn_dim=2 * sizes["audio_dim"], d_model=sizes["audio_dim"], output_dim=sizes["hidden"],
-        downsample_hidden_size=16, max_source_positions=1500,
+        num_mel_bins=128, encoder_layers=sizes["audio_layers"], encoder_attention_heads=sizes["audio_heads"],
+        encoder_ffn_dim=sizes["audio_ffn"], d_model=sizes["audio_dim"], output_dim=sizes["hidden"],
+        downsample_hidden_size=sizes["audio_downsample"], max_source_positions=1500,
     )
     vision_config = dict(
-        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=sizes["hidden"],
-        num_position_embeddings=64, deepstack_visual_indexes=[0],
+        depth=sizes["vision_layers"], hidden_size=sizes["vision_dim"], intermediate_size=sizes["vision_ffn"],
+        num_heads=sizes["vision_heads"], out_hidden_size=sizes["hidden"],
+        num_position_embeddings=sizes["vision_positions"],
+        # fewer layers than the real tower: keep only the deepstack taps that still exist
+        deepstack_visual_indexes=[i for i in sizes["deepstack"] if i < sizes["vision_layers"]],
     )
     return Qwen3OmniMoeThinkerConfig(
         text_config=text_config, audio_config=audio_config, vision_config=vision_config,
         audio_token_id=ids[qo.AUDIO_PAD], audio_start_token_id=ids[qo.AUDIO_START],
         image_token_id=ids[qo.IMAGE_PAD], video_token_id=ids[qo.VIDEO_PAD],
-        vision_start_token_id=ids[qo.VISION_START],
-        user_token_id=tokenizer.convert_tokens_to_ids("user") or 0,
+        vision_start_token_id=ids[qo.VISION_START], user_token_id=ids["user"],
+        position_id_per_seconds=sizes["position_id_per_seconds"],
+    )
+
+
+def build_thinker(config: Qwen3OmniMoeThinkerConfig, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0):
+    """A randomly initialised thinker, allocated directly on `device` in `dtype`.
+
+    No float32 CPU copy is made first, so a real-shaped thinker on a GPU costs only its bf16 size.
+    """
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return qo.thinker_class()._from_config(config, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Parameter counts of a thinker, from its config alone (nothing is allocated)."""
+
+    total: int
+    text: int  # embedding + decoder layers + final norm + lm_head
+    audio: int
+    vision: int
+    embedding: int
+    experts: int  # all routed experts of all layers
+    text_layer: tuple[int, ...]  # per decoder layer
+    active_per_token: int  # what one text token multiplies through: see parameter_counts
+
+    def training_flops_per_token(self) -> int:
+        """6 * active parameters (forward 2, backward 4); attention's sequence-length term is left out."""
+        return 6 * self.active_per_token
+
+
+def parameter_counts(config: Qwen3OmniMoeThinkerConfig) -> ParameterCounts:
+    """Exact parameter counts of `thinker_class()(config)` by formula, for MFU and memory estimates.
+
+    `active_per_token` counts the weights one text token is multiplied with: attention, norms,
+    router, its top-k experts and the lm_head; not the input embedding (a lookup) and not the
+    audio/vision towers (they run per audio frame / image patch, not per token).
+    """
+    t, a, v = config.text_config, config.audio_config, config.vision_config
+    hidden, head_dim = t.hidden_size, t.head_dim
+    embedding = t.vocab_size * hidden
+    lm_head = 0 if config.tie_word_embeddings else t.vocab_size * hidden
+    attention = hidden * head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads) + 2 * head_dim
+    expert = 3 * t.moe_intermediate_size * hidden  # gate, up and down projections of one expert
+    layers, active_layers, experts = [], [], 0
+    for idx in range(t.num_hidden_layers):
+        common = attention + 2 * hidden  # + input and post-attention RMSNorm
+        if idx not in (t.mlp_only_layers or []) and t.num_experts > 0 and (idx + 1) % t.decoder_sparse_step == 0:
+            router = t.num_experts * hidden
+            layers.append(common + router + t.num_experts * expert)
+            active_layers.append(common + router + t.num_experts_per_tok * expert)
+            experts += t.num_experts * expert
+        else:
+            layers.append(common + 3 * hidden * t.intermediate_size)
+            active_layers.append(layers[-1])
+    text = embedding + sum(layers) + hidden + lm_head
+
+    d, ffn, conv = a.d_model, a.encoder_ffn_dim, a.downsample_hidden_size
+    freq = a.num_mel_bins
+    for _ in range(3):  # three stride-2 convolutions over the mel axis
+        freq = (freq + 1) // 2
+    audio_layer = 4 * (d * d + d) + 2 * d + (d * ffn + ffn) + (ffn * d + d) + 2 * d
+    audio = (
+        a.encoder_layers * audio_layer
+        + (9 * conv + conv) + 2 * (9 * conv * conv + conv)  # conv2d1..3
+        + conv * freq * d  # conv_out, no bias
+        + 2 * d  # ln_post
+        + (d * d + d) + (d * a.output_dim + a.output_dim)  # proj1, proj2
+    )
+
+    h, f = v.hidden_size, v.intermediate_size
+    merged = h * v.spatial_merge_size**2
+    merger_mlp = (merged * merged + merged) + (merged * v.out_hidden_size + v.out_hidden_size)
+    vision_block = 2 * (2 * h) + (h * 3 * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
+    vision = (
+        v.in_channels * h * v.temporal_patch_size * v.patch_size**2 + h  # patch embedding (Conv3d)
+        + v.num_position_embeddings * h
+        + v.depth * vision_block
+        + (2 * h + merger_mlp)  # final merger
+        + len(v.deepstack_visual_indexes) * (2 * merged + merger_mlp)  # deepstack mergers
+    )
+    return ParameterCounts(
+        total=text + audio + vision, text=text, audio=audio, vision=vision, embedding=embedding,
+        experts=experts, text_layer=tuple(layers), active_per_token=sum(active_layers) + hidden + lm_head,
     )
 
 
@@ -103,8 +248,7 @@ def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     config = build_config(tokenizer)
-    torch.manual_seed(seed)
-    model = qo.thinker_class()(config)
+    model = build_thinker(config, seed=seed)
     model.generation_config = GenerationConfig(
         do_sample=True, temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=64,
         eos_token_id=[tokenizer.convert_tokens_to_ids(qo.IM_END), tokenizer.convert_tokens_to_ids(qo.ENDOFTEXT)],
