@@ -11,7 +11,7 @@ RECIPE     ?= recipes/tiny.yaml
 TINY       := artifacts/tiny-omni
 SYNTH      := artifacts/synthetic
 
-.PHONY: setup tiny data demo test clean
+.PHONY: setup tiny data demo test clean encoder
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,12 @@ $(SYNTH)/test.jsonl: | setup
 
 demo: tiny data
 	@echo "demo: tiny checkpoint in $(TINY), synthetic benchmark in $(SYNTH)"
+
+# The audio tower as an Audio Encoder Challenge (XARES-LLM) encoder folder, and linear probes on it.
+ENCODER := runs/tiny/audio_encoder
+encoder: tiny data
+	$(PY) -m infer.audio_encoder export --checkpoint $(TINY) --out $(ENCODER)
+	$(PY) -m eval.encoder_probe --encoder $(ENCODER) --data $(SYNTH) --out runs/tiny/encoder_probe.json
 
 test: setup
 	$(PY) -m pytest
