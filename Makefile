@@ -11,7 +11,7 @@ RECIPE     ?= recipes/tiny.yaml
 TINY       := artifacts/tiny-omni
 SYNTH      := artifacts/synthetic
 
-.PHONY: setup tiny data prep eval demo test bench clean
+.PHONY: setup tiny data prep eval encoder demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,12 @@ prep: data
 
 demo: tiny data
 	@echo "demo: tiny checkpoint in $(TINY), synthetic benchmark in $(SYNTH)"
+
+# The audio tower as an Audio Encoder Challenge (XARES-LLM) encoder folder, and linear probes on it.
+ENCODER := runs/tiny/audio_encoder
+encoder: tiny data
+	$(PY) -m infer.audio_encoder export --checkpoint $(TINY) --out $(ENCODER)
+	$(PY) -m eval.encoder_probe --encoder $(ENCODER) --data $(SYNTH) --out runs/tiny/encoder_probe.json
 
 test: setup
 	$(PY) -m pytest
