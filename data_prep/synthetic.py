@@ -23,6 +23,7 @@ from infer.qwen_omni import SAMPLE_RATE
 
 NUMBER_WORDS = ["one", "two", "three", "four", "five"]
 SPLITS = ("train", "test")
+MIN_SECONDS = 1.0
 
 
 @dataclass
@@ -44,6 +45,12 @@ def tone(freq: float, seconds: float, amplitude: float = 0.5) -> np.ndarray:
 
 def silence(seconds: float) -> np.ndarray:
     return np.zeros(int(seconds * SAMPLE_RATE), dtype=np.float32)
+
+
+def pad_to_min_length(wave: np.ndarray, seconds: float = MIN_SECONDS) -> np.ndarray:
+    """Trailing silence up to `seconds`: the thinker's audio tower pads a clip's last 1 s chunk to
+    the longest chunk in the batch, so only clips of 1 s or more encode the same alone and batched."""
+    return np.concatenate([wave, silence(max(0.0, seconds - wave.size / SAMPLE_RATE))])
 
 
 def mix_noise_floor(wave: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -195,7 +202,7 @@ def generate_split(out_dir: Path, split: str, count: int, seed: int) -> list[dic
         task_name = names[index % len(names)]
         clip = TASKS[task_name].make(rng)
         record = make_record(split, index, task_name, clip)
-        write_wav(out_dir / record["audio_path"], mix_noise_floor(clip.wave, rng))
+        write_wav(out_dir / record["audio_path"], mix_noise_floor(pad_to_min_length(clip.wave), rng))
         records.append(record)
     with (out_dir / f"{split}.jsonl").open("w", encoding="utf-8") as handle:
         for record in records:
