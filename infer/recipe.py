@@ -85,6 +85,7 @@ class InferConfig(Section):
     adapter: str | None = None  # LoRA adapter folder applied on top of model.path (hf backend)
     batch_size: int = Field(8, gt=0)
     max_new_tokens: int = Field(16384, gt=0)
+    min_new_tokens: int = Field(0, ge=0)  # >0 suppresses end-of-turn until then (benchmarks, tests)
     do_sample: bool | None = None  # None: from the checkpoint's generation config
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -94,6 +95,7 @@ class InferConfig(Section):
     tensor_parallel_size: int = Field(1, gt=0)  # vllm
     data_parallel_size: int = Field(1, gt=0)  # vllm
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vllm
+    max_model_len: int | None = Field(None, gt=0)  # vllm; None: the checkpoint's
 
 
 class JudgeConfig(Section):
