@@ -11,7 +11,7 @@ RECIPE     ?= recipes/tiny.yaml
 TINY       := artifacts/tiny-omni
 SYNTH      := artifacts/synthetic
 
-.PHONY: setup tiny data demo test clean
+.PHONY: setup tiny data infer demo test clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ $(TINY)/config.json: | setup
 data: $(SYNTH)/test.jsonl
 $(SYNTH)/test.jsonl: | setup
 	$(PY) -m data_prep.synthetic $(SYNTH)
+
+# Answers the recipe's benchmark; resumes an interrupted run. Without a trained adapter: infer.adapter=null.
+infer: tiny data
+	$(PY) -m infer run $(RECIPE) $(ARGS)
 
 demo: tiny data
 	@echo "demo: tiny checkpoint in $(TINY), synthetic benchmark in $(SYNTH)"
