@@ -93,7 +93,8 @@ class InferConfig(Section):
     seed: int = 0
     limit: int | None = Field(None, gt=0)  # first N items only
     tensor_parallel_size: int = Field(1, gt=0)  # vllm
-    data_parallel_size: int = Field(1, gt=0)  # vllm
+    data_parallel_size: int = Field(1, gt=0)  # worker processes, each on its own tensor_parallel_size GPUs
+    data_parallel_rank: int | None = Field(None, ge=0)  # set by `infer run` for its workers, not by hand
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vllm
     max_model_len: int | None = Field(None, gt=0)  # vllm; None: the checkpoint's
 

@@ -11,11 +11,19 @@ Both JSONL files are appended and flushed per batch. A re-run with the same outp
 already in the submission (a torn last line from a kill is dropped and redone), so no finished work
 is lost and no id is written twice. When every item is done, both files are rewritten in the
 order of the metadata file.
+
+With `infer.data_parallel_size` N > 1, N worker processes (`infer run ... infer.data_parallel_rank=k`,
+each on its own block of `tensor_parallel_size` GPUs) answer every N-th pending item into
+`submission.dpK.*` files, logging to `submission.dpK.log`; the parent folds their records into the
+main files (also what a re-run does first after a kill), so resuming works the same way.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +33,7 @@ from tqdm import tqdm
 
 from infer import qwen_omni as qo
 from infer.data import DataError, Item, load_items
-from infer.engine import Engine, Generation, Request, load_engine
+from infer.engine import Engine, Generation, Request, SamplingConfig, checkpoint_generation_defaults, load_engine
 from infer.parse import POLICY, parse_output
 from infer.recipe import Recipe, save_recipe
 from infer.submission import append_records, read_records, write_records
@@ -106,33 +114,50 @@ def totals(raw_records: list[dict], n_items: int) -> dict:
         "rules": dict(sorted(rules.items())),
         "prompt_tokens": sum(r["n_prompt_tokens"] for r in raw_records),
         "generated_tokens": generated,
-        "generation_seconds": round(seconds, 3),
+        "generation_seconds": round(seconds, 3),  # summed over batches: per-process rates below
         "samples_per_s": round(len(raw_records) / seconds, 3) if seconds else None,
         "generated_tokens_per_s": round(generated / seconds, 2) if seconds else None,
     }
+
+
+def benchmark_items(recipe: Recipe) -> list[Item]:
+    items = load_items(recipe.infer.meta, recipe.infer.audio_root, check_audio=True)
+    return items[: recipe.infer.limit] if recipe.infer.limit is not None else items
 
 
 def run(recipe: Recipe, engine: Engine | None = None, on_batch: Callable[[int], None] | None = None) -> dict:
     """Answer the pending items of `recipe.infer.meta`; returns the run summary (also written to disk).
 
     `engine`: reuse an already loaded one (tests, benchmarks); `on_batch(n_written)` is called after
-    each batch is on disk.
+    each batch is on disk. With `infer.data_parallel_size` > 1 the work is spread over worker processes.
     """
     cfg = recipe.infer
-    items = load_items(cfg.meta, cfg.audio_root, check_audio=True)
-    if cfg.limit is not None:
-        items = items[: cfg.limit]
+    if cfg.data_parallel_size > 1 and cfg.data_parallel_rank is None:
+        return run_data_parallel(recipe)
+    items = benchmark_items(recipe)
     paths = RunPaths.beside(cfg.output)
     paths.submission.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.data_parallel_rank is not None:  # a worker: its share of what the main output lacks
+        rank, size = cfg.data_parallel_rank, cfg.data_parallel_size
+        in_main = {r["id"] for r in read_records(paths.submission)}
+        items = [item for n, item in enumerate(items) if n % size == rank and item.id not in in_main]
+        paths = RunPaths.beside(shard_output(cfg.output, rank))
     save_recipe(recipe, paths.recipe)
     done = resume_state(paths, items)
     pending = [item for item in items if item.id not in done]
     print(f"infer: {len(items)} items, {len(done)} already in {paths.submission}, {len(pending)} to answer")
     engine = engine or (load_engine(recipe) if pending else None)
-    by_id = {item.id: item for item in items}
     started = time.perf_counter()
+    written = answer(recipe, engine, pending, paths, on_batch) if pending else 0
+    return finish(recipe, paths, items, engine.describe() if engine else None,
+                  engine.sampling.to_dict() if engine else None, written, time.perf_counter() - started)
+
+
+def answer(recipe: Recipe, engine: Engine, pending: list[Item], paths: RunPaths,
+           on_batch: Callable[[int], None] | None) -> int:
+    by_id = {item.id: item for item in pending}
     written = 0
-    with tqdm(total=len(pending), desc="infer", unit="item", disable=not pending) as progress:
+    with tqdm(total=len(pending), desc="infer", unit="item") as progress:
         for start in range(0, len(pending), AUDIO_CHUNK):
             chunk = pending[start:start + AUDIO_CHUNK]
             requests = [item_request(i, engine.tokenizer, recipe.model.prompt_style, recipe.data.max_audio_seconds)
@@ -147,23 +172,98 @@ def run(recipe: Recipe, engine: Engine | None = None, on_batch: Callable[[int], 
                 progress.set_postfix(tok_s=f"{tokens / max(sum(g.seconds for g in batch), 1e-9):.1f}")
                 if on_batch is not None:
                     on_batch(written)
+    return written
+
+
+def finish(recipe: Recipe, paths: RunPaths, items: list[Item], engine: dict | None, sampling: dict | None,
+           written: int, seconds: float) -> dict:
+    """Order the files once complete; write and return the run summary."""
     raw_records = read_records(paths.raw)
-    if len(raw_records) == len(items):  # complete: put both files in metadata order
+    complete = len(raw_records) == len(items)
+    if complete:  # put both files in metadata order
         order = {item.id: n for n, item in enumerate(items)}
         write_records(paths.raw, sorted(raw_records, key=lambda r: order[r["id"]]))
         write_records(paths.submission, sorted(read_records(paths.submission), key=lambda r: order[r["id"]]))
     summary = {
-        "output": str(paths.submission), "meta": cfg.meta, "model": recipe.model.path, "adapter": cfg.adapter,
-        "prompt_style": recipe.model.prompt_style, "complete": len(raw_records) == len(items),
-        "engine": engine.describe() if engine else None,
-        "sampling": engine.sampling.to_dict() if engine else None,
-        "parse_policy": POLICY,
-        "this_invocation": {"answered": written, "wall_seconds": round(time.perf_counter() - started, 3)},
+        "output": str(paths.submission), "meta": recipe.infer.meta, "model": recipe.model.path,
+        "adapter": recipe.infer.adapter, "prompt_style": recipe.model.prompt_style, "complete": complete,
+        "engine": engine, "sampling": sampling, "parse_policy": POLICY,
+        "this_invocation": {"answered": written, "wall_seconds": round(seconds, 3)},
         "totals": totals(raw_records, len(items)),
     }
-    if engine is not None or not paths.run.is_file():
+    if engine is not None or not paths.run.is_file():  # a run with nothing left to do keeps the last settings
         paths.run.write_text(json.dumps(summary, indent=2) + "\n")
     t = summary["totals"]
     print(f"infer: {t['done']}/{t['items']} done -> {paths.submission} | truncated {t['truncated']}, "
           f"unmatched {t['unmatched']}, {t['generated_tokens_per_s']} generated tok/s")
+    return summary
+
+
+def shard_output(output: str | Path, rank: int) -> Path:
+    out = Path(output)
+    return out.with_name(f"{out.name.removesuffix('.jsonl')}.dp{rank}.jsonl")
+
+
+def fold_shards(paths: RunPaths, items: list[Item], size: int) -> None:
+    """Move the workers' finished records into the main files, then delete the workers' files."""
+    done = resume_state(paths, items)
+    for rank in range(size):
+        shard = RunPaths.beside(shard_output(paths.submission, rank))
+        subs = [r for r in read_records(shard.submission) if r["id"] not in done]
+        ids = {r["id"] for r in subs}
+        append_records(paths.raw, [r for r in read_records(shard.raw) if r["id"] in ids])
+        append_records(paths.submission, subs)
+        done |= ids
+        for path in (shard.submission, shard.raw, shard.run, shard.recipe):
+            path.unlink(missing_ok=True)
+
+
+def worker_devices(rank: int, per_worker: int) -> str | None:
+    """CUDA_VISIBLE_DEVICES of one worker: its own block of tensor-parallel GPUs (None on a CPU machine)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        visible = ",".join(str(i) for i in range(torch.cuda.device_count()))
+    devices = [d for d in visible.split(",") if d.strip()]
+    block = devices[rank * per_worker:(rank + 1) * per_worker]
+    if len(block) < per_worker:
+        raise ValueError(f"infer.data_parallel_size x infer.tensor_parallel_size needs {(rank + 1) * per_worker} "
+                         f"GPUs, {len(devices)} visible ({visible})")
+    return ",".join(block)
+
+
+def run_data_parallel(recipe: Recipe) -> dict:
+    """One worker process per rank (`infer run` on its share), then one merged, ordered submission."""
+    cfg = recipe.infer
+    items = benchmark_items(recipe)
+    paths = RunPaths.beside(cfg.output)
+    paths.submission.parent.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, paths.recipe)
+    fold_shards(paths, items, cfg.data_parallel_size)  # leftovers of an interrupted run
+    started = time.perf_counter()
+    before = len(read_records(paths.submission))
+    workers = []
+    for rank in range(cfg.data_parallel_size):
+        env = dict(os.environ)
+        devices = worker_devices(rank, cfg.tensor_parallel_size)
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = devices
+        log = shard_output(cfg.output, rank).with_suffix(".log")
+        command = [sys.executable, "-m", "infer", "run", str(paths.recipe), f"infer.data_parallel_rank={rank}"]
+        with log.open("w") as handle:
+            workers.append((rank, log, subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)))
+    print(f"infer: {len(workers)} data-parallel workers, logs in {paths.submission.parent}/*.dp*.log")
+    failed = [(rank, log) for rank, log, process in workers if process.wait() != 0]
+    fold_shards(paths, items, cfg.data_parallel_size)
+    written = len(read_records(paths.submission)) - before
+    sampling = SamplingConfig.resolve(cfg, checkpoint_generation_defaults(recipe.model.path)).to_dict()
+    engine = {"backend": cfg.backend, "data_parallel_size": cfg.data_parallel_size,
+              "tensor_parallel_size": cfg.tensor_parallel_size, "batch_size": cfg.batch_size}
+    summary = finish(recipe, paths, items, engine, sampling, written, time.perf_counter() - started)
+    if failed:
+        raise RuntimeError("data-parallel workers failed (finished work is kept; re-run to resume): "
+                           + ", ".join(f"rank {rank}, see {log}" for rank, log in failed))
     return summary

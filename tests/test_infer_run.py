@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +157,24 @@ def test_cli_run_reports_a_missing_adapter(tiny_checkpoint, synthetic_dir, tmp_p
     code = main(["run", "recipes/tiny.yaml", f"model.path={tiny_checkpoint}", f"infer.meta={synthetic_dir / 'test.jsonl'}",
                  f"infer.output={tmp_path / 's.jsonl'}", f"infer.adapter={tmp_path / 'missing'}"])
     assert code == 2 and "adapter_config.json missing" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_data_parallel_workers_match_a_single_process(tiny_checkpoint, synthetic_dir, tmp_path, engine, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))  # workers import this tree
+    single = recipe_for(tiny_checkpoint, synthetic_dir, tmp_path / "single" / "s.jsonl")
+    run(single, engine)
+    parallel = recipe_for(tiny_checkpoint, synthetic_dir, tmp_path / "dp" / "s.jsonl", "infer.data_parallel_size=2")
+    ids = [item.id for item in load_items(parallel.infer.meta)]
+    # what an interrupted earlier data-parallel run left behind: one finished record of worker 1
+    (tmp_path / "dp").mkdir()
+    left = {"id": ids[1], "thinking_prediction": "LEFT BY A KILLED WORKER", "answer_prediction": ""}
+    (tmp_path / "dp" / "s.dp1.jsonl").write_text(json.dumps(left) + "\n")
+    (tmp_path / "dp" / "s.dp1.raw.jsonl").write_text(json.dumps({**lines(tmp_path / "single" / "s.raw.jsonl")[1]}) + "\n")
+    summary = run(parallel)
+    merged = lines(tmp_path / "dp" / "s.jsonl")
+    assert [r["id"] for r in merged] == ids and merged[1] == left
+    assert merged[:1] + merged[2:] == lines(tmp_path / "single" / "s.jsonl")[:1] + lines(tmp_path / "single" / "s.jsonl")[2:]
+    assert [r["id"] for r in lines(tmp_path / "dp" / "s.raw.jsonl")] == ids
+    assert summary["complete"] and summary["this_invocation"]["answered"] == len(ids) - 1
+    assert not list((tmp_path / "dp").glob("s.dp*.jsonl"))  # worker files folded into the main ones
