@@ -296,8 +296,8 @@ class VLLMEngine:
                 completion = out.outputs[0]
                 finished = completion.finish_reason == "stop"
                 ids, _ = cut_at_eos(completion.token_ids, self.eos_ids)
-                batch.append(Generation(
-                    id=request.id, text=completion.text, token_ids=tuple(ids),
+                batch.append(Generation(  # decoded here, as in the hf backend: no end token in the text
+                    id=request.id, text=self.tokenizer.decode(ids, skip_special_tokens=False), token_ids=tuple(ids),
                     n_prompt_tokens=len(out.prompt_token_ids), n_generated_tokens=len(completion.token_ids),
                     finished=finished, seconds=seconds,
                 ))
