@@ -20,7 +20,7 @@ import torch
 from data_prep.synthetic import generate as make_synthetic
 from infer import qwen_omni as qo
 from infer.data import load_items
-from infer.engine import Request, SamplingConfig, generate, load_engine
+from infer.engine import Request, SamplingConfig, load_engine
 from infer.recipe import load_recipe
 from infer.tiny import build_tiny_checkpoint
 
@@ -47,11 +47,11 @@ def main() -> int:
     rates = {}
     for batch_size in args.batch_sizes:
         engine.batch_size = batch_size
-        generate(engine, requests[:batch_size], sampling)  # warm-up
+        engine.generate(requests[:batch_size], sampling)  # warm-up
         best = float("inf")
         for _ in range(args.repeats):
             start = time.perf_counter()
-            outs = generate(engine, requests, sampling)
+            outs = engine.generate(requests, sampling)
             best = min(best, time.perf_counter() - start)
         tokens = sum(g.n_generated_tokens for g in outs)
         assert tokens == len(requests) * args.new_tokens

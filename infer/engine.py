@@ -22,7 +22,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -95,23 +95,28 @@ class Generation:
         return not self.finished
 
 
-class Engine(Protocol):
+class Engine:
+    """What every backend offers. Request ids must be unique within one call."""
+
     name: str
-    tokenizer: Any
+    tokenizer: Any  # for rendering prompts: qwen_omni.render_chat(engine.tokenizer, ...)
     sampling: SamplingConfig  # the recipe's settings; pass another to generate() to override
     batch_size: int
 
     def generate_batches(
         self, requests: Sequence[Request], sampling: SamplingConfig | None = None
-    ) -> Iterator[list[Generation]]: ...
+    ) -> Iterator[list[Generation]]:
+        raise NotImplementedError
 
-    def describe(self) -> dict[str, Any]: ...
+    def describe(self) -> dict[str, Any]:
+        raise NotImplementedError
 
-
-def generate(engine: Engine, requests: Sequence[Request], sampling: SamplingConfig | None = None) -> list[Generation]:
-    """All generations, in request order."""
-    by_id = {g.id: g for batch in engine.generate_batches(requests, sampling) for g in batch}
-    return [by_id[r.id] for r in requests]
+    def generate(self, requests: Sequence[Request], sampling: SamplingConfig | None = None) -> list[Generation]:
+        """All generations, in request order."""
+        if len({r.id for r in requests}) != len(requests):
+            raise ValueError("request ids must be unique within one generate() call")
+        by_id = {g.id: g for batch in self.generate_batches(requests, sampling) for g in batch}
+        return [by_id[r.id] for r in requests]
 
 
 def checkpoint_generation_defaults(path: str | Path) -> dict[str, Any]:
@@ -155,7 +160,7 @@ def cut_at_eos(token_ids: Iterable[int], eos_ids: Sequence[int]) -> tuple[list[i
     return kept, False
 
 
-class HFEngine:
+class HFEngine(Engine):
     """transformers `generate` on the thinker: left-padded, length-sorted batches, KV cache."""
 
     name = "hf"
@@ -258,7 +263,7 @@ def vllm_engine_kwargs(recipe: Recipe) -> dict[str, Any]:
     return kwargs
 
 
-class VLLMEngine:
+class VLLMEngine(Engine):
     """Offline `vllm.LLM.generate`; each call of generate_batches is scheduled by vLLM's continuous batching."""
 
     name = "vllm"

@@ -76,9 +76,8 @@ def records_for(item: Item, generation: Generation, backend: str) -> tuple[dict,
     return submission, raw
 
 
-def resume_state(paths: RunPaths, items: list[Item]) -> set[str]:
+def resume_state(paths: RunPaths, known: set[str]) -> set[str]:
     """Ids already answered; the raw file is cut back to them (it is written before the submission)."""
-    known = {item.id for item in items}
     done: set[str] = set()
     for lineno, record in enumerate(read_records(paths.submission), 1):
         rid = record["id"]
@@ -120,9 +119,10 @@ def totals(raw_records: list[dict], n_items: int) -> dict:
     }
 
 
-def benchmark_items(recipe: Recipe) -> list[Item]:
+def benchmark_items(recipe: Recipe) -> tuple[list[Item], list[Item]]:
+    """(every item of the metadata, the ones this run answers: the first `infer.limit`)."""
     items = load_items(recipe.infer.meta, recipe.infer.audio_root, check_audio=True)
-    return items[: recipe.infer.limit] if recipe.infer.limit is not None else items
+    return items, items[: recipe.infer.limit] if recipe.infer.limit is not None else items
 
 
 def run(recipe: Recipe, engine: Engine | None = None, on_batch: Callable[[int], None] | None = None) -> dict:
@@ -134,7 +134,7 @@ def run(recipe: Recipe, engine: Engine | None = None, on_batch: Callable[[int], 
     cfg = recipe.infer
     if cfg.data_parallel_size > 1 and cfg.data_parallel_rank is None:
         return run_data_parallel(recipe)
-    items = benchmark_items(recipe)
+    every, items = benchmark_items(recipe)
     paths = RunPaths.beside(cfg.output)
     paths.submission.parent.mkdir(parents=True, exist_ok=True)
     if cfg.data_parallel_rank is not None:  # a worker: its share of what the main output lacks
@@ -143,13 +143,13 @@ def run(recipe: Recipe, engine: Engine | None = None, on_batch: Callable[[int], 
         items = [item for n, item in enumerate(items) if n % size == rank and item.id not in in_main]
         paths = RunPaths.beside(shard_output(cfg.output, rank))
     save_recipe(recipe, paths.recipe)
-    done = resume_state(paths, items)
+    done = resume_state(paths, {item.id for item in every})
     pending = [item for item in items if item.id not in done]
     print(f"infer: {len(items)} items, {len(done)} already in {paths.submission}, {len(pending)} to answer")
     engine = engine or (load_engine(recipe) if pending else None)
     started = time.perf_counter()
     written = answer(recipe, engine, pending, paths, on_batch) if pending else 0
-    return finish(recipe, paths, items, engine.describe() if engine else None,
+    return finish(recipe, paths, every, items, engine.describe() if engine else None,
                   engine.sampling.to_dict() if engine else None, written, time.perf_counter() - started)
 
 
@@ -175,13 +175,13 @@ def answer(recipe: Recipe, engine: Engine, pending: list[Item], paths: RunPaths,
     return written
 
 
-def finish(recipe: Recipe, paths: RunPaths, items: list[Item], engine: dict | None, sampling: dict | None,
-           written: int, seconds: float) -> dict:
-    """Order the files once complete; write and return the run summary."""
+def finish(recipe: Recipe, paths: RunPaths, every: list[Item], items: list[Item], engine: dict | None,
+           sampling: dict | None, written: int, seconds: float) -> dict:
+    """Order the files once `items` are all done; write and return the run summary."""
     raw_records = read_records(paths.raw)
-    complete = len(raw_records) == len(items)
+    complete = {item.id for item in items} <= {r["id"] for r in raw_records}
     if complete:  # put both files in metadata order
-        order = {item.id: n for n, item in enumerate(items)}
+        order = {item.id: n for n, item in enumerate(every)}
         write_records(paths.raw, sorted(raw_records, key=lambda r: order[r["id"]]))
         write_records(paths.submission, sorted(read_records(paths.submission), key=lambda r: order[r["id"]]))
     summary = {
@@ -204,9 +204,9 @@ def shard_output(output: str | Path, rank: int) -> Path:
     return out.with_name(f"{out.name.removesuffix('.jsonl')}.dp{rank}.jsonl")
 
 
-def fold_shards(paths: RunPaths, items: list[Item], size: int) -> None:
+def fold_shards(paths: RunPaths, known: set[str], size: int) -> None:
     """Move the workers' finished records into the main files, then delete the workers' files."""
-    done = resume_state(paths, items)
+    done = resume_state(paths, known)
     for rank in range(size):
         shard = RunPaths.beside(shard_output(paths.submission, rank))
         subs = [r for r in read_records(shard.submission) if r["id"] not in done]
@@ -238,11 +238,12 @@ def worker_devices(rank: int, per_worker: int) -> str | None:
 def run_data_parallel(recipe: Recipe) -> dict:
     """One worker process per rank (`infer run` on its share), then one merged, ordered submission."""
     cfg = recipe.infer
-    items = benchmark_items(recipe)
+    every, items = benchmark_items(recipe)
+    known = {item.id for item in every}
     paths = RunPaths.beside(cfg.output)
     paths.submission.parent.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, paths.recipe)
-    fold_shards(paths, items, cfg.data_parallel_size)  # leftovers of an interrupted run
+    fold_shards(paths, known, cfg.data_parallel_size)  # leftovers of an interrupted run
     started = time.perf_counter()
     before = len(read_records(paths.submission))
     workers = []
@@ -257,12 +258,12 @@ def run_data_parallel(recipe: Recipe) -> dict:
             workers.append((rank, log, subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)))
     print(f"infer: {len(workers)} data-parallel workers, logs in {paths.submission.parent}/*.dp*.log")
     failed = [(rank, log) for rank, log, process in workers if process.wait() != 0]
-    fold_shards(paths, items, cfg.data_parallel_size)
+    fold_shards(paths, known, cfg.data_parallel_size)
     written = len(read_records(paths.submission)) - before
     sampling = SamplingConfig.resolve(cfg, checkpoint_generation_defaults(recipe.model.path)).to_dict()
     engine = {"backend": cfg.backend, "data_parallel_size": cfg.data_parallel_size,
               "tensor_parallel_size": cfg.tensor_parallel_size, "batch_size": cfg.batch_size}
-    summary = finish(recipe, paths, items, engine, sampling, written, time.perf_counter() - started)
+    summary = finish(recipe, paths, every, items, engine, sampling, written, time.perf_counter() - started)
     if failed:
         raise RuntimeError("data-parallel workers failed (finished work is kept; re-run to resume): "
                            + ", ".join(f"rank {rank}, see {log}" for rank, log in failed))

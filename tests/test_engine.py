@@ -4,7 +4,7 @@ import pytest
 from infer import qwen_omni as qo
 from infer.data import load_items
 from infer.engine import (
-    HFEngine, Request, SamplingConfig, generate, length_buckets, load_engine, vllm_engine_kwargs, vllm_prompt,
+    HFEngine, Request, SamplingConfig, length_buckets, load_engine, vllm_engine_kwargs, vllm_prompt,
     vllm_sampling_kwargs,
 )
 from infer.recipe import InferConfig, load_recipe
@@ -35,9 +35,9 @@ def requests(synthetic_dir, processor):
 def test_batched_equals_one_by_one_greedy(engine, requests):
     assert len({len(r.audio) for r in requests}) > 1  # clips of different lengths: padding is exercised
     engine.batch_size = 4
-    batched = generate(engine, requests, FIXED)
+    batched = engine.generate(requests, FIXED)
     engine.batch_size = 1
-    single = generate(engine, requests, FIXED)
+    single = engine.generate(requests, FIXED)
     assert [g.id for g in batched] == [r.id for r in requests]  # request order restored
     assert [g.token_ids for g in batched] == [g.token_ids for g in single]
     assert [g.text for g in batched] == [g.text for g in single]
@@ -49,7 +49,7 @@ def test_batched_equals_one_by_one_greedy(engine, requests):
 
 def test_generation_stops_at_end_of_turn(engine, requests):
     engine.batch_size = 3
-    outs = generate(engine, requests, SamplingConfig.greedy(max_new_tokens=40))
+    outs = engine.generate(requests, SamplingConfig.greedy(max_new_tokens=40))
     # the random tiny model ends most turns at once under greedy decoding
     assert sum(g.finished for g in outs) >= len(outs) // 2
     for g in outs:
@@ -65,8 +65,8 @@ def test_text_only_requests_and_mixed_batches(engine, requests, processor):
     assert qo.AUDIO_PAD not in prompt and prompt.startswith("<|im_start|>system\nYou are a judge.")
     text_requests = [Request("judge-0", prompt), Request("judge-1", prompt + "x")]
     engine.batch_size = 4
-    mixed = generate(engine, [text_requests[0], requests[0], text_requests[1]], FIXED)
-    alone = generate(engine, text_requests, FIXED)
+    mixed = engine.generate([text_requests[0], requests[0], text_requests[1]], FIXED)
+    alone = engine.generate(text_requests, FIXED)
     assert [g.id for g in mixed] == ["judge-0", requests[0].id, "judge-1"]
     assert mixed[0].token_ids == alone[0].token_ids and mixed[2].token_ids == alone[1].token_ids
 
@@ -88,9 +88,9 @@ def test_length_buckets_sort_longest_first_and_keep_audio_apart(processor):
 def test_sampled_generation_is_seeded(engine, requests):
     engine.batch_size = 2
     sampled = SamplingConfig(max_new_tokens=8, min_new_tokens=8, do_sample=True, temperature=1.0, top_k=50, seed=3)
-    first = generate(engine, requests[:2], sampled)
-    again = generate(engine, requests[:2], sampled)
-    other = generate(engine, requests[:2], sampled.replace(seed=4))
+    first = engine.generate(requests[:2], sampled)
+    again = engine.generate(requests[:2], sampled)
+    other = engine.generate(requests[:2], sampled.replace(seed=4))
     assert [g.token_ids for g in first] == [g.token_ids for g in again]
     assert [g.token_ids for g in first] != [g.token_ids for g in other]
 
@@ -119,9 +119,9 @@ def test_adapter_is_applied(tiny_recipe, tiny_checkpoint, requests, tmp_path):
     adapted = load_engine(tiny_recipe.model_copy(update={"infer": tiny_recipe.infer.model_copy(
         update={"adapter": str(tmp_path / "adapter")})}), device="cpu")
     base = load_engine(tiny_recipe, device="cpu")
-    adapted_ids = [g.token_ids for g in generate(adapted, requests[:3], FIXED)]
-    assert adapted_ids == [g.token_ids for g in generate(reference, requests[:3], FIXED)]
-    assert adapted_ids != [g.token_ids for g in generate(base, requests[:3], FIXED)]
+    adapted_ids = [g.token_ids for g in adapted.generate(requests[:3], FIXED)]
+    assert adapted_ids == [g.token_ids for g in reference.generate(requests[:3], FIXED)]
+    assert adapted_ids != [g.token_ids for g in base.generate(requests[:3], FIXED)]
 
 
 def test_missing_adapter_fails_clearly(tiny_recipe, tmp_path):

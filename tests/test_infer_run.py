@@ -69,6 +69,8 @@ def test_resume_after_interruption_writes_each_id_once(tiny_checkpoint, syntheti
     before = paths.submission.read_text()
     assert run(recipe, engine)["this_invocation"]["answered"] == 0
     assert paths.submission.read_text() == before
+    limited = recipe.model_copy(update={"infer": recipe.infer.model_copy(update={"limit": 3})})
+    assert run(limited, engine)["complete"] and paths.submission.read_text() == before
     errors, _ = validate_submission(paths.submission, recipe.infer.meta, allow_unmatched=True)
     assert errors == []
 
@@ -178,3 +180,15 @@ def test_data_parallel_workers_match_a_single_process(tiny_checkpoint, synthetic
     assert [r["id"] for r in lines(tmp_path / "dp" / "s.raw.jsonl")] == ids
     assert summary["complete"] and summary["this_invocation"]["answered"] == len(ids) - 1
     assert not list((tmp_path / "dp").glob("s.dp*.jsonl"))  # worker files folded into the main ones
+
+
+def test_only_audio_question_choices_and_prompt_reach_the_model(synthetic_dir, processor):
+    from infer import qwen_omni as qo
+    from infer.run import item_request
+
+    item = load_items(synthetic_dir / "test.jsonl")[0]
+    assert item.category and item.thinking  # present in the record...
+    request = item_request(item, processor.tokenizer, "qwen", max_audio_seconds=1.0)
+    assert request.prompt == qo.render_prompt(processor.tokenizer, item.question, item.choices, "qwen")
+    assert item.category not in request.prompt and item.thinking not in request.prompt  # ...but never in the prompt
+    assert len(request.audio) == 16_000  # cut to data.max_audio_seconds
