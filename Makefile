@@ -11,7 +11,7 @@ RECIPE     ?= recipes/tiny.yaml
 TINY       := artifacts/tiny-omni
 SYNTH      := artifacts/synthetic
 
-.PHONY: setup tiny data prep eval encoder demo test bench clean
+.PHONY: setup tiny data prep infer eval encoder demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ eval: | setup
 prep: data
 	$(PY) -m data_prep collect $(RECIPE)
 	$(PY) -m data_prep card $(RECIPE)
+
+# Answers the recipe's benchmark; resumes an interrupted run. Without a trained adapter: infer.adapter=null.
+infer: tiny data
+	$(PY) -m infer run $(RECIPE) $(ARGS)
 
 demo: tiny data
 	@echo "demo: tiny checkpoint in $(TINY), synthetic benchmark in $(SYNTH)"

@@ -68,25 +68,43 @@ def question_text(question: str, choices: Sequence[str]) -> str:
     return question + "\nSelect one option from the provided choices:\n" + "\n".join(choices)
 
 
-def build_messages(question: str, choices: Sequence[str], prompt_style: str = "baseline") -> list[dict]:
-    """Chat messages holding only what Track 1 allows: audio, question, choices and a fixed prompt."""
+def prompt_system(prompt_style: str) -> str | None:
     if prompt_style not in PROMPT_SYSTEMS:
         raise ValueError(f"unknown prompt style {prompt_style!r}; known: {sorted(PROMPT_SYSTEMS)}")
-    system = PROMPT_SYSTEMS[prompt_style]
+    return PROMPT_SYSTEMS[prompt_style]
+
+
+def chat_messages(user_text: str, system: str | None = None, with_audio: bool = True) -> list[dict]:
+    """One user turn (the audio first, then the text), after an optional system turn."""
     messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
-    messages.append(
-        {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": question_text(question, choices)}]}
-    )
+    content = ([{"type": "audio"}] if with_audio else []) + [{"type": "text", "text": user_text}]
+    messages.append({"role": "user", "content": content})
     return messages
+
+
+def render_chat(tokenizer, user_text: str, system: str | None = None, with_audio: bool = True) -> str:
+    """Generation prompt for any single-turn request (MCQ, QA construction, judging, ...).
+
+    With audio it holds exactly one <|audio_pad|> placeholder, which the processor expands to the
+    clip's length; without audio it holds none.
+    """
+    prompt = tokenizer.apply_chat_template(
+        chat_messages(user_text, system, with_audio), tokenize=False, add_generation_prompt=True
+    )
+    expected = 1 if with_audio else 0
+    if prompt.count(AUDIO_PAD) != expected:
+        raise ValueError(f"chat template must render exactly {expected} {AUDIO_PAD}, got {prompt.count(AUDIO_PAD)}")
+    return prompt
+
+
+def build_messages(question: str, choices: Sequence[str], prompt_style: str = "baseline") -> list[dict]:
+    """Chat messages holding only what Track 1 allows: audio, question, choices and a fixed prompt."""
+    return chat_messages(question_text(question, choices), prompt_system(prompt_style))
 
 
 def render_prompt(tokenizer, question: str, choices: Sequence[str], prompt_style: str = "baseline") -> str:
     """Prompt text up to and including the assistant header, with one audio placeholder."""
-    messages = build_messages(question, choices, prompt_style)
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if prompt.count(AUDIO_PAD) != 1:
-        raise ValueError(f"chat template must render exactly one {AUDIO_PAD}, got {prompt.count(AUDIO_PAD)}")
-    return prompt
+    return render_chat(tokenizer, question_text(question, choices), prompt_system(prompt_style))
 
 
 def render_target(prompt: str, thinking: str, answer: str) -> str:
@@ -106,6 +124,14 @@ def render_target(prompt: str, thinking: str, answer: str) -> str:
 def audio_token_count(feature_frames: int) -> int:
     """Number of <|audio_pad|> tokens the thinker expects for `feature_frames` mel frames."""
     return int(_modeling()._get_feat_extract_output_lengths(torch.tensor(feature_frames)))
+
+
+def eos_token_ids(tokenizer) -> list[int]:
+    """Tokens that end a generation: end of turn, and end of text (also the padding token)."""
+    ids = [tokenizer.convert_tokens_to_ids(token) for token in (IM_END, ENDOFTEXT)]
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise KeyError(f"tokenizer lacks {IM_END} or {ENDOFTEXT}")
+    return ids
 
 
 @dataclass
@@ -136,7 +162,7 @@ class OmniProcessor:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        return [self.token_id(IM_END), self.token_id(ENDOFTEXT)]
+        return eos_token_ids(self.tokenizer)
 
     def clip_features(self, audio: np.ndarray) -> np.ndarray:
         """Log-mel features of one clip, `[mel_bins, samples // 160]` float32.
@@ -173,16 +199,20 @@ class OmniProcessor:
         padding_side: str = "left",
         features: Sequence[np.ndarray] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Batch of model inputs from waveforms (`audios`) or precomputed per-clip `features`.
+        """Batch of model inputs from waveforms (`audios`), precomputed per-clip `features`, or
+        neither (a text-only batch: prompts rendered with `with_audio=False`).
         With `targets`, adds `labels` that are -100 outside the targets."""
+        if audios is not None and features is not None:
+            raise ValueError("give audios or features, not both")
         clips = audios if features is None else features
-        if clips is None or len(prompts) != len(clips) or (targets is not None and len(targets) != len(prompts)):
+        if (clips is not None and len(prompts) != len(clips)) or (targets is not None and len(targets) != len(prompts)):
             raise ValueError("prompts, audios (or features) and targets must have the same length")
-        batch = self.audio_features(audios, features)
-        frames = batch["feature_attention_mask"].sum(-1).tolist()
+        batch = self.audio_features(audios, features) if clips is not None else {}
+        frames = batch["feature_attention_mask"].sum(-1).tolist() if clips is not None else None
         sequences, label_rows = [], []
         for i, prompt in enumerate(prompts):
-            ids = self.tokenizer(self.expand_audio(prompt, frames[i]), add_special_tokens=False)["input_ids"]
+            text = self.expand_audio(prompt, frames[i]) if frames is not None else prompt
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             labels = [IGNORE_INDEX] * len(ids)
             if targets is not None:
                 target_ids = self.tokenizer(targets[i], add_special_tokens=False)["input_ids"]

@@ -87,6 +87,7 @@ class InferConfig(Section):
     adapter: str | None = None  # LoRA adapter folder applied on top of model.path (hf backend)
     batch_size: int = Field(8, gt=0)
     max_new_tokens: int = Field(16384, gt=0)
+    min_new_tokens: int = Field(0, ge=0)  # >0 suppresses end-of-turn until then (benchmarks, tests)
     do_sample: bool | None = None  # None: from the checkpoint's generation config
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -94,8 +95,10 @@ class InferConfig(Section):
     seed: int = 0
     limit: int | None = Field(None, gt=0)  # first N items only
     tensor_parallel_size: int = Field(1, gt=0)  # vllm
-    data_parallel_size: int = Field(1, gt=0)  # vllm
+    data_parallel_size: int = Field(1, gt=0)  # worker processes, each on its own tensor_parallel_size GPUs
+    data_parallel_rank: int | None = Field(None, ge=0)  # set by `infer run` for its workers, not by hand
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vllm
+    max_model_len: int | None = Field(None, gt=0)  # vllm; None: the checkpoint's
 
 
 class JudgeConfig(Section):

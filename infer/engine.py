@@ -1,0 +1,339 @@
+"""A generic generation engine: rendered prompts (+ optional audio) in, text out, two backends.
+
+Every stage that needs the model to write something goes through here: MCQ inference, and
+data_prep's QA construction, CoT self-distillation and text-only judging.
+
+    from infer.engine import Request, SamplingConfig, load_engine
+    from infer.qwen_omni import render_chat
+
+    engine = load_engine(recipe)                      # backend, model, adapter from the recipe
+    prompt = render_chat(engine.tokenizer, "Describe the sound.", with_audio=True)
+    outs = engine.generate([Request("clip-1", prompt, wave)], engine.sampling.replace(max_new_tokens=256))
+    outs[0].text, outs[0].finished
+
+`generate` returns generations in request order; `generate_batches` yields each batch as soon as
+it is done (in the backend's scheduling order), for callers that write results incrementally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from infer import qwen_omni as qo
+from infer.recipe import InferConfig, Recipe
+
+# transformers' own defaults, used when neither the recipe nor the checkpoint sets a value.
+LIBRARY_SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    prompt: str  # rendered chat text (qwen_omni.render_chat/render_prompt): one <|audio_pad|> iff audio
+    audio: np.ndarray | None = None  # 16 kHz mono float32; None for a text-only request
+
+    def __post_init__(self):
+        expected = 0 if self.audio is None else 1
+        if self.prompt.count(qo.AUDIO_PAD) != expected:
+            raise ValueError(
+                f"request {self.id}: prompt: holds {self.prompt.count(qo.AUDIO_PAD)} {qo.AUDIO_PAD}, "
+                f"expected {expected} ({'with' if expected else 'without'} audio)"
+            )
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int
+    min_new_tokens: int = 0  # >0 suppresses EOS until then (fixed-length runs in tests and benchmarks)
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filtering
+    seed: int = 0
+
+    @classmethod
+    def resolve(cls, infer: InferConfig, checkpoint_defaults: dict[str, Any] | None = None) -> "SamplingConfig":
+        """Recipe values where set, else the checkpoint's generation config, else library defaults."""
+        defaults = {**LIBRARY_SAMPLING_DEFAULTS, **{
+            k: v for k, v in (checkpoint_defaults or {}).items() if k in LIBRARY_SAMPLING_DEFAULTS and v is not None
+        }}
+        picked = {k: getattr(infer, k) if getattr(infer, k) is not None else defaults[k] for k in defaults}
+        if not picked["do_sample"]:  # greedy: record neutral values, not settings that play no part
+            picked.update({k: v for k, v in LIBRARY_SAMPLING_DEFAULTS.items() if k != "do_sample"})
+        return cls(max_new_tokens=infer.max_new_tokens, min_new_tokens=infer.min_new_tokens, seed=infer.seed, **picked)
+
+    @classmethod
+    def greedy(cls, max_new_tokens: int, **kwargs) -> "SamplingConfig":
+        return cls(max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+
+    def replace(self, **changes) -> "SamplingConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Generation:
+    id: str
+    text: str  # decoded up to (not including) the end-of-turn token, special tokens kept
+    token_ids: tuple[int, ...]  # generated ids, same span as `text`
+    n_prompt_tokens: int  # audio placeholders expanded
+    n_generated_tokens: int  # including the end-of-turn token when there is one
+    finished: bool  # True: hit an end-of-turn token; False: cut by max_new_tokens
+    seconds: float  # this request's share of its batch's wall time
+
+    @property
+    def truncated(self) -> bool:
+        return not self.finished
+
+
+class Engine:
+    """What every backend offers. Request ids must be unique within one call."""
+
+    name: str
+    tokenizer: Any  # for rendering prompts: qwen_omni.render_chat(engine.tokenizer, ...)
+    sampling: SamplingConfig  # the recipe's settings; pass another to generate() to override
+    batch_size: int
+
+    def generate_batches(
+        self, requests: Sequence[Request], sampling: SamplingConfig | None = None
+    ) -> Iterator[list[Generation]]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def generate(self, requests: Sequence[Request], sampling: SamplingConfig | None = None) -> list[Generation]:
+        """All generations, in request order."""
+        if len({r.id for r in requests}) != len(requests):
+            raise ValueError("request ids must be unique within one generate() call")
+        by_id = {g.id: g for batch in self.generate_batches(requests, sampling) for g in batch}
+        return [by_id[r.id] for r in requests]
+
+
+def checkpoint_generation_defaults(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's generation_config.json (Qwen ships temperature 0.6, top_p 0.95, top_k 20)."""
+    file = Path(path) / "generation_config.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def request_length(request: Request, tokenizer) -> int:
+    """Prompt length in tokens with the audio expanded: the key of the length-sorted buckets."""
+    n_text = len(tokenizer(request.prompt, add_special_tokens=False)["input_ids"])
+    if request.audio is None:
+        return n_text
+    frames = len(request.audio) // (qo.SAMPLE_RATE // 100)  # 100 mel frames per second
+    return n_text - 1 + qo.audio_token_count(frames)
+
+
+def length_buckets(requests: Sequence[Request], tokenizer, batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (an OOM shows up at once).
+
+    Audio and text-only requests never share a batch: the thinker takes audio features per batch.
+    """
+    lengths = [request_length(r, tokenizer) for r in requests]
+    order = sorted(range(len(requests)), key=lambda i: (requests[i].audio is None, -lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and (requests[batches[-1][0]].audio is None) == (requests[i].audio is None):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def cut_at_eos(token_ids: Iterable[int], eos_ids: Sequence[int]) -> tuple[list[int], bool]:
+    """(ids before the first end token, whether there was one)."""
+    kept = []
+    for token in token_ids:
+        if token in eos_ids:
+            return kept, True
+        kept.append(token)
+    return kept, False
+
+
+class HFEngine(Engine):
+    """transformers `generate` on the thinker: left-padded, length-sorted batches, KV cache."""
+
+    name = "hf"
+
+    def __init__(self, model, processor: qo.OmniProcessor, sampling: SamplingConfig, batch_size: int, device: str):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.sampling = sampling
+        self.batch_size = batch_size
+        self.device = device
+        self.eos_ids = processor.eos_token_ids
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "device": self.device, "batch_size": self.batch_size,
+                "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")}
+
+    def generate_kwargs(self, sampling: SamplingConfig) -> dict[str, Any]:
+        kwargs = dict(
+            max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
+            do_sample=sampling.do_sample, eos_token_id=self.eos_ids,
+            pad_token_id=self.tokenizer.pad_token_id, use_cache=True,
+        )
+        if sampling.do_sample:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        return kwargs
+
+    def generate_batches(
+        self, requests: Sequence[Request], sampling: SamplingConfig | None = None
+    ) -> Iterator[list[Generation]]:
+        import torch
+
+        sampling = sampling or self.sampling
+        kwargs = self.generate_kwargs(sampling)
+        # One seed per call: sampled outputs repeat for the same requests, batch size and order.
+        torch.manual_seed(sampling.seed)
+        for indices in length_buckets(requests, self.tokenizer, self.batch_size):
+            batch_requests = [requests[i] for i in indices]
+            start = time.perf_counter()
+            audios = None if batch_requests[0].audio is None else [r.audio for r in batch_requests]
+            inputs = self.processor([r.prompt for r in batch_requests], audios, padding_side="left")
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            with torch.inference_mode():
+                output = self.model.generate(**inputs, **kwargs)
+            width = inputs["input_ids"].shape[1]
+            seconds = (time.perf_counter() - start) / len(batch_requests)
+            prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
+            batch = []
+            for row, request in enumerate(batch_requests):
+                ids, finished = cut_at_eos(output[row, width:].tolist(), self.eos_ids)
+                batch.append(Generation(
+                    id=request.id, text=self.tokenizer.decode(ids, skip_special_tokens=False),
+                    token_ids=tuple(ids), n_prompt_tokens=int(prompt_lengths[row]),
+                    n_generated_tokens=len(ids) + int(finished), finished=finished, seconds=seconds,
+                ))
+            yield batch
+
+
+def vllm_sampling_kwargs(sampling: SamplingConfig, eos_ids: Sequence[int]) -> dict[str, Any]:
+    """`vllm.SamplingParams(**kwargs)` for our settings: greedy is temperature 0 in vLLM."""
+    return dict(
+        n=1,
+        max_tokens=sampling.max_new_tokens,
+        min_tokens=sampling.min_new_tokens,
+        temperature=sampling.temperature if sampling.do_sample else 0.0,
+        top_p=sampling.top_p if sampling.do_sample else 1.0,
+        top_k=sampling.top_k if sampling.do_sample and sampling.top_k > 0 else -1,
+        seed=sampling.seed,
+        stop_token_ids=list(eos_ids),
+        skip_special_tokens=False,  # keep <think>/</think>, which some tokenizers mark special
+    )
+
+
+def vllm_prompt(request: Request) -> dict[str, Any]:
+    """One offline vLLM prompt: the rendered text, and the waveform as multi-modal data."""
+    if request.audio is None:
+        return {"prompt": request.prompt}
+    return {"prompt": request.prompt, "multi_modal_data": {"audio": (request.audio, qo.SAMPLE_RATE)}}
+
+
+def vllm_engine_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """`vllm.LLM(**kwargs)` for one data-parallel worker (data parallelism is separate processes)."""
+    if recipe.infer.adapter:
+        raise ValueError(
+            f"infer.adapter={recipe.infer.adapter!r}: vLLM cannot load a LoRA adapter for Qwen3-Omni; "
+            "merge it into the base weights first (train/merge.py) and set model.path to the merged "
+            "checkpoint and infer.adapter=null, or use infer.backend=hf"
+        )
+    kwargs = dict(
+        model=recipe.model.path,
+        tensor_parallel_size=recipe.infer.tensor_parallel_size,
+        gpu_memory_utilization=recipe.infer.gpu_memory_utilization,
+        dtype=recipe.model.dtype,
+        seed=recipe.infer.seed,
+        limit_mm_per_prompt={"audio": 1},
+        trust_remote_code=False,
+    )
+    if recipe.infer.max_model_len is not None:
+        kwargs["max_model_len"] = recipe.infer.max_model_len
+    return kwargs
+
+
+class VLLMEngine(Engine):
+    """Offline `vllm.LLM.generate`; each call of generate_batches is scheduled by vLLM's continuous batching."""
+
+    name = "vllm"
+
+    def __init__(self, recipe: Recipe, sampling: SamplingConfig):
+        try:
+            import vllm
+        except ImportError:
+            raise ImportError("infer.backend=vllm needs vLLM: pip install -e '.[vllm]' (CUDA machines only)") from None
+        from transformers import AutoTokenizer
+
+        self._vllm = vllm
+        self.engine_kwargs = vllm_engine_kwargs(recipe)
+        self.llm = vllm.LLM(**self.engine_kwargs)
+        self.tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
+        self.eos_ids = qo.eos_token_ids(self.tokenizer)
+        self.sampling = sampling
+        self.batch_size = recipe.infer.batch_size
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "vllm": self._vllm.__version__, "batch_size": self.batch_size,
+                **{k: v for k, v in self.engine_kwargs.items() if k != "model"}}
+
+    def generate_batches(
+        self, requests: Sequence[Request], sampling: SamplingConfig | None = None
+    ) -> Iterator[list[Generation]]:
+        params = self._vllm.SamplingParams(**vllm_sampling_kwargs(sampling or self.sampling, self.eos_ids))
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start:start + self.batch_size]
+            began = time.perf_counter()
+            outputs = self.llm.generate([vllm_prompt(r) for r in chunk], params, use_tqdm=False)
+            seconds = (time.perf_counter() - began) / len(chunk)
+            batch = []
+            for request, out in zip(chunk, outputs):
+                completion = out.outputs[0]
+                finished = completion.finish_reason == "stop"
+                ids, _ = cut_at_eos(completion.token_ids, self.eos_ids)
+                batch.append(Generation(  # decoded here, as in the hf backend: no end token in the text
+                    id=request.id, text=self.tokenizer.decode(ids, skip_special_tokens=False), token_ids=tuple(ids),
+                    n_prompt_tokens=len(out.prompt_token_ids), n_generated_tokens=len(completion.token_ids),
+                    finished=finished, seconds=seconds,
+                ))
+            yield batch
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_engine(recipe: Recipe, device: str | None = None) -> Engine:
+    """The backend named by `recipe.infer.backend`, with the recipe's model, adapter and sampling."""
+    sampling = SamplingConfig.resolve(recipe.infer, checkpoint_generation_defaults(recipe.model.path))
+    if recipe.infer.backend == "vllm":
+        return VLLMEngine(recipe, sampling)
+    device = device or default_device()
+    model_path = Path(recipe.model.path)
+    if not (model_path / "config.json").is_file():
+        raise FileNotFoundError(f"model.path={recipe.model.path}: no checkpoint there (config.json missing)")
+    model = qo.load_thinker(model_path, recipe.model.dtype, device, recipe.model.attn_implementation)
+    if recipe.infer.adapter:
+        adapter = Path(recipe.infer.adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"infer.adapter={recipe.infer.adapter}: no LoRA adapter there (adapter_config.json missing); "
+                "train first (make train) or run without one: infer.adapter=null"
+            )
+        from peft import PeftModel
+
+        # Merged once at load: the same outputs as the adapter on top, without its per-step cost.
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return HFEngine(model, qo.OmniProcessor.from_pretrained(model_path), sampling, recipe.infer.batch_size, device)

@@ -1,0 +1,208 @@
+"""From a raw model output to the submission's thinking and answer, by string matching only.
+
+The challenge allows no second model to separate or extract the answer, so everything here is
+plain string processing, shared by inference and by data_prep's verification.
+
+Policies (recorded in every run's JSON, see `POLICY`):
+- Split at the LAST `</think>`: the thinking is what comes before it, the answer what comes after.
+  Every `<think>`/`</think>` tag is removed from both parts.
+- Truncated output (no `</think>`: the budget ran out mid-thought): the whole text is the thinking;
+  the answer is searched for only in the last paragraph of the thought, with the containment
+  rules (a thought that stopped mid-way names several choices, so looser rules would guess), and
+  the rule name is prefixed `truncated:`. Nothing found: the answer is empty.
+- The answer text is mapped to exactly one choice, verbatim, by the first rule of `RULES` that
+  gives exactly one choice. When none does, the answer is the stripped answer text as written
+  (rule `unmatched`, or `empty`).
+- The thinking is kept under 10,000 characters: a longer one keeps its head and its tail (the
+  tail holds the conclusion a rubric judge looks for) around a marker saying how much was cut.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from infer.qwen_omni import THINK_CLOSE, THINK_OPEN
+
+MAX_THINKING_CHARS = 10_000  # the rule: thinking_prediction must be UNDER this many characters
+HEAD_SHARE = 0.6  # share of the kept thinking taken from the head when clipping
+CLIP_MARKER = "\n\n[... {n} characters omitted ...]\n\n"
+
+# Tried in this order; the first that maps the answer text to exactly one choice wins.
+RULES = (
+    "exact",  # the answer text is a choice, verbatim
+    "normalized",  # equal after dropping case, markdown, lead-ins ("Answer:"), punctuation, spacing
+    "letter",  # "B", "(B)", "B.", "Option B", or "B. <that choice>": the choice at that position
+    "contains_choice",  # exactly one choice appears as whole words in the answer (longest wins nested)
+    "within_choice",  # the answer appears as whole words in exactly one choice ("piano" -> "A piano")
+    "tokens",  # the official scorer's test: all of one choice's words, no word only of another choice
+)
+POLICY = {
+    "split": "last </think>; all <think>/</think> tags removed",
+    "rules": list(RULES),
+    "unmatched": "answer_prediction = stripped answer text as written",
+    "truncated": "thinking = whole output; answer from the last paragraph by containment rules, else empty",
+    "thinking_limit": f"< {MAX_THINKING_CHARS} chars: head {HEAD_SHARE:.0%} + marker + tail",
+}
+
+LETTERS = "ABCDEFGHIJ"
+_TAGS = re.compile(re.escape(THINK_OPEN) + "|" + re.escape(THINK_CLOSE))
+_MARKDOWN = re.compile(r"[*_`#>]+")
+# Lead-ins a model writes before its answer; removed repeatedly from the start.
+_LEAD_IN = re.compile(
+    r"^\s*(?:(?:so|thus|therefore|hence)\s*,?\s*)?(?:(?:the|my)\s+)?(?:final\s+|correct\s+|best\s+)?"
+    r"(?:answer|choice|option)\s*(?:is|:|-)\s*",
+    re.IGNORECASE,
+)
+_LETTER = re.compile(r"^\s*(?:(?:option|choice|answer)\s*)?[(\[]?([A-J])[)\].:]?\s*$", re.IGNORECASE)
+_LETTER_LABEL = re.compile(r"^\s*(?:(?:option|choice)\s*)?[(\[]?([A-J])[)\].:]\s+(.+)$", re.IGNORECASE | re.DOTALL)
+_WORDS = re.compile(r"\w+")
+
+
+@dataclass(frozen=True)
+class Parsed:
+    thinking: str  # tags removed, clipped under MAX_THINKING_CHARS
+    answer: str  # the matched choice verbatim, else the stripped answer text
+    answer_text: str  # what the model wrote as its answer (after the last </think>), stripped
+    rule: str  # the rule of RULES that fired (prefixed "truncated:" for truncated outputs), "unmatched" or "empty"
+    truncated: bool  # no </think> in the output
+    thinking_clipped: bool
+
+    @property
+    def matched(self) -> bool:
+        return self.rule not in ("unmatched", "empty")
+
+
+def strip_tags(text: str) -> str:
+    return _TAGS.sub("", text).strip()
+
+
+def split_output(text: str) -> tuple[str, str, bool]:
+    """(thinking, answer text, truncated): split at the last </think>, tags removed."""
+    head, sep, tail = text.rpartition(THINK_CLOSE)
+    if not sep:
+        return strip_tags(text), "", True
+    return strip_tags(head), strip_tags(tail), False
+
+
+def clip_thinking(thinking: str, limit: int = MAX_THINKING_CHARS) -> tuple[str, bool]:
+    """Head + marker + tail, strictly shorter than `limit` characters."""
+    if len(thinking) < limit:
+        return thinking, False
+    budget = limit - 1 - len(CLIP_MARKER.format(n=len(thinking)))
+    head = int(budget * HEAD_SHARE)
+    tail = budget - head
+    omitted = len(thinking) - head - tail
+    return thinking[:head] + CLIP_MARKER.format(n=omitted) + thinking[len(thinking) - tail:], True
+
+
+def _clean(text: str) -> str:
+    """Drop markdown, lead-ins ("**Answer:** ...") and surrounding quotes/punctuation."""
+    text = _MARKDOWN.sub("", text).strip()
+    while True:
+        stripped = _LEAD_IN.sub("", text, count=1)
+        if stripped == text:
+            break
+        text = stripped
+    return text.strip().strip("\"'“”‘’").strip().rstrip(".!").strip()
+
+
+def _words(text: str) -> list[str]:
+    return _WORDS.findall(text.casefold())
+
+
+def _norm(text: str) -> str:
+    return " ".join(_words(text))
+
+
+def _contains_words(haystack: str, needle: str) -> bool:
+    """`needle` occurs in `haystack` as whole words (both already normalised)."""
+    return bool(needle) and f" {needle} " in f" {haystack} "
+
+
+def _one(indices: list[int], choices: Sequence[str]) -> str | None:
+    return choices[indices[0]] if len(indices) == 1 else None
+
+
+def _letter(text: str, choices: Sequence[str]) -> str | None:
+    match = _LETTER.match(text)
+    if match:
+        index = LETTERS.index(match.group(1).upper())
+        return choices[index] if index < len(choices) else None
+    match = _LETTER_LABEL.match(text)
+    if match:
+        index = LETTERS.index(match.group(1).upper())
+        # "B. <text>" counts only when <text> is that choice: a letter with another choice is a conflict.
+        if index < len(choices) and _norm(match.group(2)) == _norm(choices[index]):
+            return choices[index]
+    return None
+
+
+def _contains_choice(text: str, choices: Sequence[str]) -> str | None:
+    norm = _norm(text)
+    found = [i for i, c in enumerate(choices) if _contains_words(norm, _norm(c))]
+    # A choice nested in a longer found one ("tone" in "the second tone") is not a rival.
+    found = [i for i in found if not any(j != i and _contains_words(_norm(choices[j]), _norm(choices[i])) and
+                                         _norm(choices[j]) != _norm(choices[i]) for j in found)]
+    return _one(found, choices)
+
+
+def _within_choice(text: str, choices: Sequence[str]) -> str | None:
+    norm = _norm(text)
+    return _one([i for i, c in enumerate(choices) if _contains_words(_norm(c), norm)], choices)
+
+
+def _tokens(text: str, choices: Sequence[str]) -> str | None:
+    said = set(_words(text))
+    hits = []
+    for i, choice in enumerate(choices):
+        mine = set(_words(choice))
+        others = set().union(*(set(_words(c)) for j, c in enumerate(choices) if j != i)) - mine
+        if mine and mine <= said and not (said & others):
+            hits.append(i)
+    return _one(hits, choices)
+
+
+def match_choice(answer_text: str, choices: Sequence[str], rules: Sequence[str] = RULES) -> tuple[str | None, str]:
+    """(the one choice the answer names, the rule that found it), or (None, "unmatched"/"empty")."""
+    raw = answer_text.strip()
+    cleaned = _clean(raw)
+    if not cleaned:
+        return None, "empty"
+    for rule in rules:
+        if rule == "exact":
+            hit = raw if raw in choices else None
+        elif rule == "normalized":
+            hit = _one([i for i, c in enumerate(choices) if _norm(c) and _norm(c) == _norm(cleaned)], choices)
+        elif rule == "letter":
+            hit = _letter(cleaned, choices)
+        elif rule == "contains_choice":
+            hit = _contains_choice(cleaned, choices)
+        elif rule == "within_choice":
+            hit = _within_choice(cleaned, choices)
+        elif rule == "tokens":
+            hit = _tokens(cleaned, choices)
+        else:
+            raise ValueError(f"unknown answer rule {rule!r}; known: {RULES}")
+        if hit is not None:
+            return hit, rule
+    return None, "unmatched"
+
+
+def last_paragraph(text: str) -> str:
+    paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+    return paragraphs[-1] if paragraphs else ""
+
+
+def parse_output(text: str, choices: Sequence[str]) -> Parsed:
+    """Thinking and answer of one raw output, under the policies of this module's docstring."""
+    thinking, answer_text, truncated = split_output(text)
+    if truncated:
+        hit, rule = match_choice(last_paragraph(thinking), choices, rules=("contains_choice", "tokens"))
+        answer, rule = (hit, f"truncated:{rule}") if hit is not None else ("", "empty")
+    else:
+        hit, rule = match_choice(answer_text, choices)
+        answer = hit if hit is not None else answer_text
+    clipped, was_clipped = clip_thinking(thinking)
+    return Parsed(clipped, answer, answer_text, rule, truncated, was_clipped)
