@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from infer import qwen_omni as qo
 from infer.data import load_items
@@ -47,16 +48,34 @@ def test_batched_equals_one_by_one_greedy(engine, requests):
     assert [g.n_prompt_tokens for g in batched] == [g.n_prompt_tokens for g in single]
 
 
-def test_generation_stops_at_end_of_turn(engine, requests):
+def test_generation_stops_at_end_of_turn(engine, requests, processor):
     engine.batch_size = 3
-    outs = engine.generate(requests, SamplingConfig.greedy(max_new_tokens=40))
-    # the random tiny model ends most turns at once under greedy decoding
-    assert sum(g.finished for g in outs) >= len(outs) // 2
-    for g in outs:
-        if g.finished:  # the end token is counted, not kept
+    free = engine.generate(requests, SamplingConfig.greedy(max_new_tokens=40))
+    end_id = processor.token_id(qo.IM_END)
+    steps = []
+
+    def end_from_sixth_step(module, args, logits):
+        steps.append(1)
+        if len(steps) >= 6:  # one forward per new token: five free tokens, then the end
+            logits[..., -1, end_id] = 1e4
+        return logits
+
+    ended = []
+    handle = engine.model.lm_head.register_forward_hook(end_from_sixth_step)
+    try:
+        for request in requests[:2]:
+            steps.clear()
+            ended += engine.generate([request], SamplingConfig.greedy(max_new_tokens=40))
+    finally:
+        handle.remove()
+    for g in ended:  # the end token is counted, not kept
+        assert g.finished and len(g.token_ids) == 5 and g.n_generated_tokens == 6
+    for g in free:
+        if g.finished:
             assert g.n_generated_tokens == len(g.token_ids) + 1 <= 40
         else:
-            assert g.n_generated_tokens == len(g.token_ids) == 40
+            assert g.truncated and g.n_generated_tokens == len(g.token_ids) == 40
+    for g in free + ended:
         assert "<|im_end|>" not in g.text and "<|endoftext|>" not in g.text
 
 
