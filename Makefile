@@ -11,7 +11,7 @@ RECIPE     ?= recipes/tiny.yaml
 TINY       := artifacts/tiny-omni
 SYNTH      := artifacts/synthetic
 
-.PHONY: setup tiny data demo test clean
+.PHONY: setup tiny data train merge demo test clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,13 @@ $(TINY)/config.json: | setup
 data: $(SYNTH)/test.jsonl
 $(SYNTH)/test.jsonl: | setup
 	$(PY) -m data_prep.synthetic $(SYNTH)
+
+train: tiny data
+	$(PY) train/sft.py $(RECIPE)
+
+# Fold the tiny run's adapter into a plain checkpoint (for vLLM or any LoRA-less loader).
+merge: train
+	$(PY) train/merge.py --base $(TINY) --adapter runs/tiny/adapter --out runs/tiny/merged
 
 demo: tiny data
 	@echo "demo: tiny checkpoint in $(TINY), synthetic benchmark in $(SYNTH)"
