@@ -11,7 +11,7 @@ RECIPE     ?= recipes/tiny.yaml
 TINY       := artifacts/tiny-omni
 SYNTH      := artifacts/synthetic
 
-.PHONY: setup tiny data prep infer eval encoder demo test bench clean
+.PHONY: setup tiny data prep train merge infer eval encoder demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -31,21 +31,32 @@ data: $(SYNTH)/test.jsonl
 $(SYNTH)/test.jsonl: | setup
 	$(PY) -m data_prep.synthetic $(SYNTH)
 
-# Score a submission (default: the recipe's eval.submission); e.g. `make eval SUB=runs/x/submission.jsonl`.
-eval: | setup
-	$(PY) -m eval score $(RECIPE) $(if $(SUB),eval.submission=$(SUB))
-
 # The Cogito-Pipe on $(RECIPE) (tiny: the synthetic clips as the raw source): manifest + data card.
 prep: data
 	$(PY) -m data_prep collect $(RECIPE)
 	$(PY) -m data_prep card $(RECIPE)
 
-# Answers the recipe's benchmark; resumes an interrupted run. Without a trained adapter: infer.adapter=null.
+# LoRA SFT; resumes from the latest checkpoint in train.output_dir. Extra overrides: ARGS="train.lr=1e-4".
+train: tiny data
+	$(PY) train/sft.py $(RECIPE) $(ARGS)
+
+# Fold the tiny run's adapter into a plain checkpoint (for vLLM or any LoRA-less loader).
+merge: | setup
+	$(PY) train/merge.py --base $(TINY) --adapter runs/tiny/adapter --out runs/tiny/merged
+
+# Answers the recipe's benchmark; resumes an interrupted run. Without a trained adapter: ARGS="infer.adapter=null".
 infer: tiny data
 	$(PY) -m infer run $(RECIPE) $(ARGS)
 
+# Score a submission (default: the recipe's eval.submission); e.g. `make eval SUB=runs/x/submission.jsonl`.
+eval: | setup
+	$(PY) -m eval score $(RECIPE) $(if $(SUB),eval.submission=$(SUB))
+
+# The whole pipeline on the tiny default: data -> train -> infer -> eval, ending with the score table.
 demo: tiny data
-	@echo "demo: tiny checkpoint in $(TINY), synthetic benchmark in $(SYNTH)"
+	$(MAKE) --no-print-directory train ARGS=
+	$(MAKE) --no-print-directory infer ARGS=
+	$(MAKE) --no-print-directory eval SUB=
 
 # The audio tower as an Audio Encoder Challenge (XARES-LLM) encoder folder, and linear probes on it.
 ENCODER := runs/tiny/audio_encoder

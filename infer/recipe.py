@@ -54,6 +54,12 @@ class LoraConfig(Section):
     experts: bool = False  # also adapt the fused MoE experts (target_parameters)
     include_audio_tower: bool = False
 
+    @model_validator(mode="after")
+    def _no_dropout_on_experts(self) -> "LoraConfig":
+        if self.experts and self.dropout:
+            raise ValueError("lora.experts=true needs lora.dropout=0: peft cannot apply dropout to fused expert parameters")
+        return self
+
 
 class TrainConfig(Section):
     output_dir: str = "runs/tiny"
@@ -74,6 +80,7 @@ class TrainConfig(Section):
     save_every: int = Field(100, gt=0)  # optimizer steps
     keep_last: int = Field(2, gt=0)
     resume: bool = True  # pick up the latest checkpoint in output_dir
+    stop_after: int | None = Field(None, gt=0)  # stop (with a checkpoint) after this step; the schedule is unchanged
     log_every: int = Field(1, gt=0)
     report_to: Literal["none", "wandb", "tensorboard"] = "none"
     wandb_project: str = "audio-reasoning"

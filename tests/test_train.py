@@ -1,0 +1,236 @@
+"""LoRA SFT on the tiny kit: loss, masking, resume, two ranks, merge, adapter placement."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from infer import qwen_omni as qo
+from infer.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # tiny matmuls: a second thread only adds spin-waits, and on a shared 2-core machine it costs ~5x
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def recipe_file(tmp_path, tiny_checkpoint, synthetic_dir):
+    """A small training recipe on the tiny kit; tests vary it with dotted overrides."""
+    recipe = {
+        "name": "test-sft",
+        "model": {"path": str(tiny_checkpoint), "dtype": "float32"},
+        "data": {"train": [{"path": str(synthetic_dir / "train.jsonl")}], "max_length": 1024},
+        # lm_head too: the tiny random lm_head is too small in scale for attention LoRA alone to move the loss fast
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]},
+        "train": {"output_dir": str(tmp_path / "run"), "seed": 0, "lr": 1e-2, "warmup_ratio": 0.0,
+                  "batch_size": 4, "grad_accum": 1, "max_steps": 3, "save_every": 100},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_sft(recipe_file: Path, *overrides: str) -> Path:
+    from accelerate.state import AcceleratorState
+
+    from train.sft import main
+
+    AcceleratorState._reset_state(True)  # each in-process run gets a fresh Accelerator
+    assert main([str(recipe_file), *overrides]) == 0
+    return Path(load_recipe(recipe_file, list(overrides)).train.output_dir)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_short_run_lowers_the_loss(recipe_file):
+    run = run_sft(recipe_file, "train.max_steps=12", "train.save_every=6", "train.keep_last=1")
+    losses = [m["loss"] for m in metrics(run)]
+    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    assert losses[0] > 5.5  # a random model over a ~400-token vocabulary
+    assert np.mean(losses[-3:]) < losses[0] - 0.8
+    record = metrics(run)[-1]
+    assert record["target_tokens"] > 0 and record["target_tokens_per_s"] > 0 and record["grad_norm"] > 0
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-12"]  # keep_last=1 pruned step-6
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["max_steps"] == 12
+
+
+def test_labels_mask_prompt_and_padding(recipe_file, processor):
+    from train.data import SFTCollator, SFTDataset, build_examples
+
+    recipe = load_recipe(recipe_file)
+    examples = build_examples(recipe.data, processor, "baseline", seed=0, log=lambda *_: None)
+    rows = [examples[i] for i in (0, 5, 9)]
+    batch = SFTCollator(processor)([SFTDataset(rows, 30.0)[i] for i in range(3)])
+    assert batch["ids"] == [e.item.id for e in rows]
+    for row, example in enumerate(rows):
+        frames = int(batch["feature_attention_mask"][row].sum())
+        prompt_len = len(processor.tokenizer(processor.expand_audio(example.prompt, frames), add_special_tokens=False)["input_ids"])
+        length = int(batch["attention_mask"][row].sum())
+        assert 0 <= example.length - length <= 1  # estimated from the audio header: a bound, exact to a token
+        labels, ids = batch["labels"][row], batch["input_ids"][row]
+        assert (labels[:prompt_len] == qo.IGNORE_INDEX).all()  # prompt
+        assert (labels[length:] == qo.IGNORE_INDEX).all()  # right padding
+        assert torch.equal(labels[prompt_len:length], ids[prompt_len:length])  # the whole target, nothing else
+        target = processor.tokenizer.decode(labels[prompt_len:length])
+        assert target.startswith("<think>\n") and "</think>\n\n" in target
+        assert target.endswith(example.item.answer + "<|im_end|>")
+    assert (batch["attention_mask"] == 0).any()  # the rows differ in length, so padding was checked
+
+
+def test_long_samples_are_dropped_and_datasets_mixed(recipe_file, processor, synthetic_dir, tmp_path):
+    from train.data import build_examples
+
+    lines = []
+    recipe = load_recipe(recipe_file, ["data.max_length=200"])
+    kept = build_examples(recipe.data, processor, "baseline", seed=0, log=lines.append)
+    assert all(e.length <= 200 for e in kept) and 0 < len(kept) < 24
+    assert f"{24 - len(kept)} dropped" in lines[0]
+
+    train, small = synthetic_dir / "train.jsonl", tmp_path / "small.jsonl"
+    small.write_text("".join(train.read_text().splitlines(keepends=True)[:4]))
+    mixed = load_recipe(recipe_file, [
+        f"data.train=[{{path: {train}, weight: 3}}, {{path: {small}, audio_root: {synthetic_dir}, weight: 1}}]"
+    ])
+    examples = build_examples(mixed.data, processor, "baseline", seed=0, log=lambda *_: None)
+    # 3:1 over the 28 samples: 21 of the 24, and the 4 small ones 7 times (each once, three of them twice)
+    assert len(examples) == 28 and sum(e.source == str(small) for e in examples) == 7
+    assert len({e.item.id for e in examples if e.source == str(small)}) == 4
+
+
+def test_batches_split_ranks_and_group_lengths():
+    from train.data import epoch_batches
+
+    lengths = list(np.random.default_rng(0).integers(50, 500, size=70))
+    ranks = [epoch_batches(lengths, 4, 2, 2, rank, seed=1, epoch=0) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 70 // 16 * 2  # whole optimizer steps only
+    ids = [i for r in ranks for b in r for i in b]
+    assert len(ids) == len(set(ids)) == 64
+    assert epoch_batches(lengths, 4, 2, 2, 0, seed=1, epoch=1) != ranks[0]  # reshuffled per epoch
+    grouped = epoch_batches(lengths, 4, 1, 1, 0, seed=1, epoch=0)
+    plain = epoch_batches(lengths, 4, 1, 1, 0, seed=1, epoch=0, group_by_length=False)
+    padding = lambda batches: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    assert padding(grouped) < padding(plain) / 3
+
+
+def test_accumulation_matches_one_big_batch(recipe_file, tmp_path):
+    one = run_sft(recipe_file, f"train.output_dir={tmp_path}/one", "train.batch_size=4", "train.grad_accum=1")
+    accum = run_sft(recipe_file, f"train.output_dir={tmp_path}/acc", "train.batch_size=2", "train.grad_accum=2")
+    assert [m["target_tokens"] for m in metrics(one)] == [m["target_tokens"] for m in metrics(accum)]
+    np.testing.assert_allclose([m["loss"] for m in metrics(one)], [m["loss"] for m in metrics(accum)], rtol=1e-5)
+    a, b = adapter_weights(one / "adapter"), adapter_weights(accum / "adapter")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_gives_the_uninterrupted_run(recipe_file, tmp_path):
+    # 24 samples / (2 x 2) = 6 steps an epoch: the stop at 4 is mid-epoch, the run crosses an epoch;
+    # dropout > 0 checks that the RNG state is restored too.
+    common = ["train.batch_size=2", "train.grad_accum=2", "train.max_steps=8", "train.save_every=2",
+              "train.warmup_ratio=0.2", "lora.dropout=0.1"]
+    full = run_sft(recipe_file, f"train.output_dir={tmp_path}/full", *common)
+    resumed = tmp_path / "resumed"
+    run_sft(recipe_file, f"train.output_dir={resumed}", *common, "train.stop_after=4")
+    assert not (resumed / "adapter").exists() and [m["step"] for m in metrics(resumed)] == [1, 2, 3, 4]
+    run_sft(recipe_file, f"train.output_dir={resumed}", *common)
+    assert [m["step"] for m in metrics(resumed)] == list(range(1, 9))
+    np.testing.assert_allclose([m["loss"] for m in metrics(resumed)], [m["loss"] for m in metrics(full)], rtol=1e-6)
+    assert [m["lr"] for m in metrics(resumed)] == [m["lr"] for m in metrics(full)]
+    a, b = adapter_weights(full / "adapter"), adapter_weights(resumed / "adapter")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_two_processes_zero2_split_the_data(recipe_file, tmp_path):
+    """Two gloo ranks under DeepSpeed ZeRO-2 train on disjoint halves of each global batch and take
+    the same steps as one process with the whole batch (per-token loss over ranks)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "recipes/accelerate/cpu_zero2_2proc.yaml"), str(REPO / "train/sft.py"), str(recipe_file),
+           f"train.output_dir={two}", "train.batch_size=2", "train.save_every=2"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    seen = [[json.loads(line) for line in (two / "seen" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    ids = [{i for step in rank for i in step["ids"]} for rank in seen]
+    assert len(ids[0]) == len(ids[1]) == 3 * 2 and not ids[0] & ids[1]
+    assert (two / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-2", "step-3"]
+
+    one = run_sft(recipe_file, f"train.output_dir={tmp_path}/one", "train.batch_size=4")
+    assert [m["target_tokens"] for m in metrics(one)] == [m["target_tokens"] for m in metrics(two)]
+    np.testing.assert_allclose([m["loss"] for m in metrics(one)], [m["loss"] for m in metrics(two)], rtol=1e-4)
+    a, b = adapter_weights(one / "adapter"), adapter_weights(two / "adapter")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+
+
+def test_merged_checkpoint_gives_the_adapter_logits(tiny_checkpoint, processor, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from train.merge import main as merge_main
+
+    model = qo.load_thinker(tiny_checkpoint, "float32")
+    config = LoraConfig(  # random B as well as A: a fresh adapter would be the identity
+        r=4, lora_alpha=8, init_lora_weights=False,
+        target_modules=qo.lora_target_names(model, qo.ATTENTION_PROJECTIONS),
+        target_parameters=qo.expert_parameter_names(model),
+    )
+    get_peft_model(model, config).save_pretrained(tmp_path / "adapter")
+    assert merge_main(["--base", str(tiny_checkpoint), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+
+    prompt = qo.render_prompt(processor.tokenizer, "How many beeps?", ["one", "two"])
+    audio = np.sin(np.linspace(0, 3000, 24_000)).astype(np.float32)
+    batch = processor([prompt], [audio], targets=[qo.render_target(prompt, "Two onsets.", "two")], padding_side="right")
+    del batch["labels"]
+    with torch.no_grad():
+        base = qo.load_thinker(tiny_checkpoint, "float32")(**batch).logits
+        adapted = PeftModel.from_pretrained(qo.load_thinker(tiny_checkpoint, "float32"), str(tmp_path / "adapter")).eval()(**batch).logits
+        merged = qo.load_thinker(tmp_path / "merged", "float32")(**batch).logits
+    assert (adapted - base).abs().max() > 1e-3  # the adapter changes the output
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
+    merged_processor = qo.OmniProcessor.from_pretrained(tmp_path / "merged")
+    assert merged_processor.tokenizer.chat_template == processor.tokenizer.chat_template
+
+
+def test_lora_placement(tiny_checkpoint):
+    from infer.recipe import LoraConfig
+    from train.lora import LoraPlacementError, apply_lora
+
+    def placed(**fields):
+        return apply_lora(qo.load_thinker(tiny_checkpoint, "float32"), LoraConfig(**fields))[1]
+
+    assert placed() == {"text_attention": 8}
+    assert placed(experts=True, dropout=0.0) == {"text_attention": 8, "experts": 4}  # gate_up_proj + down_proj per layer
+    with_audio = placed(targets=["q_proj"], include_audio_tower=True)
+    assert with_audio["text_attention"] == 2 and with_audio["audio_tower"] > 0
+    with pytest.raises(LoraPlacementError, match="foo_proj"):
+        placed(targets=["q_proj", "foo_proj"])
+    with pytest.raises(LoraPlacementError, match="match no"):
+        placed(targets=[])

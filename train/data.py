@@ -1,0 +1,176 @@
+"""SFT data: records -> rendered prompt/target pairs, dataset mixing, length-grouped batches, collation.
+
+Every prompt and target comes from `infer.qwen_omni.render_prompt` / `render_target`, so training
+sees exactly the text inference will produce. Token lengths are computed once, up front, from the
+audio headers (no decoding) and the tokenizer; samples longer than `data.max_length` are dropped
+and counted, and the lengths drive the length-grouped batching.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from infer import qwen_omni as qo
+from infer.data import DataError, Item, load_items
+from infer.recipe import DataConfig
+
+# Whisper's feature extractor: one mel frame per 160 samples (10 ms hop). Its mask counts a partial
+# hop when the clip is padded by a longer one and drops it otherwise; rounding up bounds both.
+HOP_LENGTH = 160
+
+
+@dataclass(frozen=True)
+class Example:
+    item: Item
+    prompt: str
+    target: str
+    length: int  # prompt (with expanded audio) + target tokens; an upper bound, exact to one audio token
+    source: str  # dataset path, for the mixing report
+
+
+def audio_samples(item: Item, max_seconds: float) -> int:
+    """Samples that `Item.load_audio(max_seconds)` will return, read from the file header only."""
+    try:
+        info = sf.info(str(item.audio_path))
+    except (sf.LibsndfileError, RuntimeError) as err:
+        raise DataError(f"{item.where} (id={item.id}): audio_path: cannot read audio header ({err})") from None
+    samples = math.ceil(info.frames * qo.SAMPLE_RATE / info.samplerate)  # librosa's resampled length
+    return min(samples, int(max_seconds * qo.SAMPLE_RATE))
+
+
+def render_examples(items: Sequence[Item], processor: qo.OmniProcessor, prompt_style: str, max_audio_seconds: float, source: str) -> list[Example]:
+    tokenizer = processor.tokenizer
+    prompts, targets = [], []
+    for item in items:
+        prompt = qo.render_prompt(tokenizer, item.question, item.choices, prompt_style)
+        prompts.append(prompt)
+        targets.append(qo.render_target(prompt, item.thinking, item.answer))
+    expanded = [
+        processor.expand_audio(prompt, math.ceil(audio_samples(item, max_audio_seconds) / HOP_LENGTH))
+        for prompt, item in zip(prompts, items)
+    ]
+    # One batched call each: the fast tokenizer parallelises lists, which matters at 10^5 records.
+    prompt_ids = tokenizer(expanded, add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
+    return [
+        Example(item, prompt, target, len(p) + len(t), source)
+        for item, prompt, target, p, t in zip(items, prompts, targets, prompt_ids, target_ids)
+    ]
+
+
+def mix(pools: list[list[Example]], weights: list[float], seed: int) -> list[Example]:
+    """Mix datasets so that dataset i makes up weights[i] / sum(weights) of the result.
+
+    The mixture keeps the total size of the pools; a dataset asked for more samples than it has
+    is repeated (every sample as evenly as possible), one asked for fewer is subsampled at random.
+    """
+    if len(pools) == 1:
+        return list(pools[0])
+    rng = np.random.default_rng(seed)
+    total = sum(len(p) for p in pools)
+    mixed: list[Example] = []
+    for pool, weight in zip(pools, weights):
+        want = round(total * weight / sum(weights))
+        repeats, rest = divmod(want, len(pool))
+        mixed += list(pool) * repeats + [pool[i] for i in rng.permutation(len(pool))[:rest]]
+    return mixed
+
+
+def build_examples(config: DataConfig, processor: qo.OmniProcessor, prompt_style: str, seed: int, log=print) -> list[Example]:
+    """Load, render, length-filter and mix every dataset of `data.train`."""
+    if not config.train:
+        raise DataError("recipe: data.train: no training datasets given")
+    pools, weights = [], []
+    for index, spec in enumerate(config.train):
+        items = load_items(spec.path, spec.audio_root, check_audio=True, require_thinking=True)
+        if spec.max_samples is not None and spec.max_samples < len(items):
+            keep = np.random.default_rng(seed + index).permutation(len(items))[: spec.max_samples]
+            items = [items[i] for i in sorted(keep)]
+        examples = render_examples(items, processor, prompt_style, config.max_audio_seconds, spec.path)
+        kept = [e for e in examples if e.length <= config.max_length]
+        log(
+            f"data: {spec.path}: {len(examples)} records, {len(examples) - len(kept)} dropped "
+            f"(over data.max_length={config.max_length} tokens), weight {spec.weight}"
+        )
+        if not kept:
+            raise DataError(f"{spec.path}: every record is longer than data.max_length={config.max_length} tokens")
+        pools.append(kept)
+        weights.append(spec.weight)
+    mixed = mix(pools, weights, seed)
+    shares = Counter(e.source for e in mixed)
+    log("data: mixture " + ", ".join(f"{src}: {n} ({100 * n / len(mixed):.1f}%)" for src, n in shares.items()))
+    return mixed
+
+
+def epoch_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    rank: int,
+    seed: int,
+    epoch: int,
+    group_by_length: bool = True,
+) -> list[list[int]]:
+    """This rank's micro-batches (lists of example indices) for one epoch.
+
+    Every rank computes the same global order from (seed, epoch) and takes its own slice of each
+    global batch, so ranks see disjoint samples without communicating. Only whole optimizer steps
+    are kept (batch_size x world_size x grad_accum samples each): the remainder, different every
+    epoch, waits for the next reshuffle. With `group_by_length`, each mega-batch of 32 global
+    batches is sorted by length (longest first, so an out-of-memory shows at once) before it is
+    cut, which cuts padding; the mega-batches themselves stay in random order.
+    """
+    global_batch = batch_size * world_size
+    per_step = global_batch * grad_accum
+    usable = len(lengths) // per_step * per_step
+    order = np.random.default_rng([seed, epoch]).permutation(len(lengths))[:usable]
+    if group_by_length:
+        mega = global_batch * 32
+        order = np.concatenate([
+            sorted(order[i : i + mega], key=lambda j: -lengths[j]) for i in range(0, usable, mega)
+        ]) if usable else order
+    return [
+        order[start + rank * batch_size : start + (rank + 1) * batch_size].tolist()
+        for start in range(0, usable, global_batch)
+    ]
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Decodes the audio of one example on access (in DataLoader workers when num_workers > 0)."""
+
+    def __init__(self, examples: Sequence[Example], max_audio_seconds: float):
+        self.examples = examples
+        self.max_audio_seconds = max_audio_seconds
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.examples[index]
+        return {
+            "id": example.item.id, "prompt": example.prompt, "target": example.target,
+            "audio": example.item.load_audio(self.max_audio_seconds),
+        }
+
+
+@dataclass
+class SFTCollator:
+    """Right-padded model inputs with labels that are -100 outside the targets."""
+
+    processor: qo.OmniProcessor
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = self.processor(
+            [r["prompt"] for r in rows], [r["audio"] for r in rows],
+            targets=[r["target"] for r in rows], padding_side="right",
+        )
+        batch["ids"] = [r["id"] for r in rows]
+        return batch

@@ -1,0 +1,308 @@
+"""LoRA SFT of the Qwen3-Omni thinker, from a recipe.
+
+    python train/sft.py recipes/tiny.yaml [train.lr=1e-3 ...]
+    accelerate launch --config_file recipes/accelerate/zero2_8gpu.yaml train/sft.py recipes/cogito.yaml
+
+Writes to `train.output_dir`:
+    recipe.yaml                  the resolved recipe
+    metrics.jsonl                one line per logged optimizer step (loss, lr, grad_norm, throughput, memory)
+    seen/rank{R}.jsonl           the sample ids each rank trained on, per step
+    checkpoints/step-N/          adapter/ + Accelerate state (optimizer, scheduler, RNG); the newest K are kept
+    adapter/                     the final LoRA adapter (train/merge.py folds it into the base weights)
+
+The loss is the mean over every target token of the global accumulated batch (all micro-batches
+of all ranks), so neither padding, sample lengths, gradient accumulation nor the number of ranks
+changes what one optimizer step means. The data order is a pure function of (seed, step): a run
+resumed from a checkpoint replays exactly what an uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+# `python train/sft.py` / `accelerate launch train/sft.py` put train/ first on sys.path, not the repo.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from accelerate import Accelerator, InitProcessGroupKwargs  # noqa: E402
+from accelerate.utils import DistributedType, set_seed  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from infer import qwen_omni as qo  # noqa: E402
+from infer.recipe import Recipe, load_recipe, save_recipe, split_cli  # noqa: E402
+from train.data import SFTCollator, SFTDataset, build_examples, epoch_batches  # noqa: E402
+from train.lora import apply_lora  # noqa: E402
+
+CHECKPOINT_PREFIX = "step-"
+STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete and ignored
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """LR multiplier for optimizer step `step` (0-based): linear warmup, then decay to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    cfg = recipe.train
+    if cfg.report_to == "wandb" and not os.environ.get("WANDB_API_KEY") and "api.wandb.ai" not in _netrc():
+        os.environ.setdefault("WANDB_MODE", "offline")  # no key: log locally, `wandb sync` later
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=cfg.output_dir,
+        # Without an explicit gloo backend, CPU processes each believe they are alone.
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if _cpu_multiprocess() else [],
+    )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # We hand DeepSpeed no dataloader, so it cannot infer these "auto" values itself.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        ds_config["gradient_clipping"] = cfg.max_grad_norm
+    return accelerator
+
+
+def _cpu_multiprocess() -> bool:
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _netrc() -> str:
+    path = Path.home() / ".netrc"
+    return path.read_text() if path.is_file() else ""
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return 0
+    return accelerator.state.deepspeed_plugin.zero_stage
+
+
+def keep_trainable_weights(models, weights, output_dir) -> None:
+    """Accelerate pre-save hook: checkpoint the adapter, not a copy of the frozen base model."""
+    for model, state in zip(models, weights):
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        for key in [k for k in state if k not in trainable]:
+            del state[key]
+
+
+def save_adapter(accelerator: Accelerator, model, path: Path) -> None:
+    unwrapped = accelerator.unwrap_model(model)
+    gather = contextlib.nullcontext()
+    if zero_stage(accelerator) == 3:  # adapter weights are sharded: gather them (all ranks take part)
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([p for p in unwrapped.parameters() if p.requires_grad])
+    with gather:
+        if accelerator.is_main_process:
+            # the base lm_head/embeddings are never trained here: keep them out even when lm_head has LoRA
+            unwrapped.save_pretrained(str(path), save_embedding_layers=False)
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    found = [p for p in (output_dir / "checkpoints").glob(CHECKPOINT_PREFIX + "*") if (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def save_checkpoint(accelerator: Accelerator, model, output_dir: Path, step: int, keep_last: int) -> Path:
+    path = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
+    # DeepSpeed writes model + optimizer itself; the frozen base weights need not be in every checkpoint.
+    accelerator.save_state(str(path), **({"exclude_frozen_parameters": True} if zero_stage(accelerator) else {}))
+    save_adapter(accelerator, model, path / "adapter")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (path / STATE_FILE).write_text(json.dumps({"step": step}))
+        for old in checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def resume(accelerator: Accelerator, output_dir: Path) -> int:
+    """Load the newest complete checkpoint; returns the optimizer step it was taken after (0: none)."""
+    found = checkpoints(output_dir)
+    if not found:
+        return 0
+    latest = found[-1]
+    # Only the adapter is in the checkpoint, so the base weights are left as loaded.
+    strict = {"load_module_strict": False} if zero_stage(accelerator) else {"strict": False}
+    accelerator.load_state(str(latest), **strict)
+    return json.loads((latest / STATE_FILE).read_text())["step"]
+
+
+def windows(dataset, collator, lengths, recipe: Recipe, rank: int, world: int, steps_per_epoch: int, start: int, total: int):
+    """(step, epoch, micro-batches) for each optimizer step from `start` to `total`, for this rank."""
+    cfg = recipe.train
+    step = start
+    while step < total:
+        epoch, window = divmod(step, steps_per_epoch)
+        batches = epoch_batches(lengths, cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed, epoch, cfg.group_by_length)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=batches[window * cfg.grad_accum:], collate_fn=collator,
+            num_workers=recipe.data.num_workers,
+            # its own generator: a fresh loader must not draw from the global RNG (dropout), or a
+            # resumed run would see different dropout masks than an uninterrupted one
+            generator=torch.Generator().manual_seed(cfg.seed + epoch),
+        )
+        micro = []
+        for batch in loader:
+            micro.append(batch)
+            if len(micro) == cfg.grad_accum:
+                yield step, epoch, micro
+                micro, step = [], step + 1
+                if step == total:
+                    return
+
+
+def train_step(accelerator: Accelerator, model, optimizer, scheduler, params, micro: list[dict], max_grad_norm: float) -> dict:
+    """One optimizer step over this rank's micro-batches; the loss is per target token of the global batch."""
+    device = accelerator.device
+    # The model shifts labels by one inside its loss: a target token is a label at position >= 1.
+    local_tokens = sum(int((b["labels"][:, 1:] != qo.IGNORE_INDEX).sum()) for b in micro)
+    global_tokens = accelerator.reduce(torch.tensor(local_tokens, device=device), reduction="sum")
+    loss_sum = torch.zeros((), device=device)
+    for i, batch in enumerate(micro):
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "ids"}
+        with accelerator.accumulate(model):
+            assert accelerator.sync_gradients == (i == len(micro) - 1), "accumulation window out of step"
+            # loss = (sum of this micro-batch's token losses) / (target tokens of the whole global batch)
+            loss = model(**inputs, use_cache=False, num_items_in_batch=global_tokens).loss
+            # DDP/ZeRO average gradients over ranks and Accelerate/DeepSpeed divide by grad_accum: undo both,
+            # so the summed gradient is exactly that of the global per-token mean.
+            accelerator.backward(loss * accelerator.num_processes * len(micro))
+            loss_sum += loss.detach()
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+    return {
+        "loss": accelerator.reduce(loss_sum, reduction="sum").item(),
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "target_tokens": int(global_tokens),
+    }
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: peak RSS (KiB on Linux)
+
+
+def main(argv: list[str] | None = None) -> int:
+    path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
+    recipe = load_recipe(path, overrides)
+    cfg = recipe.train
+    out = Path(cfg.output_dir)
+    accelerator = make_accelerator(recipe)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    log = partial(tqdm.write) if accelerator.is_main_process else (lambda *_: None)
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        save_recipe(recipe, out / "recipe.yaml")
+
+    # Data: every rank renders the same list; epoch_batches gives each rank its own slice.
+    processor = qo.OmniProcessor.from_pretrained(recipe.model.path)
+    examples = build_examples(recipe.data, processor, recipe.model.prompt_style, cfg.seed, log)
+    dataset = SFTDataset(examples, recipe.data.max_audio_seconds)
+    collator = SFTCollator(processor)
+    global_batch = cfg.batch_size * world * cfg.grad_accum
+    steps_per_epoch = len(examples) // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(examples)} samples make no full step of {global_batch} (batch_size x ranks x grad_accum)")
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    log(f"train: {len(examples)} samples, {global_batch} per step on {world} rank(s), "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps")
+
+    # Model: LoRA on the text attention (and experts if asked); the audio tower and visual stay frozen.
+    model = qo.load_thinker(recipe.model.path, recipe.model.dtype, attn_implementation=recipe.model.attn_implementation)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, placed = apply_lora(model, recipe.lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log("lora: adapted modules " + ", ".join(f"{g}={placed[g]}" for g in ("text_attention", "experts", "audio_tower", "other"))
+        + f"; {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
+    if zero_stage(accelerator) == 3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        # ZeRO-3 would hang waiting for the parameters of experts that got no tokens on some rank.
+        set_z3_leaf_modules(model, [qo.moe_block_class()])
+    # Router aux loss stays off (the config default): every LoRA tensor, the fused expert ones
+    # included, then takes part in every forward, so DDP/ZeRO-2 never wait on an unused parameter.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, total=total_steps, warmup=warmup, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
+    )
+    # The scheduler is stepped by hand once per optimizer step (Accelerate would step it once per rank).
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_save_state_pre_hook(keep_trainable_weights)
+
+    start = resume(accelerator, out) if cfg.resume else 0
+    if start:
+        log(f"resume: from {out}/checkpoints/{CHECKPOINT_PREFIX}{start}")
+    end = min(total_steps, cfg.stop_after or total_steps)
+    accelerator.init_trackers(cfg.wandb_project, config=recipe.model_dump(mode="json"),
+                              init_kwargs={"wandb": {"name": recipe.name, "dir": str(out)}})
+    metrics_path = out / "metrics.jsonl"
+    if accelerator.is_main_process:
+        keep = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start] \
+            if metrics_path.is_file() and start else []  # steps after the checkpoint are redone
+        metrics_path.write_text("".join(line + "\n" for line in keep))
+    seen_path = out / "seen" / f"rank{rank}.jsonl"
+    seen_path.parent.mkdir(parents=True, exist_ok=True)
+
+    model.train()
+    progress = tqdm(total=total_steps, initial=start, desc="sft", disable=not accelerator.is_main_process)
+    lengths = [e.length for e in examples]
+    tick = time.perf_counter()
+    for step, epoch, micro in windows(dataset, collator, lengths, recipe, rank, world, steps_per_epoch, start, end):
+        lr = scheduler.get_last_lr()[0]
+        stats = train_step(accelerator, model, optimizer, scheduler, params, micro, cfg.max_grad_norm)
+        seconds, tick = time.perf_counter() - tick, time.perf_counter()
+        with seen_path.open("a") as handle:
+            handle.write(json.dumps({"step": step + 1, "ids": [i for b in micro for i in b["ids"]]}) + "\n")
+        record = {
+            "step": step + 1, "epoch": round(epoch + (step % steps_per_epoch + 1) / steps_per_epoch, 4), "lr": lr, **stats,
+            "target_tokens_per_s": stats["target_tokens"] / seconds, "samples_per_s": global_batch / seconds,
+            "peak_memory_gb": round(peak_memory_gb(), 3),
+        }
+        progress.update(1)
+        progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
+        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+            accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step + 1)
+            if accelerator.is_main_process:
+                with metrics_path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == end:
+            save_checkpoint(accelerator, model, out, step + 1, cfg.keep_last)
+    progress.close()
+
+    if end < total_steps:
+        log(f"stopped after step {end} of {total_steps} (train.stop_after); run again to resume")
+    else:
+        save_adapter(accelerator, model, out / "adapter")
+        log(f"done: adapter in {out / 'adapter'}, metrics in {metrics_path}")
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
