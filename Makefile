@@ -11,7 +11,7 @@ RECIPE     ?= recipes/tiny.yaml
 TINY       := artifacts/tiny-omni
 SYNTH      := artifacts/synthetic
 
-.PHONY: setup tiny data prep train merge infer eval encoder demo test bench clean
+.PHONY: setup tiny data prep train merge infer eval encoder demo audit test bench clean
 
 setup: $(VENV)/.installed
 
@@ -57,6 +57,16 @@ demo: tiny data
 	$(MAKE) --no-print-directory train ARGS=
 	$(MAKE) --no-print-directory infer ARGS=
 	$(MAKE) --no-print-directory eval SUB=
+
+# Reproducibility bundle of a finished run (default: the tiny demo's, after `make demo`): RUN/audit/ and
+# RUN/audit.tar.gz, then its verification (checksums, compliance, greedy re-run of 8 ids).
+# The contamination guard runs when the MMAR metadata is at MMAR_META.
+AUDIT_RUN ?= runs/tiny
+MMAR_META ?= ../shared/data/MMAR-meta.jsonl
+audit: prep
+	$(PY) -m audit bundle --train-run $(AUDIT_RUN) --infer-output $(AUDIT_RUN)/submission.jsonl --out $(AUDIT_RUN)/audit \
+		$(if $(wildcard $(MMAR_META)),--mmar-meta $(MMAR_META))
+	$(PY) -m audit verify $(AUDIT_RUN)/audit $(if $(wildcard $(MMAR_META)),--mmar-meta $(MMAR_META))
 
 # The audio tower as an Audio Encoder Challenge (XARES-LLM) encoder folder, and linear probes on it.
 ENCODER := runs/tiny/audio_encoder

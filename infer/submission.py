@@ -69,11 +69,13 @@ def write_records(path: str | Path, records: Iterable[dict]) -> None:
     os.replace(tmp, path)
 
 
-def validate_submission(path: str | Path, meta: str | Path, allow_unmatched: bool = False) -> tuple[list[str], list[str]]:
+def validate_submission(path: str | Path, meta: str | Path, allow_unmatched: bool = False,
+                        require_all: bool = True) -> tuple[list[str], list[str]]:
     """(errors, warnings) of a submission against the benchmark metadata, each naming line, id and field.
 
     An answer that is not one of the item's choices is an error, or a warning with `allow_unmatched`
     (the official scorer scores any string, but only a choice verbatim is always scored right).
+    `require_all=False` checks the lines present without asking for every item (a partial run).
     """
     path = Path(path)
     items = {item.id: item for item in load_items(meta, check_audio=False)}
@@ -125,7 +127,7 @@ def validate_submission(path: str | Path, meta: str | Path, allow_unmatched: boo
             if isinstance(answer, str) and answer not in items[rid].choices:
                 (warnings if allow_unmatched else errors).append(f"{label}: answer_prediction: {answer!r} is not one of its choices {list(items[rid].choices)!r}")
     missing = [rid for rid in items if rid not in first_line]
-    if missing:
+    if missing and require_all:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         errors.append(f"{path}: id: {len(missing)} of {len(items)} items of {meta} missing: {shown}")
     return errors, warnings

@@ -1,0 +1,247 @@
+"""The reproducibility bundle of one submission: everything needed to trace, check and re-run it.
+
+    python -m audit bundle --train-run runs/tiny --infer-output runs/tiny/submission.jsonl --out runs/tiny/audit
+
+Layout of OUT (also packed as OUT.tar.gz):
+
+    MANIFEST.json            sha256 and size of every other file of the bundle
+    audit.json               sources, git state, seeds, decoding settings, compliance summary
+    checksums.json           sha256 per file of what the bundle refers to but does not hold: the inference
+                             checkpoint, adapter, training base, merged checkpoint, training data (and with
+                             --hash-audio its audio), the submission and its sidecars, the data card
+    commands.sh              the exact commands that re-run training and inference from recipes/
+    compliance.json          the Track 1 checks (audit.compliance)
+    recipes/train.yaml       the training run's resolved recipe (runs/X/recipe.yaml)
+    recipes/infer.yaml       the inference run's resolved recipe (the .recipe.yaml beside the submission)
+    submission/              the submission and its .raw.jsonl / .run.json sidecars, as written
+    training/metrics.jsonl   the training run's per-step metrics
+    data/data_card.{json,md} the data card
+    environment/             pip-freeze.txt, system.json (Python, torch, CUDA, driver, GPUs or CPU), nvidia-smi.txt
+    git/                     status.txt, and diff.patch when the tree was dirty
+
+Recorded paths are as given (relative ones to the directory the bundle was made in, the repository
+root): `audit verify` is run from there too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from audit import compliance, environment
+from infer.data import DataError, load_items
+from infer.recipe import Recipe, load_recipe
+from infer.run import RunPaths
+
+BUNDLE_FORMAT = 1
+MANIFEST = "MANIFEST.json"
+
+
+def sha256_file(path: Path, progress: tqdm | None = None) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+            if progress is not None:
+                progress.update(len(chunk))
+    return digest.hexdigest()
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def hash_group(root: Path | None, files: list[Path], desc: str) -> dict:
+    """{"root", "files": [{"path", "sha256", "bytes"}]}: paths relative to `root` for a folder, as given otherwise."""
+    total = sum(f.stat().st_size for f in files)
+    entries = []
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"sha256 {desc}", disable=total < 1 << 28) as progress:
+        for file in files:
+            entries.append({"path": str(file.relative_to(root)) if root is not None else str(file),
+                            "sha256": sha256_file(file, progress), "bytes": file.stat().st_size})
+    return {"root": str(root) if root is not None else None, "files": entries}
+
+
+def folder_group(path: str | Path, desc: str) -> dict:
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{root}: {desc}: folder not found")
+    return hash_group(root, files_under(root), desc)
+
+
+@dataclass
+class BundleSources:
+    train_run: Path  # train.output_dir of the run: recipe.yaml, metrics.jsonl, adapter/
+    submission: Path  # the submission JSONL; its .recipe.yaml/.run.json/.raw.jsonl sidecars beside it
+    out: Path
+    data_card: Path | None = None  # default: data_prep.work_dir/data_card.json of the training recipe
+    merged: Path | None = None  # merged checkpoint (train/merge.py), when one was made
+    hash_audio: bool = False  # also hash every audio file the training data lists (slow on 500k clips)
+    mmar_meta: Path | None = None  # for the contamination guard; default: the training recipe's data_prep.mmar_meta
+
+
+def same(a: str | Path | None, b: str | Path | None) -> bool:
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def artifact_checksums(src: BundleSources, train: Recipe, infer: Recipe, card: Path | None) -> dict:
+    """checksums.json: the files the bundle refers to, by role (each hashed once)."""
+    groups = {"checkpoint": folder_group(infer.model.path, "model.path of the inference recipe")}
+    if infer.infer.adapter:
+        groups["adapter"] = folder_group(infer.infer.adapter, "infer.adapter")
+    train_adapter = src.train_run / "adapter"
+    if train_adapter.is_dir() and not same(train_adapter, infer.infer.adapter):
+        groups["train_adapter"] = folder_group(train_adapter, "the training run's final adapter")
+    if not same(train.model.path, infer.model.path):
+        groups["base"] = folder_group(train.model.path, "model.path of the training recipe")
+    if src.merged is not None and not same(src.merged, infer.model.path):
+        groups["merged"] = folder_group(src.merged, "merged checkpoint")
+    data_files = []
+    for spec in train.data.train:
+        if not Path(spec.path).is_file():
+            raise DataError(f"{spec.path}: data.train: training file not found")
+        data_files.append(Path(spec.path))
+    groups["train_data"] = hash_group(None, data_files, "training data")
+    for entry, spec in zip(groups["train_data"]["files"], train.data.train):
+        entry["records"] = sum(1 for line in Path(spec.path).open(encoding="utf-8") if line.strip())
+    if src.hash_audio:
+        clips = sorted({item.audio_path for spec in train.data.train
+                        for item in load_items(spec.path, spec.audio_root, check_audio=True)})
+        groups["train_audio"] = hash_group(None, clips, "training audio")
+    paths = RunPaths.beside(src.submission)
+    groups["submission"] = hash_group(None, [p for p in (paths.submission, paths.raw, paths.run, paths.recipe) if p.is_file()],
+                                      "submission")
+    if card is not None:
+        groups["data_card"] = hash_group(None, [p for p in (card.with_suffix(".json"), card.with_suffix(".md")) if p.is_file()],
+                                         "data card")
+    return groups
+
+
+def training_processes(train_run: Path) -> int:
+    """Ranks of the training run: each wrote its own seen/rank{R}.jsonl."""
+    return max(1, len(list((train_run / "seen").glob("rank*.jsonl"))))
+
+
+def commands(src: BundleSources, train: Recipe, infer: Recipe, git: dict) -> str:
+    q = shlex.quote
+    ranks = training_processes(src.train_run)
+    launch = (f"accelerate launch --num_processes {ranks} train/sft.py" if ranks > 1 else "python train/sft.py")
+    lines = [
+        "#!/bin/sh",
+        f"# Re-run the submission {src.submission} from the recipes of this bundle.",
+        f"# From the repository root at commit {git.get('commit') or 'unknown'}"
+        + (" plus the bundle's git/diff.patch (the tree was dirty)." if git.get("dirty") else "."),
+        f"# Training writes to train.output_dir={train.train.output_dir} and resumes from checkpoints found there,",
+        f"# inference to infer.output={infer.infer.output} (resuming too): move the originals away first, or add",
+        "# overrides (train.output_dir=... infer.output=... infer.adapter=...) to every line consistently.",
+        "set -e",
+        f"BUNDLE=\"${{BUNDLE:-{src.out}}}\"",
+        "",
+    ]
+    if ranks > 1:
+        lines.append(f"# {ranks} training processes; pass the Accelerate/DeepSpeed config used (--config_file recipes/accelerate/...).")
+    lines.append(f"{launch} \"$BUNDLE/recipes/train.yaml\"")
+    if src.merged is not None:
+        lines.append(f"python train/merge.py --base {q(train.model.path)} --adapter {q(str(src.train_run / 'adapter'))} "
+                     f"--out {q(str(src.merged))}")
+    lines += [f"python -m infer run \"$BUNDLE/recipes/infer.yaml\"", "", "# Check the result against this bundle:",
+              "python -m audit verify \"$BUNDLE\""]
+    return "\n".join(lines) + "\n"
+
+
+def seeds(train: Recipe, infer: Recipe) -> dict:
+    return {"train.seed": train.train.seed, "data_prep.seed": train.data_prep.seed, "infer.seed": infer.infer.seed,
+            "eval.judge.seed": infer.eval.judge.seed, "eval.bootstrap_seed": infer.eval.bootstrap_seed}
+
+
+def default_card(train: Recipe) -> Path | None:
+    path = Path(train.data_prep.work_dir) / "data_card.json"
+    return path if path.is_file() else None
+
+
+def write_manifest(folder: Path) -> dict:
+    files = {str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+             for p in files_under(folder) if p.name != MANIFEST or p.parent != folder}
+    manifest = {"format": BUNDLE_FORMAT, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def build_bundle(src: BundleSources) -> tuple[Path, list[compliance.Check]]:
+    """Write the bundle folder and its .tar.gz; returns (folder, compliance checks)."""
+    paths = RunPaths.beside(src.submission)
+    for required in (src.train_run / "recipe.yaml", paths.submission, paths.recipe, paths.run):
+        if not required.is_file():
+            raise DataError(f"{required}: not found (a finished training run and `infer run` output are bundled)")
+    train, infer = load_recipe(src.train_run / "recipe.yaml"), load_recipe(paths.recipe)
+    card = src.data_card or default_card(train)
+
+    out = Path(src.out)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    for folder in ("recipes", "submission", "training", "data", "environment", "git"):
+        (staging / folder).mkdir(parents=True)
+    shutil.copy2(src.train_run / "recipe.yaml", staging / "recipes" / "train.yaml")
+    shutil.copy2(paths.recipe, staging / "recipes" / "infer.yaml")
+    for path in (paths.submission, paths.raw, paths.run):
+        if path.is_file():
+            shutil.copy2(path, staging / "submission" / path.name)
+    if (src.train_run / "metrics.jsonl").is_file():
+        shutil.copy2(src.train_run / "metrics.jsonl", staging / "training" / "metrics.jsonl")
+    if card is not None:
+        compliance.read_card(card)  # a named card must exist
+        for path in (card.with_suffix(".json"), card.with_suffix(".md")):
+            if path.is_file():
+                shutil.copy2(path, staging / "data" / f"data_card{path.suffix}")
+
+    (staging / "environment" / "pip-freeze.txt").write_text(environment.pip_freeze())
+    (staging / "environment" / "system.json").write_text(json.dumps(environment.system(), indent=2) + "\n")
+    if (smi := environment.nvidia_smi()) is not None:
+        (staging / "environment" / "nvidia-smi.txt").write_text(smi)
+    git, diff = environment.git_state()
+    (staging / "git" / "status.txt").write_text("\n".join(git.get("status", [])) + "\n")
+    if diff is not None:
+        (staging / "git" / "diff.patch").write_text(diff)
+
+    checksums = artifact_checksums(src, train, infer, card)
+    (staging / "checksums.json").write_text(json.dumps(checksums, indent=2) + "\n")
+    (staging / "commands.sh").write_text(commands(src, train, infer, git))
+    (staging / "commands.sh").chmod(0o755)
+
+    checks = compliance.run_checks(compliance.Inputs(
+        infer_recipe=infer, submission=paths.submission, train_recipe=train, data_card=card, mmar_meta=src.mmar_meta,
+    ))
+    (staging / "compliance.json").write_text(json.dumps([c.to_dict() for c in checks], indent=2) + "\n")
+    run_info = json.loads(paths.run.read_text())
+    summary = {
+        "format": BUNDLE_FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cwd": os.getcwd(),
+        "sources": {"train_run": str(src.train_run), "submission": str(src.submission), "data_card": str(card) if card else None,
+                    "merged": str(src.merged) if src.merged else None, "hash_audio": src.hash_audio,
+                    "mmar_meta": str(src.mmar_meta) if src.mmar_meta else None},
+        "submission_file": paths.submission.name,
+        "git": git,
+        "seeds": seeds(train, infer),
+        "sampling": run_info.get("sampling"),
+        "engine": run_info.get("engine"),
+        "training_processes": training_processes(src.train_run),
+        "compliance": {c.name: c.status for c in checks},
+    }
+    (staging / "audit.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_manifest(staging)
+
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(staging, out)
+    with tarfile.open(out.with_name(out.name + ".tar.gz"), "w:gz") as tar:
+        tar.add(out, arcname=out.name)
+    return out, checks
