@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             from data_prep.guard import main as guard_main
 
             return guard_main(rest)
-    except (RecipeError, DataError) as err:
+    except (RecipeError, DataError, FileNotFoundError) as err:  # missing checkpoints name their path
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
