@@ -65,7 +65,7 @@ def cot(recipe: Recipe, engine: Engine | None = None, show_progress: bool = True
     source = stage_paths(work, INPUT)["output"]
     if not source.is_file():
         raise DataError(f"{source}: not found; run `python -m data_prep qa` first")
-    slot = EngineSlot(lambda: load_stage_engine(recipe, recipe.model.path, config), engine)
+    slot = EngineSlot(lambda: load_stage_engine(recipe, recipe.model.path, config, "model.path"), engine)
     extra = {"model": recipe.model.path, "prompt_style": recipe.model.prompt_style, "sampling": sampling_of(config).to_dict()}
     return run_stage(STAGE, Distiller(recipe, slot), source, work, recipe.data_prep.shard, batch_size=config.batch_size,
                      extra_report=extra, show_progress=show_progress)

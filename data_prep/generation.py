@@ -64,8 +64,13 @@ def sampling_of(spec: PrepGeneration, **changes) -> SamplingConfig:
     ).replace(**changes)
 
 
-def load_stage_engine(recipe: Recipe, model_path: str, spec: PrepGeneration) -> Engine:
-    """The recipe's backend (infer.backend, dtype, vLLM settings) on another checkpoint, without adapter."""
+def load_stage_engine(recipe: Recipe, model_path: str, spec: PrepGeneration, key: str) -> Engine:
+    """The recipe's backend (infer.backend, dtype, vLLM settings) on another checkpoint, without adapter.
+
+    `key` names the recipe field that chose the checkpoint, for the error when it is not there.
+    """
+    if not (Path(model_path) / "config.json").is_file():
+        raise FileNotFoundError(f"{key}={model_path}: no checkpoint there (config.json missing)")
     stage = recipe.model_copy(deep=True)
     stage.model.path = model_path
     stage.infer.adapter = None

@@ -196,7 +196,7 @@ def qa(recipe: Recipe, engine: Engine | None = None, show_progress: bool = True)
     if not source.is_file():
         raise DataError(f"{source}: not found; run `python -m data_prep collect` first")
     guard = question_guard(recipe)
-    slot = EngineSlot(lambda: load_stage_engine(recipe, config.model, config), engine)
+    slot = EngineSlot(lambda: load_stage_engine(recipe, config.model, config, "data_prep.qa.model"), engine)
     writer = QuestionWriter(recipe, slot, guard)
     extra = {
         "model": config.model, "prompt": config.prompt, "prompt_sha256": writer.prompt_sha,

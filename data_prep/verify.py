@@ -126,7 +126,7 @@ def verify(recipe: Recipe, engine: Engine | None = None, show_progress: bool = T
     source = stage_paths(work, INPUT)["output"]
     if not source.is_file():
         raise DataError(f"{source}: not found; run `python -m data_prep cot` first")
-    slot = EngineSlot(lambda: load_stage_engine(recipe, config.model, config), engine)
+    slot = EngineSlot(lambda: load_stage_engine(recipe, config.model, config, "data_prep.judge.model"), engine)
     verifier = Verifier(recipe, slot)
     extra = {"judge_model": config.model, "prompt": config.prompt, "prompt_sha256": verifier.prompt_sha,
              "sampling": sampling_of(config).to_dict()}
