@@ -31,10 +31,14 @@ data: $(SYNTH)/test.jsonl
 $(SYNTH)/test.jsonl: | setup
 	$(PY) -m data_prep.synthetic $(SYNTH)
 
-# The Cogito-Pipe on $(RECIPE) (tiny: the synthetic clips as the raw source): manifest + data card.
-prep: data
-	$(PY) -m data_prep collect $(RECIPE)
-	$(PY) -m data_prep card $(RECIPE)
+# The Cogito-Pipe on $(RECIPE) (tiny: the synthetic clips as the raw source, the tiny checkpoint as
+# every model): manifest -> questions -> distilled reasoning -> verified SFT file, then the data card.
+prep: tiny data
+	$(PY) -m data_prep collect $(RECIPE) $(ARGS)
+	$(PY) -m data_prep qa $(RECIPE) $(ARGS)
+	$(PY) -m data_prep cot $(RECIPE) $(ARGS)
+	$(PY) -m data_prep verify $(RECIPE) $(ARGS)
+	$(PY) -m data_prep card $(RECIPE) $(ARGS)
 
 # LoRA SFT; resumes from the latest checkpoint in train.output_dir. Extra overrides: ARGS="train.lr=1e-4".
 train: tiny data

@@ -1,6 +1,9 @@
 """The Cogito-Pipe command line.
 
     python -m data_prep collect RECIPE [--shard i/n] [dotted.key=value ...]
+    python -m data_prep qa RECIPE [--shard i/n] [dotted.key=value ...]
+    python -m data_prep cot RECIPE [--shard i/n] [dotted.key=value ...]
+    python -m data_prep verify RECIPE [--shard i/n] [dotted.key=value ...]
     python -m data_prep guard FILE --meta MMAR-meta.jsonl [--audio-root DIR] [--out CLEAN.jsonl]
     python -m data_prep card RECIPE [dotted.key=value ...]
 
@@ -17,6 +20,7 @@ from infer.data import DataError
 from infer.recipe import Recipe, RecipeError, load_recipe, save_recipe, split_cli
 
 USAGE = __doc__.split("\n\n")[1]
+REPORT_KEYS = ("stage", "in", "out", "rejected", "counts", "seconds", "complete")
 
 
 def _recipe(argv: list[str]) -> Recipe:
@@ -46,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
             from data_prep.collect import collect
 
             report = collect(_recipe(rest).data_prep)
-            print(json.dumps({k: report[k] for k in ("stage", "in", "out", "rejected", "seconds", "complete") if k in report}))
+            print(json.dumps({k: report[k] for k in REPORT_KEYS if k in report}))
+            return 0
+        if command in ("qa", "cot", "verify"):
+            from data_prep import cot, qa, verify
+
+            stage = {"qa": qa.qa, "cot": cot.cot, "verify": verify.verify}[command]
+            report = stage(_recipe(rest))
+            print(json.dumps({k: report[k] for k in REPORT_KEYS if k in report}))
             return 0
         if command == "card":
             from data_prep.card import write_card
@@ -59,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             from data_prep.guard import main as guard_main
 
             return guard_main(rest)
-    except (RecipeError, DataError) as err:
+    except (RecipeError, DataError, FileNotFoundError) as err:  # missing checkpoints name their path
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)

@@ -3,9 +3,10 @@
     python -m data_prep card RECIPE [overrides]  ->  WORK_DIR/data_card.md + data_card.json
 
 It describes the newest pipeline output in the work dir (the last of PIPELINE whose NAME.jsonl
-exists, e.g. the manifest now, the verified SFT file once stage 4 exists): records, clips and
-hours per source dataset and per domain with their proportions, licences, and for every stage
-report found in the work dir its counts in/out and rejections by reason.
+exists: the verified SFT file once stage 4 has run, else the questions, else the manifest):
+records, clips and hours per source dataset and per domain with their proportions, licences, and
+for every stage report found in the work dir its counts in/out, rejections by reason and event
+counts (retries, dropped questions).
 Records are read for `source`, `domain`, `licence`, `duration` and `audio_path`: later stages
 carry these manifest fields forward so the card can describe their output too.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from data_prep.stage import read_reports
 from infer.data import DataError, read_jsonl
 
-PIPELINE = ("collect", "qa", "cot", "verify")  # stage order; later stages append their names
+PIPELINE = ("collect", "qa", "cot", "verify")  # stage order
 
 
 def newest_output(work_dir: Path) -> Path:
@@ -60,7 +61,8 @@ def build_card(work_dir: str | Path, data_file: str | Path | None = None) -> dic
         "data_file": str(path), "records": len(records), "clips": len(clips), "hours": round(sum(clips.values()) / 3600, 4),
         "by_source": _table(records, "source"), "by_domain": _table(records, "domain"),
         "mixture": collect.get("mixture", {}), "seed": collect.get("seed"), "scan": collect.get("scan", {}),
-        "stages": {s: {k: reports[s].get(k) for k in ("in", "out", "rejected", "seconds")} for s in order},
+        "stages": {s: {k: reports[s].get(k) for k in ("in", "out", "rejected", "seconds")} | {"counts": reports[s].get("counts") or {}}
+                   for s in order},
     }
 
 
@@ -89,6 +91,12 @@ def render_markdown(card: dict) -> str:
     for name, row in card["stages"].items():
         rejected = ", ".join(f"{k}: {v}" for k, v in (row["rejected"] or {}).items()) or "-"
         lines.append(f"| {name} | {row['in']} | {row['out']} | {rejected} | {row['seconds']} |")
+    if any(row["counts"] for row in card["stages"].values()):
+        lines += ["", "Events within records (retried replies, single questions dropped, judge replies that did not parse):", "",
+                  "| stage | counts |", "|---|---|"]
+        for name, row in card["stages"].items():
+            if row["counts"]:
+                lines.append(f"| {name} | {', '.join(f'{k}: {v}' for k, v in row['counts'].items())} |")
     return "\n".join(lines) + "\n"
 
 

@@ -14,6 +14,10 @@ Layout under the work dir, for a stage called NAME:
     NAME.jsonl                              the output, in input order, once every shard is done
     NAME.report.json                        counts in/out/resumed/rejected by reason, seconds
 
+A record's outcome may be wrapped in `Counted(outcome, counts)` to tally events below the record
+level (retries, one of a clip's three questions dropped): the journal keeps them beside the
+outcome ({"id", "out", "counts"}) and the reports sum them under "counts".
+
 Each process handles the input records whose id hashes to its shard (`--shard i/n`), so several
 processes or machines on a shared file system split the work without coordinating. Journal
 lines are appended and flushed as batches finish; after a kill the stage resumes by skipping the
@@ -29,6 +33,7 @@ import json
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
@@ -37,7 +42,17 @@ from tqdm.auto import tqdm
 from infer.data import DataError, read_jsonl
 
 Outcome = Union[list[dict], str]  # output records, or the reason the input was rejected
-BatchFn = Callable[[list[dict]], list[Outcome]]
+
+
+@dataclass(frozen=True)
+class Counted:
+    """An outcome plus event tallies for the stage report, e.g. {"malformed_reply:not_json": 2}."""
+
+    outcome: Outcome
+    counts: dict[str, int]
+
+
+BatchFn = Callable[[list[dict]], list[Union[Outcome, Counted]]]
 
 
 def each(fn: Callable[[dict], Outcome]) -> BatchFn:
@@ -167,6 +182,7 @@ def run_stage(
     shard_report_path = part.with_suffix(".report.json")
     previous = json.loads(shard_report_path.read_text()) if shard_report_path.is_file() else {}
     rejected: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
     written = 0
     started = time.perf_counter()
     bar = tqdm(total=len(todo), desc=f"{name} {index}/{count}", unit="rec", disable=not show_progress, dynamic_ncols=True)
@@ -179,12 +195,18 @@ def run_stage(
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"stage {name}: {len(batch)} records in, {len(outcomes)} outcomes back")
             for record, outcome in zip(batch, outcomes):
+                tally = {}
+                if isinstance(outcome, Counted):
+                    outcome, tally = outcome.outcome, {k: v for k, v in outcome.counts.items() if v}
+                    counts.update(tally)
                 if isinstance(outcome, str):
                     rejected[outcome] += 1
                     entry = {"id": record["id"], "rejected": outcome}
                 else:
                     written += len(outcome)
                     entry = {"id": record["id"], "out": outcome}
+                if tally:
+                    entry["counts"] = tally
                 journal.write(json.dumps(entry, ensure_ascii=False) + "\n")
             journal.flush()
             bar.update(len(batch))
@@ -203,7 +225,7 @@ def run_stage(
     seconds = time.perf_counter() - started
     shard_report = {
         "stage": name, "shard": f"{index}/{count}", "in": len(mine), "resumed": len(mine & done),
-        "processed": len(todo), "out": written, "rejected": dict(rejected),
+        "processed": len(todo), "out": written, "rejected": dict(rejected), "counts": dict(counts),
         "seconds": round(seconds + previous.get("seconds", 0.0), 3),
         "records_per_second": round(len(todo) / seconds, 2) if seconds > 0 and todo else None,
         "complete": True, **(extra_report or {}),
@@ -227,6 +249,7 @@ def merge_stage(
         return None
 
     rejected: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
     seen_out: set[str] = set()
     written = 0
     handles: dict[Path, Any] = {}
@@ -238,6 +261,7 @@ def merge_stage(
                 handle = handles.setdefault(path, path.open("rb"))
                 handle.seek(offset)
                 entry = json.loads(handle.readline())
+                counts.update(entry.get("counts", {}))
                 if "rejected" in entry:
                     rejected[entry["rejected"]] += 1
                     continue
@@ -256,7 +280,8 @@ def merge_stage(
     shard_reports = [json.loads(p.read_text()) for p in sorted(paths["parts"].glob("shard-*.report.json"))]
     report = {
         "stage": name, "input": str(input_path), "output": str(paths["output"]), "in": len(all_ids), "out": written,
-        "rejected": dict(sorted(rejected.items())), "seconds": round(sum(r.get("seconds", 0.0) for r in shard_reports), 3),
+        "rejected": dict(sorted(rejected.items())), "counts": dict(sorted(counts.items())),
+        "seconds": round(sum(r.get("seconds", 0.0) for r in shard_reports), 3),
         "shards": [r["shard"] for r in shard_reports], "complete": True, **(extra_report or {}),
     }
     _write_json(paths["report"], report)

@@ -155,6 +155,52 @@ class SourceSpec(Section):
         return self
 
 
+class PrepGeneration(Section):
+    """How one Cogito-Pipe stage decodes; `batch_size` requests are generated and journaled together."""
+
+    max_new_tokens: int = Field(1024, gt=0)
+    min_new_tokens: int = Field(0, ge=0)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    seed: int = 0
+    batch_size: int = Field(8, gt=0)
+
+
+class PrepQAConfig(PrepGeneration):
+    """Stage 2: an instruction model writes multiple-choice questions about each clip."""
+
+    model: str = "checkpoints/Qwen3-Omni-30B-A3B-Instruct"
+    prompt: str = "data_prep/prompts/qa.txt"
+    n_shots: int = Field(20, ge=0)  # few-shot questions drawn from data_prep.seed_questions per clip
+    max_questions: int = Field(3, ge=1)  # per clip; a reply with more is malformed
+    max_attempts: int = Field(3, ge=1)  # a malformed reply is retried with other shots and seed, then dropped
+    shuffle_choices: bool = True  # seeded shuffle: the answer's position carries no signal
+    do_sample: bool = True
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(0.8, gt=0, le=1)
+    top_k: int = Field(20, ge=0)
+
+
+class PrepCoTConfig(PrepGeneration):
+    """Stage 3: the Thinking model (model.path) answers with the inference prompt (model.prompt_style)."""
+
+    max_new_tokens: int = Field(4096, gt=0)  # ~10,000 characters of thinking, the submission limit
+    do_sample: bool = True
+    temperature: float = Field(0.6, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(20, ge=0)
+
+
+class PrepJudgeConfig(PrepGeneration):
+    """Stage 4: a text-only judge checks each reasoning for hallucination and logic."""
+
+    model: str = "checkpoints/Qwen3-Omni-30B-A3B-Instruct"
+    prompt: str = "data_prep/prompts/judge.txt"
+    max_new_tokens: int = Field(512, gt=0)
+
+
 class DataPrepConfig(Section):
     work_dir: str = "runs/tiny/data_prep"  # every stage's output, parts, report and the data card
     seed: int = 0  # mixture sampling (and later stages' few-shot sampling)
@@ -166,6 +212,9 @@ class DataPrepConfig(Section):
     mmar_meta: str | None = None  # benchmark metadata for the contamination guard
     mmar_audio_root: str | None = None  # the benchmark audio, when present: enables the audio-hash guard
     seed_questions: str = "data_prep/seed_questions.jsonl"  # few-shot question pool of the QA stage
+    qa: PrepQAConfig = Field(default_factory=PrepQAConfig)
+    cot: PrepCoTConfig = Field(default_factory=PrepCoTConfig)
+    judge: PrepJudgeConfig = Field(default_factory=PrepJudgeConfig)
 
     @model_validator(mode="after")
     def _valid_mixture(self) -> "DataPrepConfig":
