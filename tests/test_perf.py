@@ -149,3 +149,10 @@ def test_processor_needs_exactly_one_audio_source(processor):
         processor.audio_features()
     with pytest.raises(ValueError, match="same length"):
         processor(["p", "q"], features=[processor.clip_features(clips([1600])[0])])
+
+
+def test_engine_loads_the_recipes_experts_implementation(tiny_checkpoint):
+    from infer.engine import load_engine
+
+    recipe = load_recipe(None, [f"model.path={tiny_checkpoint}", "model.experts_implementation=eager", "infer.adapter=null"])
+    assert load_engine(recipe, device="cpu").model.config.text_config._experts_implementation == "eager"
