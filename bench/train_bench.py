@@ -17,8 +17,9 @@ ratios are against the first row of the same model, measured in the same run.
 MFU = 6 x active parameters per token (`parameter_counts(config).training_flops_per_token()`) x
 tokens per second (prompt + target, padding excluded) / peak FLOP/s. Under LoRA the frozen
 weights get no weight gradients, so the hardware does ~4/6 of that: this is the usual convention,
-not the executed FLOPs. The peak is the data sheet's on an H100 (989 TFLOP/s bf16 dense), else a
-square matmul measured in the same process (labelled "measured").
+not the executed FLOPs, and attention's sequence-length term and the audio tower are left out.
+The peak is the data sheet's for bf16 on a known GPU (H100 SXM: 989 TFLOP/s dense), else the best
+square matmul measured once in the same run (on a CPU: that is the practical peak of a loaded machine).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ class Row:
     device: str
     dtype: str
     batch_size: int
-    steps: int
-    warmup: int
+    steps: int | None  # timed steps, from the epoch's first batch; None: the whole epoch
+    warmup: int  # untimed steps on the first batches before timing
     passes: int
     gradient_checkpointing: bool
     group_by_length: bool
@@ -90,7 +91,7 @@ def build_model(row: Row, recipe, tokenizer):
 
 def matmul_peak_flops(device: str, dtype: torch.dtype) -> float:
     """Best FLOP/s of a square matmul on this device, in this process (the CPU's practical peak)."""
-    n = 8192 if device.startswith("cuda") else 1024
+    n = 8192 if device.startswith("cuda") else 2048
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = math.inf
     for _ in range(5):
@@ -118,10 +119,11 @@ def measure(row: Row) -> dict:
     examples = build_examples(recipe.data, processor, recipe.model.prompt_style, recipe.train.seed, log=lambda *_: None)
     dataset, collate = SFTDataset(examples, recipe.data.max_audio_seconds), SFTCollator(processor)
     order = epoch_batches([e.length for e in examples], row.batch_size, 1, 1, 0, recipe.train.seed, 0, row.group_by_length)
-    if len(order) < row.warmup + row.steps:
-        raise ValueError(f"{len(examples)} examples make {len(order)} batches of {row.batch_size}; need {row.warmup + row.steps}")
+    if row.steps is not None and len(order) < row.steps:
+        raise ValueError(f"{len(examples)} examples make {len(order)} batches of {row.batch_size}; need {row.steps}")
     # Collated up front: the step is timed, not the data pipeline (bench.audio_bench times that).
-    batches = [collate([dataset[i] for i in indices]) for indices in order[: row.warmup + row.steps]]
+    # A whole epoch holds the same samples grouped or not, so those rows do the same work.
+    batches = [collate([dataset[i] for i in indices]) for indices in order[: row.steps]]
 
     model = build_model(row, recipe, processor.tokenizer)
     counts = parameter_counts(model.config)
@@ -149,30 +151,33 @@ def measure(row: Row) -> dict:
         torch.cuda.reset_peak_memory_stats()
     for batch in batches[: row.warmup]:
         timed(batch)
-    timed_batches = batches[row.warmup:]
     # The best of `passes` passes over the same batches: a loaded machine only ever adds time.
-    passes = [[timed(batch) for batch in timed_batches] for _ in range(row.passes)]
+    passes = [[timed(batch) for batch in batches] for _ in range(row.passes)]
     steps = min(passes, key=lambda p: sum(seconds for seconds, _ in p))
     seconds = sum(s for s, _ in steps)
     target_tokens = sum(stats["target_tokens"] for _, stats in steps)
-    tokens = sum(int(b["attention_mask"].sum()) for b in timed_batches)
-    padded = sum(b["attention_mask"].numel() for b in timed_batches)
-    samples = sum(len(b["ids"]) for b in timed_batches)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    padded = sum(b["attention_mask"].numel() for b in batches)
+    samples = sum(len(b["ids"]) for b in batches)
     if cuda:
         peak_gib = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
-    name = torch.cuda.get_device_name() if cuda else "cpu"
-    sheet = next((v for k, v in DATASHEET_PEAK_TFLOPS.items() if k in name), None) if row.dtype == "bfloat16" else None
-    peak = sheet * 1e12 if sheet else matmul_peak_flops(row.device, getattr(torch, row.dtype))
-    achieved = counts.training_flops_per_token() * tokens / seconds
     return {
-        "seconds": seconds, "steps": row.steps, "samples": samples, "tokens": tokens, "padded_tokens": padded,
+        "seconds": seconds, "steps": len(batches), "samples": samples, "tokens": tokens, "padded_tokens": padded,
         "target_tokens": target_tokens, "peak_gib": peak_gib, "active_params": counts.active_per_token,
-        "total_params": counts.total, "achieved_flops": achieved, "peak_flops": peak,
-        "peak_source": "data sheet" if sheet else "measured", "mfu": achieved / peak,
+        "total_params": counts.total, "achieved_flops": counts.training_flops_per_token() * tokens / seconds,
     }
+
+
+def peak_flops(device: str, dtype: str) -> tuple[float, str]:
+    """(peak FLOP/s, where it comes from): the data sheet's for bf16 on a known GPU, else measured."""
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+    sheet = next((v for k, v in DATASHEET_PEAK_TFLOPS.items() if k in name), None) if dtype == "bfloat16" else None
+    if sheet:
+        return sheet * 1e12, f"{name} data sheet, bf16 dense"
+    return matmul_peak_flops(device, getattr(torch, dtype)), f"measured {dtype} matmul on {name}"
 
 
 def run_isolated(row: Row) -> dict:
@@ -181,7 +186,7 @@ def run_isolated(row: Row) -> dict:
         return pool.submit(measure, row).result()
 
 
-def table_row(row: Row, result: dict, baseline: dict | None) -> dict:
+def table_row(row: Row, result: dict, baseline: dict | None, peak: float) -> dict:
     per_s = result["target_tokens"] / result["seconds"]
     return {
         "model": "tiny" if row.model == "tiny" else f"real-shaped, {row.layers} layer(s)",
@@ -194,7 +199,7 @@ def table_row(row: Row, result: dict, baseline: dict | None) -> dict:
         "target tok/s": per_s,
         "all tok/s": result["tokens"] / result["seconds"],
         "peak GiB": result["peak_gib"],
-        "MFU %": 100 * result["mfu"],
+        "MFU %": 100 * result["achieved_flops"] / peak,
         "vs first row": per_s / (baseline["target_tokens"] / baseline["seconds"]) if baseline else 1.0,
     }
 
@@ -208,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["tiny", "real"], choices=["tiny", "real"])
     parser.add_argument("--layers", type=int, default=None, help="real-shaped text layers (default: 4 on CUDA, 1 on CPU)")
     parser.add_argument("--batch-size", type=int, default=None, help="real-shaped batch (default: 8 on CUDA, 1 on CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 8 tiny; 10 CUDA / 2 CPU real-shaped)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: the whole epoch; 2 for the CPU real-shaped rows)")
     parser.add_argument("--items", type=int, default=64, help="synthetic training examples")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -223,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         common = dict(checkpoint=checkpoint, train_jsonl=str(tmp / "synthetic" / "train.jsonl"), device=args.device)
         plans = []
         if "tiny" in args.models:
-            tiny = dict(model="tiny", dtype="float32", batch_size=4, steps=args.steps or 8, warmup=1, passes=3, **common)
+            tiny = dict(model="tiny", dtype="float32", batch_size=4, steps=args.steps, warmup=1, passes=3, **common)
             plans.append(("tiny thinker (0.27M parameters), float32", [
                 Row(**tiny, gradient_checkpointing=False, group_by_length=True),
                 Row(**tiny, gradient_checkpointing=True, group_by_length=True),
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         if "real" in args.models:
             layers = args.layers or (4 if cuda else 1)
             real = dict(model="real", layers=layers, dtype="bfloat16" if cuda else "float32",
-                        batch_size=args.batch_size or (8 if cuda else 1), steps=args.steps or (10 if cuda else 2),
+                        batch_size=args.batch_size or (8 if cuda else 1), steps=args.steps or (None if cuda else 2),
                         warmup=2 if cuda else 1, passes=2 if cuda else 1, shrink_towers=not cuda, **common)
             title = (f"real-shaped thinker, {layers} text layer(s), {real['dtype']}"
                      + (", 1 audio + 1 vision layer (CPU)" if not cuda else ", real audio + vision towers"))
@@ -244,17 +249,19 @@ def main(argv: list[str] | None = None) -> None:
 
         results = {}
         for title, rows in plans:
+            # One peak per table, measured here once: the rows' MFU ratios are their throughput ratios.
+            peak, source = peak_flops(args.device, rows[0].dtype)
             table, raw = [], []
             for row in rows:
                 result = run_isolated(row)
                 raw.append({"row": asdict(row), **result})
-                table.append(table_row(row, result, raw[0] if table else None))
-            results[title] = {"table": table, "raw": raw}
+                table.append(table_row(row, result, raw[0] if table else None, peak))
+            results[title] = {"table": table, "raw": raw, "peak_flops": peak, "peak_source": source}
             first = raw[0]
             print_table(table, f"LoRA SFT steps (recipes/cogito.yaml LoRA: r16, q/k/v/o), {title}, {args.device}; "
                                f"{first['active_params'] / 1e6:,.1f}M active / {first['total_params'] / 1e6:,.1f}M "
-                               f"parameters; peak {first['peak_flops'] / 1e12:.3g} TFLOP/s ({first['peak_source']})")
-    if not cuda:
+                               f"parameters; MFU against {peak / 1e12:.3g} TFLOP/s ({source})")
+    if not cuda and "real" in args.models:
         print("note: CPU run. The real-shaped rows use 1 text layer, 1 audio and 1 vision layer, batch 1 and "
               "the short synthetic samples (~200 tokens); their lm_head (152k x 2048) is most of the active "
               "parameters, unlike the 48-layer model. GPU figures: python -m bench.train_bench --device cuda")
