@@ -112,7 +112,7 @@ def measure(row: Row) -> dict:
     from infer import qwen_omni as qo
     from infer.tiny import parameter_counts
     from train.data import SFTCollator, SFTDataset, build_examples, epoch_batches
-    from train.sft import lr_factor, prepare_for_training, train_step
+    from train.sft import prepare_for_training, train_step
 
     recipe = recipe_for(row)
     processor = qo.OmniProcessor.from_pretrained(row.checkpoint)
@@ -130,7 +130,7 @@ def measure(row: Row) -> dict:
     model, _ = prepare_for_training(model, recipe)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.train.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, 10**6, 0, "constant", 0.0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant: the schedule costs nothing
     AcceleratorState._reset_state(True)
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=not row.device.startswith("cuda"))
     model, optimizer = accelerator.prepare(model, optimizer)
