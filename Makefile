@@ -81,13 +81,16 @@ encoder: tiny data
 test: setup
 	$(PY) -m pytest
 
-# Every bench/*_bench.py with its small defaults; tables on stdout, JSON in runs/bench/ (docs/benchmarks.md).
+# Every benchmark with its small defaults; tables on stdout, JSON in runs/bench/ (docs/benchmarks.md).
+# On a GPU: `make bench DEVICE=cuda` (MoE, training and inference benchmarks run there, in bf16 where it applies).
+BENCH_DEVICE = $(if $(DEVICE),--device $(DEVICE))
 bench: setup
 	@mkdir -p runs/bench
-	@for script in bench/*_bench.py; do \
-		name=$$(basename $$script .py); \
-		$(PY) -m bench.$$name --json runs/bench/$$name.json || exit 1; \
-	done
+	$(PY) -m bench.moe_bench $(BENCH_DEVICE) --json runs/bench/moe_bench.json
+	$(PY) -m bench.train_bench $(BENCH_DEVICE) --json runs/bench/train_bench.json
+	$(PY) -m bench.infer_bench $(BENCH_DEVICE) --json runs/bench/infer_bench.json
+	$(PY) -m bench.audio_bench --json runs/bench/audio_bench.json
+	$(PY) -m bench.eval_bench --json runs/bench/eval_bench.json
 
 clean:
 	rm -rf artifacts runs

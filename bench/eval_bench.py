@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import write_json
 from eval.score import score
 from infer.recipe import load_recipe
 
@@ -36,6 +37,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--meta", default=str(REPO.parent / "shared" / "data" / "MMAR-meta.jsonl"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--warm-only", help=argparse.SUPPRESS)  # the fresh-process leg: JSON list of overrides
     args = p.parse_args()
     if args.warm_only:
@@ -80,6 +82,8 @@ def main() -> None:
     print(f"warm cache (0 calls):                {warm_s:6.2f} s  {n / warm_s:8.0f} items/s  "
           f"({warm_s / base_s:.2f}x the baseline)")
     print(f"warm cache, fresh process incl. imports: {fresh_s:6.2f} s  {n / fresh_s:8.0f} items/s")
+    write_json(args.json, {"items": n, "judge_ratings": ratings, "seconds": {
+        "accuracy_only": base_s, "cold_cache": cold_s, "warm_cache": warm_s, "warm_cache_fresh_process": fresh_s}})
 
 
 if __name__ == "__main__":

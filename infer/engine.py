@@ -324,7 +324,8 @@ def load_engine(recipe: Recipe, device: str | None = None) -> Engine:
     model_path = Path(recipe.model.path)
     if not (model_path / "config.json").is_file():
         raise FileNotFoundError(f"model.path={recipe.model.path}: no checkpoint there (config.json missing)")
-    model = qo.load_thinker(model_path, recipe.model.dtype, device, recipe.model.attn_implementation)
+    model = qo.load_thinker(model_path, recipe.model.dtype, device, recipe.model.attn_implementation,
+                            recipe.model.experts_implementation)
     if recipe.infer.adapter:
         adapter = Path(recipe.infer.adapter)
         if not (adapter / "adapter_config.json").is_file():

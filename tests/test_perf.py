@@ -149,3 +149,23 @@ def test_processor_needs_exactly_one_audio_source(processor):
         processor.audio_features()
     with pytest.raises(ValueError, match="same length"):
         processor(["p", "q"], features=[processor.clip_features(clips([1600])[0])])
+
+
+def test_engine_loads_the_recipes_experts_implementation(tiny_checkpoint):
+    from infer.engine import load_engine
+
+    recipe = load_recipe(None, [f"model.path={tiny_checkpoint}", "model.experts_implementation=eager", "infer.adapter=null"])
+    assert load_engine(recipe, device="cpu").model.config.text_config._experts_implementation == "eager"
+
+
+def test_train_bench_measures_the_real_step(tiny_checkpoint, synthetic_dir):
+    from bench.train_bench import Row, measure
+
+    common = dict(model="tiny", checkpoint=str(tiny_checkpoint), train_jsonl=str(synthetic_dir / "train.jsonl"),
+                  device="cpu", dtype="float32", batch_size=4, steps=2, warmup=0, passes=1, gradient_checkpointing=False)
+    grouped, plain = (measure(Row(**common, group_by_length=g)) for g in (True, False))
+    for result in (grouped, plain):
+        assert result["samples"] == 8 and 0 < result["target_tokens"] < result["tokens"] <= result["padded_tokens"]
+        assert result["achieved_flops"] > 0 and result["peak_gib"] > 0
+    waste = lambda r: 1 - r["tokens"] / r["padded_tokens"]
+    assert waste(grouped) < waste(plain)

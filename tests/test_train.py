@@ -234,3 +234,48 @@ def test_lora_placement(tiny_checkpoint):
         placed(targets=["q_proj", "foo_proj"])
     with pytest.raises(LoraPlacementError, match="match no"):
         placed(targets=[])
+
+
+# --- fast paths (issue 8): feature cache, dataloader workers, experts implementation ---------
+
+
+def test_cached_features_give_the_waveform_batch(recipe_file, processor, tmp_path):
+    from train.data import SFTCollator, SFTDataset, build_examples, feature_cache_for
+
+    recipe = load_recipe(recipe_file, [f"data.feature_cache={tmp_path / 'features'}"])
+    examples = build_examples(recipe.data, processor, "baseline", seed=0, log=lambda *_: None)[:5]
+    cache = feature_cache_for(recipe.data, processor)
+    collate = SFTCollator(processor)
+    from_waves = collate([SFTDataset(examples, 30.0)[i] for i in range(5)])
+    cold = collate([SFTDataset(examples, 30.0, cache)[i] for i in range(5)])
+    warm = collate([SFTDataset(examples, 30.0, cache)[i] for i in range(5)])
+    assert (cache.misses, cache.hits) == (5, 5)  # the second pass read every clip from disk
+    for batch in (cold, warm):
+        assert batch.keys() == from_waves.keys() and batch["ids"] == from_waves["ids"]
+        for key in from_waves.keys() - {"ids"}:
+            assert torch.equal(batch[key], from_waves[key]), key
+
+
+def test_feature_cache_and_workers_keep_the_losses(recipe_file, tmp_path):
+    base = run_sft(recipe_file, f"train.output_dir={tmp_path}/base")
+    cached = run_sft(recipe_file, f"train.output_dir={tmp_path}/cached", f"data.feature_cache={tmp_path}/features")
+    workers = run_sft(recipe_file, f"train.output_dir={tmp_path}/workers", "data.num_workers=2")
+    assert len(list((tmp_path / "features").rglob("*.npy"))) == 12  # 3 steps of 4 distinct clips
+    seen = lambda run: (run / "seen" / "rank0.jsonl").read_text()
+    for run in (cached, workers):
+        assert seen(run) == seen(base)
+        assert [m["target_tokens"] for m in metrics(run)] == [m["target_tokens"] for m in metrics(base)]
+        np.testing.assert_allclose([m["loss"] for m in metrics(run)], [m["loss"] for m in metrics(base)], rtol=1e-6)
+
+
+def test_recipe_experts_implementation_reaches_the_trained_model(recipe_file, tmp_path, monkeypatch):
+    loaded = []
+
+    def spy(*args, **kwargs):
+        loaded.append(load_thinker(*args, **kwargs))
+        return loaded[-1]
+
+    load_thinker = qo.load_thinker
+    monkeypatch.setattr(qo, "load_thinker", spy)
+    run_sft(recipe_file, f"train.output_dir={tmp_path}/run", "train.max_steps=1", "model.experts_implementation=eager")
+    assert [m.config.text_config._experts_implementation for m in loaded] == ["eager"]  # the default is grouped_mm

@@ -18,7 +18,9 @@ import soundfile as sf
 import torch
 
 from infer import qwen_omni as qo
+from infer.audio import AudioError
 from infer.data import DataError, Item, load_items
+from infer.feature_cache import FeatureCache
 from infer.recipe import DataConfig
 
 # Whisper's feature extractor: one mel frame per 160 samples (10 ms hop). Its mask counts a partial
@@ -144,32 +146,56 @@ def epoch_batches(
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    """Decodes the audio of one example on access (in DataLoader workers when num_workers > 0)."""
+    """One example's prompt, target and audio, read on access (in DataLoader workers when num_workers > 0).
 
-    def __init__(self, examples: Sequence[Example], max_audio_seconds: float):
+    With a `feature_cache`, a row carries the clip's log-mel `features` instead of its waveform:
+    the cache returns exactly what the collator would extract, so the batch is the same, and an
+    epoch after the first skips decoding and extraction.
+    """
+
+    def __init__(self, examples: Sequence[Example], max_audio_seconds: float, feature_cache: FeatureCache | None = None):
         self.examples = examples
         self.max_audio_seconds = max_audio_seconds
+        self.feature_cache = feature_cache
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
-        return {
-            "id": example.item.id, "prompt": example.prompt, "target": example.target,
-            "audio": example.item.load_audio(self.max_audio_seconds),
-        }
+        row = {"id": example.item.id, "prompt": example.prompt, "target": example.target}
+        if self.feature_cache is None:
+            row["audio"] = example.item.load_audio(self.max_audio_seconds)
+        else:
+            try:
+                row["features"] = self.feature_cache.features_for(example.item.audio_path)
+            except AudioError as err:
+                raise DataError(f"{example.item.where} (id={example.item.id}): audio_path: {err}") from None
+        return row
+
+
+def feature_cache_for(config: DataConfig, processor: qo.OmniProcessor) -> FeatureCache | None:
+    """The recipe's feature cache (`data.feature_cache`), or None: features from the waveforms."""
+    if config.feature_cache is None:
+        return None
+    return FeatureCache(config.feature_cache, processor, config.max_audio_seconds)
 
 
 @dataclass
 class SFTCollator:
-    """Right-padded model inputs with labels that are -100 outside the targets."""
+    """Right-padded model inputs with labels that are -100 outside the targets.
+
+    Rows carry waveforms (`audio`) or precomputed per-clip `features`; both give the same batch.
+    """
 
     processor: qo.OmniProcessor
 
     def __call__(self, rows: list[dict]) -> dict:
+        cached = "features" in rows[0]
         batch = self.processor(
-            [r["prompt"] for r in rows], [r["audio"] for r in rows],
+            [r["prompt"] for r in rows],
+            audios=None if cached else [r["audio"] for r in rows],
+            features=[r["features"] for r in rows] if cached else None,
             targets=[r["target"] for r in rows], padding_side="right",
         )
         batch["ids"] = [r["id"] for r in rows]

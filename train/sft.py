@@ -40,7 +40,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from infer import qwen_omni as qo  # noqa: E402
 from infer.recipe import Recipe, load_recipe, save_recipe, split_cli  # noqa: E402
-from train.data import SFTCollator, SFTDataset, build_examples, epoch_batches  # noqa: E402
+from train.data import SFTCollator, SFTDataset, build_examples, epoch_batches, feature_cache_for  # noqa: E402
 from train.lora import apply_lora  # noqa: E402
 
 CHECKPOINT_PREFIX = "step-"
@@ -155,7 +155,7 @@ def windows(dataset, collator, lengths, recipe: Recipe, rank: int, world: int, s
         batches = epoch_batches(lengths, cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed, epoch, cfg.group_by_length)
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=batches[window * cfg.grad_accum:], collate_fn=collator,
-            num_workers=recipe.data.num_workers,
+            num_workers=recipe.data.num_workers, pin_memory=torch.cuda.is_available(),
             # its own generator: a fresh loader must not draw from the global RNG (dropout), or a
             # resumed run would see different dropout masks than an uninterrupted one
             generator=torch.Generator().manual_seed(cfg.seed + epoch),
@@ -204,6 +204,13 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: peak RSS (KiB on Linux)
 
 
+def prepare_for_training(model, recipe: Recipe):
+    """Gradient checkpointing as the recipe says, then LoRA; returns (model, adapters per group)."""
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return apply_lora(model, recipe.lora)
+
+
 def main(argv: list[str] | None = None) -> int:
     path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
     recipe = load_recipe(path, overrides)
@@ -219,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     # Data: every rank renders the same list; epoch_batches gives each rank its own slice.
     processor = qo.OmniProcessor.from_pretrained(recipe.model.path)
     examples = build_examples(recipe.data, processor, recipe.model.prompt_style, cfg.seed, log)
-    dataset = SFTDataset(examples, recipe.data.max_audio_seconds)
+    dataset = SFTDataset(examples, recipe.data.max_audio_seconds, feature_cache_for(recipe.data, processor))
     collator = SFTCollator(processor)
     global_batch = cfg.batch_size * world * cfg.grad_accum
     steps_per_epoch = len(examples) // global_batch
@@ -230,10 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{steps_per_epoch} steps/epoch, {total_steps} steps")
 
     # Model: LoRA on the text attention (and experts if asked); the audio tower and visual stay frozen.
-    model = qo.load_thinker(recipe.model.path, recipe.model.dtype, attn_implementation=recipe.model.attn_implementation)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model, placed = apply_lora(model, recipe.lora)
+    model = qo.load_thinker(recipe.model.path, recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
+                            experts_implementation=recipe.model.experts_implementation)
+    model, placed = prepare_for_training(model, recipe)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log("lora: adapted modules " + ", ".join(f"{g}={placed[g]}" for g in ("text_attention", "experts", "audio_tower", "other"))
         + f"; {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
