@@ -153,7 +153,7 @@ def commands(src: BundleSources, train: Recipe, infer: Recipe, git: dict) -> str
     if src.merged is not None:
         lines.append(f"python train/merge.py --base {q(train.model.path)} --adapter {q(str(src.train_run / 'adapter'))} "
                      f"--out {q(str(src.merged))}")
-    lines += [f"python -m infer run \"$BUNDLE/recipes/infer.yaml\"", "", "# Check the result against this bundle:",
+    lines += ["python -m infer run \"$BUNDLE/recipes/infer.yaml\"", "", "# Check the result against this bundle:",
               "python -m audit verify \"$BUNDLE\""]
     return "\n".join(lines) + "\n"
 

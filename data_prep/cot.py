@@ -16,8 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_prep.generation import AudioCache, EngineSlot, load_stage_engine, sampling_of
-from data_prep.stage import run_stage, stage_paths
-from infer.data import DataError
+from data_prep.stage import finished_output, run_stage
 from infer.engine import Engine, Request
 from infer.qwen_omni import render_prompt
 from infer.recipe import Recipe
@@ -62,9 +61,7 @@ def cot(recipe: Recipe, engine: Engine | None = None, show_progress: bool = True
     """Run (or resume) this process's shard of the cot stage; returns the stage report."""
     config = recipe.data_prep.cot
     work = Path(recipe.data_prep.work_dir)
-    source = stage_paths(work, INPUT)["output"]
-    if not source.is_file():
-        raise DataError(f"{source}: not found; run `python -m data_prep qa` first")
+    source = finished_output(work, INPUT)
     slot = EngineSlot(lambda: load_stage_engine(recipe, recipe.model.path, config, "model.path"), engine)
     extra = {"model": recipe.model.path, "prompt_style": recipe.model.prompt_style, "sampling": sampling_of(config).to_dict()}
     return run_stage(STAGE, Distiller(recipe, slot), source, work, recipe.data_prep.shard, batch_size=config.batch_size,

@@ -32,7 +32,7 @@ from data_prep.generation import (
     sampling_of,
 )
 from data_prep.guard import ContaminationIndex, normalise_question
-from data_prep.stage import Counted, run_stage, stage_paths
+from data_prep.stage import Counted, finished_output, run_stage
 from infer.data import DataError, read_jsonl
 from infer.engine import Engine, Request
 from infer.qwen_omni import render_chat
@@ -192,9 +192,7 @@ def qa(recipe: Recipe, engine: Engine | None = None, show_progress: bool = True)
     """Run (or resume) this process's shard of the qa stage; returns the stage report."""
     config = recipe.data_prep.qa
     work = Path(recipe.data_prep.work_dir)
-    source = stage_paths(work, INPUT)["output"]
-    if not source.is_file():
-        raise DataError(f"{source}: not found; run `python -m data_prep collect` first")
+    source = finished_output(work, INPUT)
     guard = question_guard(recipe)
     slot = EngineSlot(lambda: load_stage_engine(recipe, config.model, config, "data_prep.qa.model"), engine)
     writer = QuestionWriter(recipe, slot, guard)

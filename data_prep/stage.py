@@ -88,6 +88,14 @@ def stage_paths(work_dir: str | Path, name: str) -> dict[str, Path]:
     return {"output": work / f"{name}.jsonl", "report": work / f"{name}.report.json", "parts": work / f"{name}.parts"}
 
 
+def finished_output(work_dir: str | Path, name: str) -> Path:
+    """The merged output of stage `name`, which the next stage reads; an error if it is not there yet."""
+    output = stage_paths(work_dir, name)["output"]
+    if not output.is_file():
+        raise DataError(f"{output}: not found; run `python -m data_prep {name}` first")
+    return output
+
+
 def _part_path(parts: Path, index: int, count: int) -> Path:
     return parts / f"shard-{index:05d}-of-{count:05d}.jsonl"
 

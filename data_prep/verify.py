@@ -27,8 +27,7 @@ from pathlib import Path
 from data_prep.generation import (
     EngineSlot, ReplyError, load_stage_engine, read_template, render_metadata, reply_json, sampling_of,
 )
-from data_prep.stage import Counted, run_stage, stage_paths
-from infer.data import DataError
+from data_prep.stage import Counted, finished_output, run_stage
 from infer.engine import Engine, Request
 from infer.parse import Parsed, parse_output
 from infer.qwen_omni import render_chat
@@ -123,9 +122,7 @@ def verify(recipe: Recipe, engine: Engine | None = None, show_progress: bool = T
     """Run (or resume) this process's shard of the verify stage; returns the stage report."""
     config = recipe.data_prep.judge
     work = Path(recipe.data_prep.work_dir)
-    source = stage_paths(work, INPUT)["output"]
-    if not source.is_file():
-        raise DataError(f"{source}: not found; run `python -m data_prep cot` first")
+    source = finished_output(work, INPUT)
     slot = EngineSlot(lambda: load_stage_engine(recipe, config.model, config, "data_prep.judge.model"), engine)
     verifier = Verifier(recipe, slot)
     extra = {"judge_model": config.model, "prompt": config.prompt, "prompt_sha256": verifier.prompt_sha,

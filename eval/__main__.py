@@ -18,7 +18,6 @@ from eval.submission import SubmissionError
 
 def _score(argv: list[str]) -> int:
     from eval.judge import FatalJudgeError
-    from eval.report import markdown
     from eval.score import score
     from infer.recipe import RecipeError, load_recipe, split_cli
 

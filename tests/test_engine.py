@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from infer import qwen_omni as qo
 from infer.data import load_items

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from data_prep.synthetic import NUMBER_WORDS, TASKS, generate
-from infer.audio import load_audio
 from infer.data import load_items
 from infer.qwen_omni import SAMPLE_RATE
 

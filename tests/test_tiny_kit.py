@@ -1,7 +1,6 @@
 import math
 
 import numpy as np
-import torch
 
 from infer import qwen_omni as qo
 
