@@ -1,6 +1,6 @@
 """Scoring speed on the real benchmark: 1,000 items, synthetic predictions, a warm judge cache.
 
-    PYTHONPATH=. python bench/eval_bench.py [--meta ../shared/data/MMAR-meta.jsonl]
+    python -m bench.eval_bench [--meta ../shared/data/MMAR-meta.jsonl]
 
 Baseline in the same run: Accuracy-only scoring (judge backend `none`). The cache is filled first
 by an instant in-process judge (so "cold" measures our overhead, not an API's latency); then the
