@@ -70,7 +70,7 @@ def main() -> None:
         assert warm["totals"] == cold["totals"]
         # A fresh process (interpreter start and imports included) on the warm cache.
         start = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--meta", args.meta,
+        subprocess.run([sys.executable, "-m", "bench.eval_bench", "--meta", args.meta,
                         "--warm-only", json.dumps(common + [f"eval.report_dir={tmp / 'r3'}"])], check=True, cwd=REPO)
         fresh_s = time.perf_counter() - start
 
