@@ -15,6 +15,7 @@ Layout of OUT (also packed as OUT.tar.gz):
     recipes/infer.yaml       the inference run's resolved recipe (the .recipe.yaml beside the submission)
     submission/              the submission and its .raw.jsonl / .run.json sidecars, as written
     training/metrics.jsonl   the training run's per-step metrics
+    training/provenance.jsonl  git commit (+ patch), packages and machine of each training session, recorded as it ran
     data/data_card.{json,md} the data card
     environment/             pip-freeze.txt, system.json (Python, torch, CUDA, driver, GPUs or CPU), nvidia-smi.txt
     git/                     status.txt, and diff.patch when the tree was dirty
@@ -37,7 +38,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from audit import compliance, environment
+from audit import compliance
+from infer import environment
 from infer.data import DataError, load_items
 from infer.recipe import Recipe, load_recipe
 from infer.run import RunPaths
@@ -126,6 +128,16 @@ def artifact_checksums(src: BundleSources, train: Recipe, infer: Recipe, card: P
     return groups
 
 
+def training_commits(train_run: Path) -> list[dict]:
+    """The commit and dirty state of each training session, as train/sft.py recorded them when it ran."""
+    log = train_run / "provenance.jsonl"
+    if not log.is_file():
+        return []
+    sessions = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return [{"session": s["session"], "started": s["started"], "commit": s["git"].get("commit"),
+             "dirty": s["git"].get("dirty"), "patch": s.get("patch")} for s in sessions]
+
+
 def training_processes(train_run: Path) -> int:
     """Ranks of the training run: each wrote its own seen/rank{R}.jsonl."""
     return max(1, len(list((train_run / "seen").glob("rank*.jsonl"))))
@@ -197,6 +209,11 @@ def build_bundle(src: BundleSources) -> tuple[Path, list[compliance.Check]]:
             shutil.copy2(path, staging / "submission" / path.name)
     if (src.train_run / "metrics.jsonl").is_file():
         shutil.copy2(src.train_run / "metrics.jsonl", staging / "training" / "metrics.jsonl")
+    for name in ("provenance.jsonl", "provenance"):  # the code and machine of each training session
+        if (src.train_run / name).is_file():
+            shutil.copy2(src.train_run / name, staging / "training" / name)
+        elif (src.train_run / name).is_dir():
+            shutil.copytree(src.train_run / name, staging / "training" / name)
     if card is not None:
         compliance.read_card(card)  # a named card must exist
         for path in (card.with_suffix(".json"), card.with_suffix(".md")):
@@ -231,6 +248,7 @@ def build_bundle(src: BundleSources) -> tuple[Path, list[compliance.Check]]:
                     "mmar_meta": str(src.mmar_meta) if src.mmar_meta else None},
         "submission_file": paths.submission.name,
         "git": git,
+        "training_git": training_commits(src.train_run),
         "seeds": seeds(train, infer),
         "sampling": run_info.get("sampling"),
         "engine": run_info.get("engine"),

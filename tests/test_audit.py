@@ -90,6 +90,9 @@ def test_bundle_records_the_run(demo):
     assert summary["seeds"]["train.seed"] == 0 and summary["sampling"]["do_sample"] is False
     assert len(summary["git"]["commit"]) == 40 and isinstance(summary["git"]["dirty"], bool)
     assert (bundle / "git/diff.patch").is_file() == summary["git"]["dirty"]
+    # the commit recorded by train/sft.py as it ran, carried into the bundle
+    assert "training/provenance.jsonl" in manifest
+    assert [t["commit"] for t in summary["training_git"]] == [summary["git"]["commit"]]
     assert summary["compliance"] == {"prompt": "pass", "parsing": "pass", "submission": "pass",
                                      "data_sources": "pass", "contamination": "skip"}
 

@@ -160,6 +160,8 @@ def test_resume_gives_the_uninterrupted_run(recipe_file, tmp_path):
     assert [m["step"] for m in metrics(resumed)] == list(range(1, 9))
     np.testing.assert_allclose([m["loss"] for m in metrics(resumed)], [m["loss"] for m in metrics(full)], rtol=1e-6)
     assert [m["lr"] for m in metrics(resumed)] == [m["lr"] for m in metrics(full)]
+    sessions = [json.loads(line) for line in (resumed / "provenance.jsonl").read_text().splitlines()]
+    assert [s["session"] for s in sessions] == [0, 1] and all(len(s["git"]["commit"]) == 40 for s in sessions)
     a, b = adapter_weights(full / "adapter"), adapter_weights(resumed / "adapter")
     assert a.keys() == b.keys()
     for key in a:

@@ -5,6 +5,7 @@
 
 Writes to `train.output_dir`:
     recipe.yaml                  the resolved recipe
+    provenance.jsonl             per session: git commit/dirty state (+ patch), packages, machine
     metrics.jsonl                one line per logged optimizer step (loss, lr, grad_norm, throughput, memory)
     seen/rank{R}.jsonl           the sample ids each rank trained on, per step
     checkpoints/step-N/          adapter/ + Accelerate state (optimizer, scheduler, RNG); the newest K are kept
@@ -39,6 +40,7 @@ from accelerate.utils import DistributedType, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from infer import qwen_omni as qo  # noqa: E402
+from infer.environment import record_session  # noqa: E402
 from infer.recipe import Recipe, load_recipe, save_recipe, split_cli  # noqa: E402
 from train.data import SFTCollator, SFTDataset, build_examples, epoch_batches, feature_cache_for  # noqa: E402
 from train.lora import apply_lora  # noqa: E402
@@ -222,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         save_recipe(recipe, out / "recipe.yaml")
+        record_session(out)  # code, packages and machine of this session, for reproducibility audits
 
     # Data: every rank renders the same list; epoch_batches gives each rank its own slice.
     processor = qo.OmniProcessor.from_pretrained(recipe.model.path)

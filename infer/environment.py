@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,3 +131,26 @@ def system() -> dict:
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "packages": {name: _version(name) for name in KEY_PACKAGES},
     }
+
+
+def record_session(out_dir: str | Path) -> dict:
+    """Append where this process runs to `out_dir/provenance.jsonl` and return the entry.
+
+    One line per session (a resumed run adds one), written when the run starts, so the commit that
+    trained an adapter is known even if the checkout moves on before an audit bundle is made. A dirty
+    tree's changes go to `provenance/session-N.patch`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "provenance.jsonl"
+    session = sum(1 for _ in log.open()) if log.is_file() else 0
+    git, patch = git_state()
+    entry = {"session": session, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
+             "git": git, "system": system(), "patch": None}
+    if patch is not None:
+        entry["patch"] = f"provenance/session-{session}.patch"
+        (out / "provenance").mkdir(exist_ok=True)
+        (out / entry["patch"]).write_text(patch)
+    with log.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
+    return entry
