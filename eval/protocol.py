@@ -1,4 +1,5 @@
-"""The challenge's scoring rules, reproduced from the official scorer.
+"""The challenge's judge rules, reproduced from the official scorer (the answer rule, which
+inference shares, lives in infer/answer_rule.py).
 
 Source: `code/evaluation_rubrics.py` of the public MMAR repository (github.com/ZHYsfl/MMAR, commit
 5851ce7). Re-implemented here; only the judge prompt TEXT is reproduced verbatim, because a
@@ -20,36 +21,8 @@ JUDGE_SYSTEM_PROMPT = (
 OFFICIAL_JUDGE_MODEL = "gpt-4o-2024-11-20"
 THINKING_LENGTH_LIMIT = 10_000  # characters; the official script warns but still judges
 
-_WORD = re.compile(r"\b\w+\b")
 # The official parser: the outermost `[ {...} ]` span, greedy across lines; else the whole reply.
 _JSON_LIST = re.compile(r"\[\s*\{.*\}\s*\]", re.DOTALL)
-
-
-# ---------------------------------------------------------------- answer rule
-
-
-def answer_tokens(text: str) -> frozenset[str]:
-    """Lower-cased SET of `\\b\\w+\\b` tokens (Unicode-aware, like Python's `re`)."""
-    return frozenset(_WORD.findall(text.lower()))
-
-
-def is_correct(prediction: str, answer: str, choices: Sequence[str]) -> bool:
-    """The official answer rule.
-
-    Correct iff the prediction has at least one token, holds every token of the answer, and holds
-    no token that belongs only to a wrong choice. A choice whose token set equals the answer's
-    (e.g. differing only in case or punctuation) is not a wrong choice.
-    """
-    predicted = answer_tokens(prediction)
-    if not predicted:
-        return False
-    expected = answer_tokens(answer)
-    wrong_only: set[str] = set()
-    for choice in choices:
-        tokens = answer_tokens(choice)
-        if tokens != expected:
-            wrong_only |= tokens - expected
-    return expected <= predicted and predicted.isdisjoint(wrong_only)
 
 
 # ---------------------------------------------------------------- judge prompt

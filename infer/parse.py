@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
+from infer.answer_rule import answer_tokens, is_correct
 from infer.qwen_omni import THINK_CLOSE, THINK_OPEN
 
 MAX_THINKING_CHARS = 10_000  # the rule: thinking_prediction must be UNDER this many characters
@@ -154,14 +155,8 @@ def _within_choice(text: str, choices: Sequence[str]) -> str | None:
 
 
 def _tokens(text: str, choices: Sequence[str]) -> str | None:
-    said = set(_words(text))
-    hits = []
-    for i, choice in enumerate(choices):
-        mine = set(_words(choice))
-        others = set().union(*(set(_words(c)) for j, c in enumerate(choices) if j != i)) - mine
-        if mine and mine <= said and not (said & others):
-            hits.append(i)
-    return _one(hits, choices)
+    # The choice the official scorer would accept for this text; a choice without words never counts.
+    return _one([i for i, c in enumerate(choices) if answer_tokens(c) and is_correct(text, c, choices)], choices)
 
 
 def match_choice(answer_text: str, choices: Sequence[str], rules: Sequence[str] = RULES) -> tuple[str | None, str]:

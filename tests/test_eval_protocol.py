@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from eval.protocol import (JUDGE_SYSTEM_PROMPT, ReplyError, is_correct, judge_user_prompt, parse_judge_reply,
+from eval.protocol import (JUDGE_SYSTEM_PROMPT, ReplyError, judge_user_prompt, parse_judge_reply,
                            trimmed_mean)
+from infer.answer_rule import is_correct
 
 GOLDEN = Path(__file__).parent / "data" / "judge_prompt_golden.txt"
 
