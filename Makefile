@@ -64,10 +64,13 @@ demo: tiny data
 
 # Reproducibility bundle of a finished run (default: the tiny demo's, after `make demo`): RUN/audit/ and
 # RUN/audit.tar.gz, then its verification (checksums, compliance, greedy re-run of 8 ids).
-# The contamination guard runs when the MMAR metadata is at MMAR_META.
-AUDIT_RUN ?= runs/tiny
-MMAR_META ?= ../shared/data/MMAR-meta.jsonl
-audit: prep
+# The data card declares what the run trained on (AUDIT_DATA: the tiny recipe's training file); the
+# contamination guard runs when the MMAR metadata is at MMAR_META.
+AUDIT_RUN  ?= runs/tiny
+AUDIT_DATA ?= $(SYNTH)/train.jsonl
+MMAR_META  ?= ../shared/data/MMAR-meta.jsonl
+audit: | setup
+	$(PY) -m data_prep card $(RECIPE) --data $(AUDIT_DATA)
 	$(PY) -m audit bundle --train-run $(AUDIT_RUN) --infer-output $(AUDIT_RUN)/submission.jsonl --out $(AUDIT_RUN)/audit \
 		$(if $(wildcard $(MMAR_META)),--mmar-meta $(MMAR_META))
 	$(PY) -m audit verify $(AUDIT_RUN)/audit $(if $(wildcard $(MMAR_META)),--mmar-meta $(MMAR_META))

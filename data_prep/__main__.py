@@ -5,7 +5,7 @@
     python -m data_prep cot RECIPE [--shard i/n] [dotted.key=value ...]
     python -m data_prep verify RECIPE [--shard i/n] [dotted.key=value ...]
     python -m data_prep guard FILE --meta MMAR-meta.jsonl [--audio-root DIR] [--out CLEAN.jsonl]
-    python -m data_prep card RECIPE [dotted.key=value ...]
+    python -m data_prep card RECIPE [--data TRAINING.jsonl] [dotted.key=value ...]
 
 Every recipe command writes the resolved recipe into the work dir (resolved_recipe.yaml).
 """
@@ -23,14 +23,24 @@ USAGE = __doc__.split("\n\n")[1]
 REPORT_KEYS = ("stage", "in", "out", "rejected", "counts", "seconds", "complete")
 
 
+def _pop_option(args: list[str], flag: str, example: str) -> str | None:
+    """Remove `flag VALUE` from `args` and return VALUE (None when the flag is absent)."""
+    if flag not in args:
+        return None
+    at = args.index(flag)
+    if at + 1 >= len(args):
+        raise RecipeError(f"{flag} needs a value like {example}")
+    value = args[at + 1]
+    del args[at : at + 2]
+    return value
+
+
 def _recipe(argv: list[str]) -> Recipe:
     """RECIPE [--shard i/n] [overrides]: --shard is the short form of data_prep.shard=i/n."""
     args = list(argv)
-    if "--shard" in args:
-        at = args.index("--shard")
-        if at + 1 >= len(args):
-            raise RecipeError("--shard needs a value like 0/4")
-        args[at : at + 2] = [f"data_prep.shard={args[at + 1]}"]
+    shard = _pop_option(args, "--shard", "0/4")
+    if shard is not None:
+        args.append(f"data_prep.shard={shard}")
     path, overrides = split_cli(args)
     if path is None:
         raise RecipeError("expected a recipe: python -m data_prep COMMAND RECIPE.yaml [dotted.key=value ...]")
@@ -62,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         if command == "card":
             from data_prep.card import write_card
 
-            recipe = _recipe(rest)
-            card = write_card(recipe.data_prep.work_dir)
+            args = list(rest)
+            data_file = _pop_option(args, "--data", "runs/x/sft.jsonl")  # default: the newest stage output
+            recipe = _recipe(args)
+            card = write_card(recipe.data_prep.work_dir, data_file)
             print(f"data card: {card['records']} records, {card['hours']:.2f} h -> {recipe.data_prep.work_dir}/data_card.md")
             return 0
         if command == "guard":
