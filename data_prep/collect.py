@@ -20,8 +20,6 @@ A shortfall (a source with fewer usable clips than its share) is reported, not r
 from __future__ import annotations
 
 import inspect
-import json
-import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -33,6 +31,7 @@ from data_prep.sources import Candidate, get_adapter
 from data_prep.stage import each, run_stage
 from infer.data import DataError
 from infer.recipe import DataPrepConfig, SourceSpec
+from infer.submission import write_records
 
 STAGE = "collect"
 
@@ -133,15 +132,6 @@ def load_guard(config: DataPrepConfig) -> ContaminationIndex | None:
     return ContaminationIndex.from_meta(config.mmar_meta, config.mmar_audio_root)
 
 
-def write_candidates(records: list[dict], path: Path) -> None:
-    """Atomic, so shard processes writing the same (deterministic) file at once cannot tear it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    os.replace(tmp, path)
-
-
 def collect(config: DataPrepConfig, show_progress: bool = True) -> dict:
     """Scan, sample and probe; returns the stage report (merged when every shard is done)."""
     if not config.sources:
@@ -153,7 +143,7 @@ def collect(config: DataPrepConfig, show_progress: bool = True) -> dict:
         scan[spec.name] = {"candidates": len(pools[spec.name]), "skipped": dict(sorted(skipped.items()))}
     chosen, mixture = sample_mixture(pools, config.sources, config.total, config.seed)
     candidates = work / f"{STAGE}.candidates.jsonl"
-    write_candidates(chosen, candidates)
+    write_records(candidates, chosen)  # atomic: shard processes write this same file at once
     guard = load_guard(config)
     extra = {
         "scan": scan, "mixture": mixture, "seed": config.seed, "total": config.total,

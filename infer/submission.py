@@ -58,9 +58,11 @@ def append_records(path: str | Path, records: Iterable[dict]) -> None:
 
 
 def write_records(path: str | Path, records: Iterable[dict]) -> None:
-    """Replace a file atomically (write beside it, then rename)."""
+    """Replace a JSONL file atomically: write beside it under a per-process name, then rename, so
+    several processes writing the same file at once (shards) can never tear it."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
