@@ -130,8 +130,7 @@ def request_length(request: Request, tokenizer) -> int:
     n_text = len(tokenizer(request.prompt, add_special_tokens=False)["input_ids"])
     if request.audio is None:
         return n_text
-    frames = len(request.audio) // (qo.SAMPLE_RATE // 100)  # 100 mel frames per second
-    return n_text - 1 + qo.audio_token_count(frames)
+    return n_text - 1 + qo.audio_token_count(qo.feature_frames(len(request.audio)))
 
 
 def length_buckets(requests: Sequence[Request], tokenizer, batch_size: int) -> list[list[int]]:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 SAMPLE_RATE = 16_000
+HOP_LENGTH = 160  # the Whisper-style feature extractor's hop: 100 mel frames per second
 IGNORE_INDEX = -100
 
 # Special tokens of the Qwen3-Omni tokenizer. Their ids always come from the tokenizer in use.
@@ -119,6 +120,11 @@ def render_target(prompt: str, thinking: str, answer: str) -> str:
         if prompt.endswith(full[:cut]):
             return full[cut:]
     return full
+
+
+def feature_frames(num_samples: int) -> int:
+    """Mel frames of a 16 kHz clip as `OmniProcessor` extracts it (alone: 10 ms hop, no partial frame)."""
+    return num_samples // HOP_LENGTH
 
 
 def audio_token_count(feature_frames: int) -> int:

@@ -23,17 +23,12 @@ from infer.data import DataError, Item, load_items
 from infer.feature_cache import FeatureCache
 from infer.recipe import DataConfig
 
-# Whisper's feature extractor: one mel frame per 160 samples (10 ms hop). Its mask counts a partial
-# hop when the clip is padded by a longer one and drops it otherwise; rounding up bounds both.
-HOP_LENGTH = 160
-
-
 @dataclass(frozen=True)
 class Example:
     item: Item
     prompt: str
     target: str
-    length: int  # prompt (with expanded audio) + target tokens; an upper bound, exact to one audio token
+    length: int  # prompt (with expanded audio) + target tokens
     source: str  # dataset path, for the mixing report
 
 
@@ -55,7 +50,7 @@ def render_examples(items: Sequence[Item], processor: qo.OmniProcessor, prompt_s
         prompts.append(prompt)
         targets.append(qo.render_target(prompt, item.thinking, item.answer))
     expanded = [
-        processor.expand_audio(prompt, math.ceil(audio_samples(item, max_audio_seconds) / HOP_LENGTH))
+        processor.expand_audio(prompt, qo.feature_frames(audio_samples(item, max_audio_seconds)))
         for prompt, item in zip(prompts, items)
     ]
     # One batched call each: the fast tokenizer parallelises lists, which matters at 10^5 records.
