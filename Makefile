@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 
 tiny: $(TINY)/config.json
 $(TINY)/config.json: | setup
-	$(PY) -m infer.tiny $(TINY)
+	$(PY) -m core.tiny $(TINY)
 
 data: $(SYNTH)/test.jsonl
 $(SYNTH)/test.jsonl: | setup
@@ -78,8 +78,8 @@ audit: | setup
 # The audio tower as an Audio Encoder Challenge (XARES-LLM) encoder folder, and linear probes on it.
 ENCODER := runs/tiny/audio_encoder
 encoder: tiny data
-	$(PY) -m infer.audio_encoder export --checkpoint $(TINY) --out $(ENCODER)
-	$(PY) -m eval.encoder_probe --encoder $(ENCODER) --data $(SYNTH) --out runs/tiny/encoder_probe.json
+	$(PY) -m encoder.audio_encoder export --checkpoint $(TINY) --out $(ENCODER)
+	$(PY) -m encoder.probe --encoder $(ENCODER) --data $(SYNTH) --out runs/tiny/encoder_probe.json
 
 test: setup
 	$(PY) -m pytest

@@ -16,8 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from infer.data import DataError
-from infer.recipe import RecipeError
+from core.items import DataError
+from core.recipe import RecipeError
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -50,7 +50,7 @@ def _verify(args) -> int:
 def _compliance(args) -> int:
     from audit import compliance
     from audit.verify import Report, check_compliance, opened
-    from infer.recipe import load_recipe
+    from core.recipe import load_recipe
     from infer.run import RunPaths
 
     if args.bundle:

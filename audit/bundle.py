@@ -39,9 +39,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from audit import compliance
-from infer import environment
-from infer.data import DataError, load_items
-from infer.recipe import Recipe, load_recipe
+from core import provenance
+from core.items import DataError, load_items
+from core.recipe import Recipe, load_recipe
 from infer.run import RunPaths
 
 BUNDLE_FORMAT = 1
@@ -220,11 +220,11 @@ def build_bundle(src: BundleSources) -> tuple[Path, list[compliance.Check]]:
             if path.is_file():
                 shutil.copy2(path, staging / "data" / f"data_card{path.suffix}")
 
-    (staging / "environment" / "pip-freeze.txt").write_text(environment.pip_freeze())
-    (staging / "environment" / "system.json").write_text(json.dumps(environment.system(), indent=2) + "\n")
-    if (smi := environment.nvidia_smi()) is not None:
+    (staging / "environment" / "pip-freeze.txt").write_text(provenance.pip_freeze())
+    (staging / "environment" / "system.json").write_text(json.dumps(provenance.system(), indent=2) + "\n")
+    if (smi := provenance.nvidia_smi()) is not None:
         (staging / "environment" / "nvidia-smi.txt").write_text(smi)
-    git, diff = environment.git_state()
+    git, diff = provenance.git_state()
     (staging / "git" / "status.txt").write_text("\n".join(git.get("status", [])) + "\n")
     if diff is not None:
         (staging / "git" / "diff.patch").write_text(diff)

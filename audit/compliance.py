@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from infer import qwen_omni as qo
-from infer.data import DataError, Item, load_items
-from infer.recipe import Recipe
+from core import qwen_omni as qo
+from core.items import DataError, Item, load_items
+from core.recipe import Recipe
 
 PROMPT_FIELDS = ("id", "audio_path", "question", "choices")  # what may shape a prompt (plus the audio)
 PROMPT_ITEMS = 8  # items whose prompts are rebuilt
@@ -69,7 +69,7 @@ def stripped(item: Item) -> Item:
 
 
 def check_prompt(recipe: Recipe, items: list[Item], tokenizer) -> Check:
-    from infer.audio import write_wav
+    from core.audio import write_wav
     from infer.run import item_request
 
     style = recipe.model.prompt_style

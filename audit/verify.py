@@ -33,8 +33,8 @@ from typing import Iterator
 
 from audit import compliance
 from audit.bundle import MANIFEST, files_under, sha256_file
-from infer.data import DataError
-from infer.recipe import RecipeError, load_recipe
+from core.items import DataError
+from core.recipe import RecipeError, load_recipe
 
 MODEL_ROLES = ("checkpoint", "adapter")  # a mismatch here means a re-run would test another model
 _TOKENS = re.compile(r"\w+|[^\w\s]")
@@ -149,7 +149,7 @@ def similarity(a: str, b: str) -> float:
 
 
 def rerun(folder: Path, n_ids: int, device: str | None, backend: str | None, min_similarity: float, report: Report) -> None:
-    from infer.data import load_items
+    from core.items import load_items
     from infer.engine import load_engine
     from infer.run import item_request, records_for
     from infer.submission import read_records

@@ -19,9 +19,9 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from bench.common import machine, print_table, write_json
-from infer.audio import load_audio, write_wav
-from infer.feature_cache import FeatureCache
-from infer.qwen_omni import OmniProcessor
+from core.audio import load_audio, write_wav
+from core.feature_cache import FeatureCache
+from core.qwen_omni import OmniProcessor
 
 
 def generate_clips(folder: Path, count: int, rate: int, seed: int = 0) -> list[Path]:

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from bench.common import write_json
+from core.recipe import load_recipe
 from eval.score import score
-from infer.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from bench.common import machine, print_table, write_json
+from core import qwen_omni as qo
+from core.items import load_items
+from core.recipe import load_recipe
+from core.tiny import build_tiny_checkpoint
 from data_prep.synthetic import generate as make_synthetic
-from infer import qwen_omni as qo
-from infer.data import load_items
 from infer.engine import Request, SamplingConfig, length_buckets, load_engine, request_length
-from infer.recipe import load_recipe
-from infer.tiny import build_tiny_checkpoint
 
 
 def padding_share(lengths: list[int], batches: list[list[int]]) -> float:

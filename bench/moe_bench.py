@@ -16,8 +16,8 @@ import argparse
 import torch
 
 from bench.common import machine, print_table, time_steps, write_json
-from infer import qwen_omni as qo
-from infer.tiny import REAL_SIZES, build_config
+from core import qwen_omni as qo
+from core.tiny import REAL_SIZES, build_config
 
 IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 

@@ -64,7 +64,7 @@ class Row:
 
 def recipe_for(row: Row):
     """recipes/cogito.yaml's LoRA and training settings, on the bench's data and model."""
-    from infer.recipe import load_recipe
+    from core.recipe import load_recipe
 
     bf16 = row.dtype == "bfloat16"
     return load_recipe(REPO / "recipes/cogito.yaml", [
@@ -79,8 +79,8 @@ def recipe_for(row: Row):
 
 
 def build_model(row: Row, recipe, tokenizer):
-    from infer import qwen_omni as qo
-    from infer.tiny import REAL_SIZES, build_config, build_thinker
+    from core import qwen_omni as qo
+    from core.tiny import REAL_SIZES, build_config, build_thinker
 
     dtype = getattr(torch, row.dtype)
     if row.model == "tiny":
@@ -109,8 +109,8 @@ def measure(row: Row) -> dict:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from infer import qwen_omni as qo
-    from infer.tiny import parameter_counts
+    from core import qwen_omni as qo
+    from core.tiny import parameter_counts
     from train.data import SFTCollator, SFTDataset, build_examples, epoch_batches
     from train.sft import prepare_for_training, train_step
 
@@ -205,8 +205,8 @@ def table_row(row: Row, result: dict, baseline: dict | None, peak: float) -> dic
 
 
 def main(argv: list[str] | None = None) -> None:
+    from core.tiny import build_tiny_checkpoint
     from data_prep.synthetic import generate as make_synthetic
-    from infer.tiny import build_tiny_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -16,8 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from infer.data import DataError
-from infer.recipe import Recipe, RecipeError, load_recipe, save_recipe, split_cli
+from core.items import DataError
+from core.recipe import Recipe, RecipeError, load_recipe, save_recipe, split_cli
 
 USAGE = __doc__.split("\n\n")[1]
 REPORT_KEYS = ("stage", "in", "out", "rejected", "counts", "seconds", "complete")

@@ -17,8 +17,8 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from core.items import DataError, read_jsonl
 from data_prep.stage import read_reports
-from infer.data import DataError, read_jsonl
 
 PIPELINE = ("collect", "qa", "cot", "verify")  # stage order
 

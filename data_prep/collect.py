@@ -26,11 +26,11 @@ from pathlib import Path
 
 import soundfile as sf
 
+from core.items import DataError
+from core.recipe import DataPrepConfig, SourceSpec
 from data_prep.guard import ContaminationIndex
 from data_prep.sources import Candidate, get_adapter
 from data_prep.stage import each, run_stage
-from infer.data import DataError
-from infer.recipe import DataPrepConfig, SourceSpec
 from infer.submission import write_records
 
 STAGE = "collect"

@@ -3,7 +3,7 @@
     python -m data_prep cot RECIPE [--shard i/n] [dotted.key=value ...]    qa.jsonl -> cot.jsonl
 
 The Thinking model (`model.path`, no adapter) answers every question exactly as at inference and
-in training: the prompt is `infer.qwen_omni.render_prompt` with `model.prompt_style`, holding the
+in training: the prompt is `core.qwen_omni.render_prompt` with `model.prompt_style`, holding the
 audio, the question and the choices, never the gold answer. Decoding follows `data_prep.cot`.
 
 Nothing is judged here: each question record gets the raw output and whether it ended by itself
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.qwen_omni import render_prompt
+from core.recipe import Recipe
 from data_prep.generation import AudioCache, EngineSlot, load_stage_engine, sampling_of
 from data_prep.stage import finished_output, run_stage
 from infer.engine import Engine, Request
-from infer.qwen_omni import render_prompt
-from infer.recipe import Recipe
 
 STAGE = "cot"
 INPUT = "qa"

@@ -17,11 +17,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from infer.audio import AudioError, load_audio
-from infer.data import DataError
+from core.audio import AudioError, load_audio
+from core.items import DataError
+from core.qwen_omni import THINK_CLOSE
+from core.recipe import PrepGeneration, Recipe
 from infer.engine import Engine, SamplingConfig, load_engine
-from infer.qwen_omni import THINK_CLOSE
-from infer.recipe import PrepGeneration, Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 _FENCE = re.compile(r"^```(?:json)?[ \t]*\n(.*)\n```$", re.DOTALL)

@@ -8,7 +8,7 @@ A record overlaps MMAR when any of these match (each check runs when both sides 
 - question: the normalised question text (NFKC, lower case, punctuation dropped, whitespace
   collapsed) equals an MMAR question;
 - audio: the content hash of the decoded clip equals an MMAR clip's. We hash the 16 kHz mono PCM
-  from `infer.audio.load_audio`, quantised to int16 (not the file bytes), so a copy of the same
+  from `core.audio.load_audio`, quantised to int16 (not the file bytes), so a copy of the same
   signal in another container, header or bit depth still matches; re-encoded, cut or mixed copies
   do not (this is an exact-duplicate check). Needs the MMAR audio: without it this check is off
   and the report says so.
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from infer.audio import AudioError, load_audio
-from infer.data import read_jsonl
+from core.audio import AudioError, load_audio
+from core.items import read_jsonl
 
 YOUTUBE_ID = re.compile(r"(?:[?&]v=|youtu\.be/|/shorts/|/embed/)([\w-]{11})")
 

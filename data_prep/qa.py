@@ -27,16 +27,23 @@ import random
 from collections import Counter
 from pathlib import Path
 
+from core.items import DataError, read_jsonl
+from core.qwen_omni import render_chat
+from core.recipe import PrepQAConfig, Recipe
 from data_prep.generation import (
-    AudioCache, EngineSlot, ReplyError, load_stage_engine, read_template, render_metadata, reply_json, resolve,
+    AudioCache,
+    EngineSlot,
+    ReplyError,
+    load_stage_engine,
+    read_template,
+    render_metadata,
+    reply_json,
+    resolve,
     sampling_of,
 )
 from data_prep.guard import ContaminationIndex, normalise_question
 from data_prep.stage import Counted, finished_output, run_stage
-from infer.data import DataError, read_jsonl
 from infer.engine import Engine, Request
-from infer.qwen_omni import render_chat
-from infer.recipe import PrepQAConfig, Recipe
 
 STAGE = "qa"
 INPUT = "collect"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Union
 
-from infer.data import DataError
+from core.items import DataError
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
 DOMAINS = ("sound", "speech", "music")

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Union
 
 from tqdm.auto import tqdm
 
-from infer.data import DataError, read_jsonl
+from core.items import DataError, read_jsonl
 
 Outcome = Union[list[dict], str]  # output records, or the reason the input was rejected
 

@@ -18,8 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from infer.audio import write_wav
-from infer.qwen_omni import SAMPLE_RATE
+from core.audio import write_wav
+from core.qwen_omni import SAMPLE_RATE
 
 NUMBER_WORDS = ["one", "two", "three", "four", "five"]
 SPLITS = ("train", "test")

@@ -2,7 +2,7 @@
 
     python -m data_prep verify RECIPE [--shard i/n] [dotted.key=value ...]    cot.jsonl -> verify.jsonl
 
-`verify.jsonl` is the SFT file: `infer.data.load_items(..., require_thinking=True)` and
+`verify.jsonl` is the SFT file: `core.items.load_items(..., require_thinking=True)` and
 `train/data.py` read it as it is (point `data.train` at it). Each distilled answer passes, in order:
 
 1. QA consistency, by string matching only: the raw output is split by the shared parser
@@ -24,14 +24,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.qwen_omni import render_chat
+from core.recipe import Recipe
 from data_prep.generation import (
-    EngineSlot, ReplyError, load_stage_engine, read_template, render_metadata, reply_json, sampling_of,
+    EngineSlot,
+    ReplyError,
+    load_stage_engine,
+    read_template,
+    render_metadata,
+    reply_json,
+    sampling_of,
 )
 from data_prep.stage import Counted, finished_output, run_stage
 from infer.engine import Engine, Request
 from infer.parse import Parsed, parse_output
-from infer.qwen_omni import render_chat
-from infer.recipe import Recipe
 
 STAGE = "verify"
 INPUT = "cot"

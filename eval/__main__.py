@@ -17,9 +17,9 @@ from eval.submission import SubmissionError
 
 
 def _score(argv: list[str]) -> int:
+    from core.recipe import RecipeError, load_recipe, split_cli
     from eval.judge import FatalJudgeError
     from eval.score import score
-    from infer.recipe import RecipeError, load_recipe, split_cli
 
     try:
         recipe = load_recipe(*split_cli(argv))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infer.answer_rule import is_correct
+from core.answer_rule import is_correct
 from eval.submission import SubmissionError, load_meta, load_submission
 
 

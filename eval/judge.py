@@ -108,7 +108,7 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class LocalJudge:
-    """Text-only chat with a local checkpoint; the Qwen3-Omni thinker loads through `infer.qwen_omni`."""
+    """Text-only chat with a local checkpoint; the Qwen3-Omni thinker loads through `core.qwen_omni`."""
 
     max_workers = 1  # one model, one generation at a time
 
@@ -117,7 +117,7 @@ class LocalJudge:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        from infer import qwen_omni
+        from core import qwen_omni
 
         self.torch, self.think_close = torch, qwen_omni.THINK_CLOSE
         self.tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,5 +1,5 @@
 """The challenge's judge rules, reproduced from the official scorer (the answer rule, which
-inference shares, lives in infer/answer_rule.py).
+inference shares, lives in core/answer_rule.py).
 
 Source: `code/evaluation_rubrics.py` of the public MMAR repository (github.com/ZHYsfl/MMAR, commit
 5851ce7). Re-implemented here; only the judge prompt TEXT is reproduced verbatim, because a

@@ -9,13 +9,13 @@ import logging
 import time
 from pathlib import Path
 
+from core.answer_rule import is_correct
+from core.recipe import save_recipe
 from eval.cache import JudgeCache
 from eval.judge import Backoff, JudgeJob, RateLimiter, make_backend, run_judge, sampling_settings
 from eval.protocol import judge_user_prompt, trimmed_mean
-from infer.answer_rule import is_correct
 from eval.report import ItemResult, confidence_intervals, cue_hits, summarize, tables, write
 from eval.submission import SubmissionError, load_meta, load_submission, match
-from infer.recipe import save_recipe
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Reading benchmark metadata and submissions, and converting the older submission format.
 
 Scoring must stay light (seconds for 1,000 items), so this module reads JSONL itself instead of
-going through `infer.data`, which pulls in torch via the audio decoder. Errors name the file,
+going through `core.items`, which pulls in torch via the audio decoder. Errors name the file,
 the line, the id and the field.
 """
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from infer.data import DataError
-from infer.recipe import RecipeError, load_recipe, split_cli
+from core.items import DataError
+from core.recipe import RecipeError, load_recipe, split_cli
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ Every stage that needs the model to write something goes through here: MCQ infer
 data_prep's QA construction, CoT self-distillation and text-only judging.
 
     from infer.engine import Request, SamplingConfig, load_engine
-    from infer.qwen_omni import render_chat
+    from core.qwen_omni import render_chat
 
     engine = load_engine(recipe)                      # backend, model, adapter from the recipe
     prompt = render_chat(engine.tokenizer, "Describe the sound.", with_audio=True)
@@ -26,8 +26,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from infer import qwen_omni as qo
-from infer.recipe import InferConfig, Recipe
+from core import qwen_omni as qo
+from core.recipe import InferConfig, Recipe
 
 # transformers' own defaults, used when neither the recipe nor the checkpoint sets a value.
 LIBRARY_SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0}

@@ -23,8 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from infer.answer_rule import answer_tokens, is_correct
-from infer.qwen_omni import THINK_CLOSE, THINK_OPEN
+from core.answer_rule import answer_tokens, is_correct
+from core.qwen_omni import THINK_CLOSE, THINK_OPEN
 
 MAX_THINKING_CHARS = 10_000  # the rule: thinking_prediction must be UNDER this many characters
 HEAD_SHARE = 0.6  # share of the kept thinking taken from the head when clipping

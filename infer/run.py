@@ -31,11 +31,11 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from infer import qwen_omni as qo
-from infer.data import DataError, Item, load_items
+from core import qwen_omni as qo
+from core.items import DataError, Item, load_items
+from core.recipe import Recipe, save_recipe
 from infer.engine import Engine, Generation, Request, SamplingConfig, checkpoint_generation_defaults, load_engine
 from infer.parse import POLICY, parse_output
-from infer.recipe import Recipe, save_recipe
 from infer.submission import append_records, read_records, write_records
 
 # Audio is decoded per chunk of this many items, so a large benchmark never sits in memory at once.

@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from infer.data import DataError, load_items
+from core.items import DataError, load_items
+from core.qwen_omni import THINK_CLOSE, THINK_OPEN
 from infer.parse import MAX_THINKING_CHARS
-from infer.qwen_omni import THINK_CLOSE, THINK_OPEN
 
 SUBMISSION_KEYS = ("id", "thinking_prediction", "answer_prediction")
 

@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from infer.tiny import build_tiny_checkpoint
+    from core.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-omni"))
 
@@ -44,7 +44,7 @@ def synthetic_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def processor(tiny_checkpoint):
-    from infer.qwen_omni import OmniProcessor
+    from core.qwen_omni import OmniProcessor
 
     return OmniProcessor.from_pretrained(tiny_checkpoint)
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infer import qwen_omni as qo
-from infer.audio_encoder import ENTRY_POINT, QwenOmniAudioEncoder, export
+from core import qwen_omni as qo
+from encoder.audio_encoder import ENTRY_POINT, QwenOmniAudioEncoder, export
 
 SR = qo.SAMPLE_RATE
 
@@ -25,7 +25,7 @@ def plain_encoder(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def encoder(tiny_checkpoint):
-    # The tiny kit scales its audio tower's init so the output follows the input (infer/tiny.py).
+    # The tiny kit scales its audio tower's init so the output follows the input (core/tiny.py).
     return QwenOmniAudioEncoder(tiny_checkpoint, device="cpu", dtype="float32")
 
 
@@ -251,7 +251,7 @@ def test_loading_errors(tmp_path):
 
 
 def test_ridge_probe_and_majority():
-    from eval.encoder_probe import majority, ridge_probe
+    from encoder.probe import majority, ridge_probe
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(3, 40)) * 3
@@ -263,7 +263,7 @@ def test_ridge_probe_and_majority():
 
 
 def test_probe_prints_accuracies(exported, synthetic_dir, tmp_path, capsys):
-    from eval.encoder_probe import PROBE_TASKS, main
+    from encoder.probe import PROBE_TASKS, main
 
     out = tmp_path / "probe.json"
     main(["--encoder", str(exported), "--data", str(synthetic_dir), "--out", str(out)])

@@ -16,9 +16,9 @@ from audit import compliance
 from audit.__main__ import main as audit_cli
 from audit.bundle import MANIFEST, sha256_file
 from audit.verify import choose_ids, verify
-from infer.data import load_items
+from core.items import load_items
+from core.recipe import load_recipe
 from infer.parse import MAX_THINKING_CHARS
-from infer.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

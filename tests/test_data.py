@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from infer.audio import load_audio
-from infer.data import MODALITIES, DataError, load_items
+from core.audio import load_audio
+from core.items import MODALITIES, DataError, load_items
 
 GOOD = {"id": "a", "audio_path": "./audio/a.wav", "question": "Q?", "choices": ["x", "y"], "answer": "x"}
 

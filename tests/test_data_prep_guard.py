@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from core.audio import write_wav
+from core.recipe import DataPrepConfig
 from data_prep.__main__ import main as cli
 from data_prep.collect import collect
 from data_prep.guard import ContaminationIndex, guard_file, normalise_question, youtube_segment
-from infer.audio import write_wav
-from infer.recipe import DataPrepConfig
 
 
 def mmar_records(meta: Path) -> list[dict]:

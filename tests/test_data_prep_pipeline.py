@@ -15,6 +15,9 @@ from typing import Callable
 
 import pytest
 
+from core.items import load_items, read_jsonl
+from core.qwen_omni import AUDIO_PAD, IM_END, render_prompt
+from core.recipe import DataConfig, DatasetSpec, load_recipe
 from data_prep.card import write_card
 from data_prep.collect import collect
 from data_prep.cot import cot
@@ -23,10 +26,7 @@ from data_prep.guard import ContaminationIndex, normalise_question
 from data_prep.qa import load_seed_pool, parse_qa_reply, pick_shots, qa
 from data_prep.stage import stage_paths
 from data_prep.verify import consistency, parse_verdict, verify
-from infer.data import load_items, read_jsonl
 from infer.engine import Engine, Generation, Request, SamplingConfig
-from infer.qwen_omni import AUDIO_PAD, IM_END, render_prompt
-from infer.recipe import DataConfig, DatasetSpec, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 CARRIED = ("audio_path", "duration", "domain", "source", "licence", "metadata")

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from core.items import read_jsonl
+from core.recipe import load_recipe
 from data_prep.__main__ import main as cli
 from data_prep.cot import cot
 from data_prep.stage import stage_paths
 from data_prep.verify import verify
-from infer.data import read_jsonl
-from infer.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny.yaml"

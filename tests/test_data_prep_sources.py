@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from core.audio import write_wav
+from core.recipe import DataPrepConfig
 from data_prep.collect import collect
 from data_prep.sources import ADAPTERS
-from infer.audio import write_wav
-from infer.recipe import DataPrepConfig
 
 
 def wav(path: Path, seconds: float, rate: int = 16000) -> Path:
@@ -332,7 +332,7 @@ def test_synthetic_as_raw_source(tmp_path, synthetic_dir):
 
 
 def test_bad_options_and_missing_layout_are_clear_errors(tmp_path):
-    from infer.data import DataError
+    from core.items import DataError
 
     root = tmp_path / "fma"
     root.mkdir()

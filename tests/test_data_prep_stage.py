@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from core.items import DataError
+from core.recipe import DataPrepConfig, RecipeError, SourceSpec, load_recipe
 from data_prep.collect import allocate, sample_mixture
 from data_prep.stage import each, merge_stage, read_reports, run_stage, shard_of, stage_paths
-from infer.data import DataError
-from infer.recipe import DataPrepConfig, RecipeError, SourceSpec, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

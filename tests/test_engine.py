@@ -1,13 +1,19 @@
 import numpy as np
 import pytest
 
-from infer import qwen_omni as qo
-from infer.data import load_items
+from core import qwen_omni as qo
+from core.items import load_items
+from core.recipe import InferConfig, load_recipe
 from infer.engine import (
-    HFEngine, Request, SamplingConfig, length_buckets, load_engine, vllm_engine_kwargs, vllm_prompt,
+    HFEngine,
+    Request,
+    SamplingConfig,
+    length_buckets,
+    load_engine,
+    vllm_engine_kwargs,
+    vllm_prompt,
     vllm_sampling_kwargs,
 )
-from infer.recipe import InferConfig, load_recipe
 
 FIXED = SamplingConfig.greedy(max_new_tokens=12, min_new_tokens=12)  # the random model would stop at once
 

@@ -9,10 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from eval.judge import (Backoff, FatalJudgeError, OpenAIJudge, RateLimiter, RaterOutcome, ask, make_backend,
-                        run_judge, JudgeJob)
+from core.recipe import JudgeConfig
 from eval.cache import JudgeCache
-from infer.recipe import JudgeConfig
+from eval.judge import Backoff, FatalJudgeError, JudgeJob, OpenAIJudge, RateLimiter, RaterOutcome, ask, make_backend, run_judge
 
 RUBRIC = [{"name": f"c{i}", "scoring_point": "p", "choices": [0, 1]} for i in range(5)]
 GOOD = json.dumps([{"name": f"c{i}", "score": int(i < 3), "justification": "j"} for i in range(5)])  # 3/5

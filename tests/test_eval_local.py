@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from core.recipe import load_recipe
 from eval.score import score
-from infer.recipe import load_recipe
 
 
 def test_local_judge_garbage_is_reported_as_parse_failures(tiny_checkpoint, synthetic_dir, tmp_path):

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from eval.protocol import (JUDGE_SYSTEM_PROMPT, ReplyError, judge_user_prompt, parse_judge_reply,
-                           trimmed_mean)
-from infer.answer_rule import is_correct
+from core.answer_rule import is_correct
+from eval.protocol import JUDGE_SYSTEM_PROMPT, ReplyError, judge_user_prompt, parse_judge_reply, trimmed_mean
 
 GOLDEN = Path(__file__).parent / "data" / "judge_prompt_golden.txt"
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from core.recipe import load_recipe
 from eval.__main__ import main
 from eval.compare import compare, mcnemar_exact_p
 from eval.judge import FatalJudgeError
 from eval.score import score
 from eval.submission import SubmissionError, convert_json_list, load_submission
-from infer.recipe import load_recipe
 
 RUBRIC = [{"name": f"crit {i}", "scoring_point": f"Award 1 point if {i}.", "note": "hidden", "choices": [0, 1]}
           for i in range(5)]

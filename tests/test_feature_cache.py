@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from infer import qwen_omni as qo
-from infer.audio import load_audio, write_wav
-from infer.feature_cache import FeatureCache, main
+from core import qwen_omni as qo
+from core.audio import load_audio, write_wav
+from core.feature_cache import FeatureCache, main
 
 
 def wav(path, seconds, freq, rate=qo.SAMPLE_RATE):

@@ -3,11 +3,11 @@ from pathlib import Path
 
 import pytest
 
+from core.items import load_items
+from core.recipe import load_recipe
 from infer.cli import main
-from infer.data import load_items
 from infer.engine import load_engine
 from infer.parse import MAX_THINKING_CHARS
-from infer.recipe import load_recipe
 from infer.run import RunPaths, run
 from infer.submission import SUBMISSION_KEYS, read_records, validate_submission
 
@@ -183,7 +183,7 @@ def test_data_parallel_workers_match_a_single_process(tiny_checkpoint, synthetic
 
 
 def test_only_audio_question_choices_and_prompt_reach_the_model(synthetic_dir, processor):
-    from infer import qwen_omni as qo
+    from core import qwen_omni as qo
     from infer.run import item_request
 
     item = load_items(synthetic_dir / "test.jsonl")[0]

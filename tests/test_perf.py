@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from infer import qwen_omni as qo
-from infer.recipe import RecipeError, load_recipe
-from infer.tiny import REAL_SIZES, TINY_SIZES, build_config, build_thinker, parameter_counts
+from core import qwen_omni as qo
+from core.recipe import RecipeError, load_recipe
+from core.tiny import REAL_SIZES, TINY_SIZES, build_config, build_thinker, parameter_counts
 
 
 def meta_thinker(config):

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infer.recipe import RecipeError, load_recipe, save_recipe, split_cli
+from core.recipe import RecipeError, load_recipe, save_recipe, split_cli
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -4,9 +4,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.items import load_items
+from core.qwen_omni import SAMPLE_RATE
 from data_prep.synthetic import NUMBER_WORDS, TASKS, generate
-from infer.data import load_items
-from infer.qwen_omni import SAMPLE_RATE
 
 
 def digest(folder: Path) -> dict[str, str]:

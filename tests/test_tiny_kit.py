@@ -2,7 +2,7 @@ import math
 
 import numpy as np
 
-from infer import qwen_omni as qo
+from core import qwen_omni as qo
 
 
 def test_checkpoint_loads_like_a_real_one(tiny_checkpoint):

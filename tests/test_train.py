@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from infer import qwen_omni as qo
-from infer.recipe import load_recipe
+from core import qwen_omni as qo
+from core.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -222,7 +222,7 @@ def test_merged_checkpoint_gives_the_adapter_logits(tiny_checkpoint, processor, 
 
 
 def test_lora_placement(tiny_checkpoint):
-    from infer.recipe import LoraConfig
+    from core.recipe import LoraConfig
     from train.lora import LoraPlacementError, apply_lora
 
     def placed(**fields):

@@ -1,6 +1,6 @@
 """SFT data: records -> rendered prompt/target pairs, dataset mixing, length-grouped batches, collation.
 
-Every prompt and target comes from `infer.qwen_omni.render_prompt` / `render_target`, so training
+Every prompt and target comes from `core.qwen_omni.render_prompt` / `render_target`, so training
 sees exactly the text inference will produce. Token lengths are computed once, up front, from the
 audio headers (no decoding) and the tokenizer; samples longer than `data.max_length` are dropped
 and counted, and the lengths drive the length-grouped batching.
@@ -17,11 +17,12 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from infer import qwen_omni as qo
-from infer.audio import AudioError
-from infer.data import DataError, Item, load_items
-from infer.feature_cache import FeatureCache
-from infer.recipe import DataConfig
+from core import qwen_omni as qo
+from core.audio import AudioError
+from core.feature_cache import FeatureCache
+from core.items import DataError, Item, load_items
+from core.recipe import DataConfig
+
 
 @dataclass(frozen=True)
 class Example:

@@ -7,8 +7,8 @@ from collections import Counter
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
-from infer import qwen_omni as qo
-from infer.recipe import LoraConfig
+from core import qwen_omni as qo
+from core.recipe import LoraConfig
 
 GROUPS = ("text_attention", "experts", "audio_tower", "other")
 

@@ -3,7 +3,7 @@
     python train/merge.py --base artifacts/tiny-omni --adapter runs/tiny/adapter --out runs/tiny/merged
 
 The result is a thinker-only checkpoint (`Qwen3OmniMoeThinkerForConditionalGeneration`) with the
-tokenizer, chat template and feature extractor beside it: `infer.qwen_omni.load_thinker` and
+tokenizer, chat template and feature extractor beside it: `core.qwen_omni.load_thinker` and
 `OmniProcessor.from_pretrained` load it like the base, and servers that cannot apply a LoRA
 adapter to this model (vLLM, see ../shared/QWEN3_OMNI_NOTES.md) can serve it. The merge runs in
 the base's dtype (bf16 for the real model: ~60 GB of CPU RAM for the 30B thinker).
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repo root
 
-from infer import qwen_omni as qo  # noqa: E402
+from core import qwen_omni as qo  # noqa: E402
 
 # Files of the base that describe the processor rather than the weights; copied when the saved
 # tokenizer/feature extractor did not already write them (chat_template.json of real checkpoints).

@@ -39,9 +39,9 @@ from accelerate import Accelerator, InitProcessGroupKwargs  # noqa: E402
 from accelerate.utils import DistributedType, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from infer import qwen_omni as qo  # noqa: E402
-from infer.environment import record_session  # noqa: E402
-from infer.recipe import Recipe, load_recipe, save_recipe, split_cli  # noqa: E402
+from core import qwen_omni as qo  # noqa: E402
+from core.provenance import record_session  # noqa: E402
+from core.recipe import Recipe, load_recipe, save_recipe, split_cli  # noqa: E402
 from train.data import SFTCollator, SFTDataset, build_examples, epoch_batches, feature_cache_for  # noqa: E402
 from train.lora import apply_lora  # noqa: E402
 

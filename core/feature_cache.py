@@ -1,6 +1,6 @@
 """A disk cache of per-clip Whisper log-mel features, for clips that are read every epoch.
 
-    python -m infer.feature_cache build META.jsonl --checkpoint CKPT --out DIR [--max-seconds 30]
+    python -m core.feature_cache build META.jsonl --checkpoint CKPT --out DIR [--max-seconds 30]
 
     cache = FeatureCache(DIR, processor, max_seconds=30)
     batch = processor(prompts, features=[cache.features_for(item.audio_path) for item in items])
@@ -41,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from infer.audio import AudioError, decode_audio
-from infer.qwen_omni import SAMPLE_RATE, OmniProcessor
+from core.audio import AudioError, decode_audio
+from core.qwen_omni import SAMPLE_RATE, OmniProcessor
 
 FORMAT_VERSION = 1
 
@@ -134,7 +134,7 @@ def build(meta: str, checkpoint: str, out: str, audio_root: str | None, max_seco
     """Cache the features of every clip `meta` names; returns a summary (clips, hits, throughput)."""
     from tqdm import tqdm
 
-    from infer.data import load_items
+    from core.items import load_items
 
     paths = sorted({str(item.audio_path) for item in load_items(meta, audio_root, check_audio=True)})
     _init_worker(out, checkpoint, max_seconds)

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from infer.audio import AudioError, load_audio
+from core.audio import AudioError, load_audio
 
 REQUIRED_FIELDS = ("id", "audio_path", "question", "choices", "answer")
 MODALITIES = (

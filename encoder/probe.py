@@ -1,6 +1,6 @@
 """Linear probes on an audio encoder's pooled features, to compare encoders before and after fine-tuning.
 
-    python -m eval.encoder_probe --encoder runs/tiny/audio_encoder --data artifacts/synthetic
+    python -m encoder.probe --encoder runs/tiny/audio_encoder --data artifacts/synthetic
 
 For every synthetic task the label comes from the clip's ground truth (`facts`), not from the
 question: beep count (5 classes), which tone is higher, which sound is first, louder or softer,
@@ -20,8 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from infer.audio_encoder import QwenOmniAudioEncoder
-from infer.data import Item, load_items
+from core.items import Item, load_items
+from encoder.audio_encoder import QwenOmniAudioEncoder
 
 # Task name -> label of one record from its `facts` (None when the record belongs to another task).
 PROBE_TASKS: dict[str, Callable[[dict], object]] = {

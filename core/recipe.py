@@ -44,7 +44,7 @@ class DataConfig(Section):
     max_audio_seconds: float = Field(30.0, gt=0)
     max_length: int = Field(4096, gt=0)  # tokens; longer samples are dropped and counted
     num_workers: int = Field(0, ge=0)
-    # folder of infer.feature_cache: per-clip features computed once, read every epoch; None: from the waveforms
+    # folder of core.feature_cache: per-clip features computed once, read every epoch; None: from the waveforms
     feature_cache: str | None = None
 
 

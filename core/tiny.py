@@ -1,6 +1,6 @@
 """A tiny, randomly initialised Qwen3-Omni thinker and an offline processor, built from configs.
 
-`python -m infer.tiny OUT_DIR` writes a folder that loads with `from_pretrained` exactly like a
+`python -m core.tiny OUT_DIR` writes a folder that loads with `from_pretrained` exactly like a
 real checkpoint (same classes, same special tokens, a Qwen-style chat template). Nothing downloads.
 Tests and the demo run the real code paths on it in seconds on a CPU.
 """
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, Qwen2Tokenizer, WhisperFeatureExtractor
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeThinkerConfig
 
-from infer import qwen_omni as qo
+from core import qwen_omni as qo
 
 # Qwen-style template: content lists render audio as <|audio_start|><|audio_pad|><|audio_end|>,
 # and the generation prompt ends with the assistant header, as in the real Thinking checkpoint.

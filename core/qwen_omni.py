@@ -187,7 +187,7 @@ class OmniProcessor:
         self, audios: Sequence[np.ndarray] | None = None, features: Sequence[np.ndarray] | None = None
     ) -> dict[str, torch.Tensor]:
         """Padded batch of features, from waveforms or from per-clip `clip_features` computed earlier
-        (e.g. by infer.feature_cache); both give identical tensors."""
+        (e.g. by core.feature_cache); both give identical tensors."""
         if (audios is None) == (features is None):
             raise ValueError("give exactly one of audios and features")
         if features is None:

@@ -12,7 +12,7 @@ from typing import BinaryIO
 import numpy as np
 import soundfile as sf
 
-from infer.qwen_omni import SAMPLE_RATE
+from core.qwen_omni import SAMPLE_RATE
 
 
 class AudioError(ValueError):
