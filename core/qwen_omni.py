@@ -267,12 +267,26 @@ def load_thinker(
     device: str | None = None,
     attn_implementation: str | None = None,
     experts_implementation: str | None = None,
+    zero3: bool = False,
 ):
     """The thinker alone, from a thinker checkpoint or a full Qwen3-Omni checkpoint (talker skipped).
 
     `experts_implementation`: how the fused MoE experts run ("grouped_mm", "batched_mm" or the
     per-expert "eager" loop); None keeps transformers' default (grouped_mm where it can dispatch).
+    `zero3`: the caller trains under DeepSpeed ZeRO-3. transformers then builds the model inside
+    `deepspeed.zero.Init` (each rank allocates only its shard) and copies each module's weights in
+    gathered, module by module; it does so only when the DeepSpeed config is registered
+    (`HfDeepSpeedConfig`, which an Accelerator launched with a ZeRO-3 config does), so that is checked
+    here: otherwise every rank would materialise the whole model in host memory.
     """
+    if zero3:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if not is_deepspeed_zero3_enabled():
+            raise RuntimeError("load_thinker(zero3=True): transformers does not see a ZeRO-3 DeepSpeed config; create the "
+                               "Accelerator (launched with a ZeRO-3 accelerate config) before loading the model")
+        if device:
+            raise ValueError("load_thinker(zero3=True) places the shards itself; do not pass a device")
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     kwargs = {"dtype": torch_dtype}
     if attn_implementation:
@@ -283,6 +297,11 @@ def load_thinker(
     if device:
         model = model.to(device)
     return model
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """Elements of a parameter, also when ZeRO-3 holds only this rank's shard of it."""
+    return getattr(param, "ds_numel", param.numel())
 
 
 def text_layers(model) -> torch.nn.ModuleList:

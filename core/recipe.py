@@ -78,6 +78,13 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
+    # ZeRO stage the recipe is planned for (python -m train.memory); train/sft.py refuses a launch with
+    # another one. None: whatever the accelerate config gives.
+    zero_stage: Literal[0, 2, 3] | None = None
+    # Cross-entropy over this many target tokens at a time, each chunk's logits recomputed in backward
+    # (train/loss.py): the full-vocabulary fp32 logits of long samples never exist at once. None: the
+    # model's own loss over all positions.
+    loss_chunk_tokens: int | None = Field(None, gt=0)
     group_by_length: bool = True
     save_every: int = Field(100, gt=0)  # optimizer steps
     keep_last: int = Field(2, gt=0)

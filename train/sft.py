@@ -44,6 +44,7 @@ from core.provenance import record_session  # noqa: E402
 from core.recipe import Recipe, load_recipe, save_recipe, split_cli  # noqa: E402
 from train.data import SFTCollator, SFTDataset, build_examples, epoch_batches, feature_cache_for  # noqa: E402
 from train.lora import apply_lora  # noqa: E402
+from train.loss import make_loss, model_loss  # noqa: E402
 
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete and ignored
@@ -172,8 +173,10 @@ def windows(dataset, collator, lengths, recipe: Recipe, rank: int, world: int, s
                     return
 
 
-def train_step(accelerator: Accelerator, model, optimizer, scheduler, params, micro: list[dict], max_grad_norm: float) -> dict:
-    """One optimizer step over this rank's micro-batches; the loss is per target token of the global batch."""
+def train_step(accelerator: Accelerator, model, optimizer, scheduler, params, micro: list[dict], max_grad_norm: float,
+               loss_fn=model_loss) -> dict:
+    """One optimizer step over this rank's micro-batches; the loss is per target token of the global batch
+    (`loss_fn`: train.loss.model_loss, or a ChunkedLoss; both divide by the global target-token count)."""
     device = accelerator.device
     # The model shifts labels by one inside its loss: a target token is a label at position >= 1.
     local_tokens = sum(int((b["labels"][:, 1:] != qo.IGNORE_INDEX).sum()) for b in micro)
@@ -184,7 +187,7 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, params, mi
         with accelerator.accumulate(model):
             assert accelerator.sync_gradients == (i == len(micro) - 1), "accumulation window out of step"
             # loss = (sum of this micro-batch's token losses) / (target tokens of the whole global batch)
-            loss = model(**inputs, use_cache=False, num_items_in_batch=global_tokens).loss
+            loss = loss_fn(model, inputs, global_tokens)
             # DDP/ZeRO average gradients over ranks and Accelerate/DeepSpeed divide by grad_accum: undo both,
             # so the summed gradient is exactly that of the global per-token mean.
             accelerator.backward(loss * accelerator.num_processes * len(micro))
@@ -219,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = recipe.train
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(recipe)
+    stage = zero_stage(accelerator)
+    if cfg.zero_stage is not None and cfg.zero_stage != stage:
+        raise ValueError(f"train.zero_stage={cfg.zero_stage} (the recipe's memory plan: python -m train.memory {path}) "
+                         f"but this launch runs ZeRO stage {stage}: use an accelerate config of stage {cfg.zero_stage} "
+                         f"(recipes/accelerate/) or override train.zero_stage")
     rank, world = accelerator.process_index, accelerator.num_processes
     log = partial(tqdm.write) if accelerator.is_main_process else (lambda *_: None)
     set_seed(cfg.seed)
@@ -240,13 +248,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{steps_per_epoch} steps/epoch, {total_steps} steps")
 
     # Model: LoRA on the text attention (and experts if asked); the audio tower and visual stay frozen.
+    # Under ZeRO-3 each rank creates its 1/world shard of every parameter and reads the weights
+    # into it; the full model never exists in one process's memory.
     model = qo.load_thinker(recipe.model.path, recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
-                            experts_implementation=recipe.model.experts_implementation)
+                            experts_implementation=recipe.model.experts_implementation, zero3=stage == 3)
     model, placed = prepare_for_training(model, recipe)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(qo.full_numel(p) for p in model.parameters() if p.requires_grad)
     log("lora: adapted modules " + ", ".join(f"{g}={placed[g]}" for g in ("text_attention", "experts", "audio_tower", "other"))
-        + f"; {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
-    if zero_stage(accelerator) == 3:
+        + f"; {trainable:,} trainable of {sum(qo.full_numel(p) for p in model.parameters()):,} parameters")
+    loss_fn = make_loss(model, cfg.loss_chunk_tokens)
+    if stage == 3:
         from deepspeed.utils import set_z3_leaf_modules
 
         # ZeRO-3 would hang waiting for the parameters of experts that got no tokens on some rank.
@@ -284,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     tick = time.perf_counter()
     for step, epoch, micro in windows(dataset, collator, lengths, recipe, rank, world, steps_per_epoch, start, end):
         lr = scheduler.get_last_lr()[0]
-        stats = train_step(accelerator, model, optimizer, scheduler, params, micro, cfg.max_grad_norm)
+        stats = train_step(accelerator, model, optimizer, scheduler, params, micro, cfg.max_grad_norm, loss_fn)
         seconds, tick = time.perf_counter() - tick, time.perf_counter()
         with seen_path.open("a") as handle:
             handle.write(json.dumps({"step": step + 1, "ids": [i for b in micro for i in b["ids"]]}) + "\n")
