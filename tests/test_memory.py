@@ -11,6 +11,7 @@ from core.tiny import REAL_SIZES, build_config, build_thinker
 from train import memory
 from train.loss import ChunkedLoss, chunked_cross_entropy, model_loss
 from train.sft import prepare_for_training
+from tests.test_train import recipe_file  # noqa: F401  (the training tests' recipe fixture)
 
 # The estimate must be within this fraction of the measured peak (tensor bytes, not RSS).
 TOLERANCE = 0.10
@@ -138,3 +139,51 @@ def test_chunked_cross_entropy_without_targets_still_backpropagates():
     loss = chunked_cross_entropy(torch.nn.Linear(4, 9), hidden, torch.full((1, 5), qo.IGNORE_INDEX), 2, torch.tensor(3))
     loss.backward()
     assert loss.item() == 0.0 and hidden.grad is not None and not hidden.grad.any()
+
+
+@pytest.mark.slow
+def test_two_processes_zero3_take_the_single_process_steps(recipe_file, tmp_path):
+    """Two gloo ranks under ZeRO-3, each holding half of every parameter from loading on, take the
+    same steps as one process with the whole batch."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from tests.test_train import REPO, adapter_weights, metrics, run_sft
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "recipes/accelerate/cpu_zero3_2proc.yaml"), str(REPO / "train/sft.py"), str(recipe_file),
+           f"train.output_dir={two}", "train.batch_size=2", "train.zero_stage=3"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    one = run_sft(recipe_file, f"train.output_dir={tmp_path}/one", "train.batch_size=4")
+    # the logged parameter count is the full model's (+ LoRA) although each rank holds half of it
+    base = sum(p.numel() for p in qo.load_thinker(load_recipe(recipe_file).model.path).parameters())
+    trainable, total = (int(n.replace(",", "")) for n in re.search(
+        r"([\d,]+) trainable of ([\d,]+) parameters", done.stdout + done.stderr).groups())
+    assert 0 < trainable < base and total == base + trainable
+    assert [m["target_tokens"] for m in metrics(one)] == [m["target_tokens"] for m in metrics(two)]
+    np.testing.assert_allclose([m["loss"] for m in metrics(one)], [m["loss"] for m in metrics(two)], rtol=1e-4)
+    a, b = adapter_weights(one / "adapter"), adapter_weights(two / "adapter")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+    assert json.loads((two / "checkpoints" / "step-3" / "trainer_state.json").read_text())["step"] == 3
+
+
+def test_a_launch_with_another_zero_stage_than_the_recipe_is_refused(recipe_file):
+    from tests.test_train import run_sft
+
+    with pytest.raises(ValueError, match="train.zero_stage=3 .* runs ZeRO stage 0"):
+        run_sft(recipe_file, "train.zero_stage=3")
+
+
+def test_zero3_loading_needs_transformers_to_see_the_zero3_config(tiny_checkpoint):
+    with pytest.raises(RuntimeError, match="does not see a ZeRO-3 DeepSpeed config"):
+        qo.load_thinker(tiny_checkpoint, zero3=True)

@@ -227,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"train.zero_stage={cfg.zero_stage} (the recipe's memory plan: python -m train.memory {path}) "
                          f"but this launch runs ZeRO stage {stage}: use an accelerate config of stage {cfg.zero_stage} "
                          f"(recipes/accelerate/) or override train.zero_stage")
+    if stage == 3 and cfg.loss_chunk_tokens:
+        # ZeRO-3 gathers the sharded lm_head at each call: the chunks call it a different number of
+        # times per rank, and their recomputation in backward finds it released (tried on 2 CPU ranks).
+        raise ValueError("train.loss_chunk_tokens is not supported under ZeRO-3 (the lm_head is sharded); "
+                         "use it with ZeRO-2 or one process, or set train.loss_chunk_tokens=null")
     rank, world = accelerator.process_index, accelerator.num_processes
     log = partial(tqdm.write) if accelerator.is_main_process else (lambda *_: None)
     set_seed(cfg.seed)
