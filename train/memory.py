@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe_and_overrides", nargs="+", metavar="RECIPE [key=value ...]")
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--gpu-gib", type=float, default=80.0)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     path, overrides = split_cli(args.recipe_and_overrides)
     recipe = load_recipe(path, overrides)
     result = plans(recipe, args.gpus, args.gpu_gib)

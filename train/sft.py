@@ -1,7 +1,7 @@
 """LoRA SFT of the Qwen3-Omni thinker, from a recipe.
 
     python train/sft.py recipes/tiny.yaml [train.lr=1e-3 ...]
-    accelerate launch --config_file recipes/accelerate/zero2_8gpu.yaml train/sft.py recipes/cogito.yaml
+    accelerate launch --config_file recipes/accelerate/zero3_8gpu.yaml train/sft.py recipes/cogito.yaml
 
 Writes to `train.output_dir`:
     recipe.yaml                  the resolved recipe
