@@ -34,6 +34,9 @@ def decode_audio(source: str | BinaryIO, path: str | Path, max_seconds: float | 
         wave, rate = sf.read(source, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as err:
         raise AudioError(f"{path}: cannot decode audio ({err})") from None
+    if not np.isfinite(wave).all():  # NaN/inf samples poison every loss and output they reach
+        bad = int((~np.isfinite(wave)).any(axis=1).sum())
+        raise AudioError(f"{path}: audio holds non-finite samples (NaN or infinity) in {bad} of {len(wave)} frames")
     wave = wave.mean(axis=1)
     if rate != SAMPLE_RATE:
         import librosa  # imported lazily: its first call compiles with numba for ~15 s

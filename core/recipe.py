@@ -76,6 +76,9 @@ class TrainConfig(Section):
     batch_size: int = Field(1, gt=0)  # per device
     grad_accum: int = Field(1, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    # steps with a non-finite loss or gradient norm that are skipped (no update, counted) before training
+    # stops with an error; 0: stop at the first. Not with DeepSpeed, whose engine steps inside backward.
+    max_nonfinite_steps: int = Field(0, ge=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     group_by_length: bool = True

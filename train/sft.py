@@ -49,6 +49,10 @@ CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete and ignored
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, settings that contradict the run on disk); the message says why."""
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     """LR multiplier for optimizer step `step` (0-based): linear warmup, then decay to `min_ratio`."""
     if step < warmup:
@@ -122,30 +126,30 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def save_checkpoint(accelerator: Accelerator, model, output_dir: Path, step: int, keep_last: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, model, output_dir: Path, step: int, keep_last: int, state: dict) -> Path:
     path = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
     # DeepSpeed writes model + optimizer itself; the frozen base weights need not be in every checkpoint.
     accelerator.save_state(str(path), **({"exclude_frozen_parameters": True} if zero_stage(accelerator) else {}))
     save_adapter(accelerator, model, path / "adapter")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (path / STATE_FILE).write_text(json.dumps({"step": step}))
+        (path / STATE_FILE).write_text(json.dumps({"step": step, **state}))
         for old in checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return path
 
 
-def resume(accelerator: Accelerator, output_dir: Path) -> int:
-    """Load the newest complete checkpoint; returns the optimizer step it was taken after (0: none)."""
+def resume(accelerator: Accelerator, output_dir: Path) -> dict:
+    """Load the newest complete checkpoint; returns its state: the optimizer step it was taken after (0: none), ..."""
     found = checkpoints(output_dir)
     if not found:
-        return 0
+        return {"step": 0}
     latest = found[-1]
     # Only the adapter is in the checkpoint, so the base weights are left as loaded.
     strict = {"load_module_strict": False} if zero_stage(accelerator) else {"strict": False}
     accelerator.load_state(str(latest), **strict)
-    return json.loads((latest / STATE_FILE).read_text())["step"]
+    return json.loads((latest / STATE_FILE).read_text())
 
 
 def windows(dataset, collator, lengths, recipe: Recipe, rank: int, world: int, steps_per_epoch: int, start: int, total: int):
@@ -190,14 +194,20 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, params, mi
             accelerator.backward(loss * accelerator.num_processes * len(micro))
             loss_sum += loss.detach()
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    scheduler.step()
+    loss = accelerator.reduce(loss_sum, reduction="sum").item()
+    grad_norm = float(grad_norm) if grad_norm is not None else None
+    # Loss and norm are global (reduced), so every rank takes the same decision.
+    finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+    if finite:  # a non-finite step updates nothing; the caller stops or skips it
+        optimizer.step()
+    scheduler.step()  # the schedule stays a function of the step, skipped or not
     optimizer.zero_grad()
-    return {
-        "loss": accelerator.reduce(loss_sum, reduction="sum").item(),
-        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-        "target_tokens": int(global_tokens),
-    }
+    return {"loss": loss, "grad_norm": grad_norm, "target_tokens": int(global_tokens), "finite": finite}
+
+
+def finite_or_null(value):
+    """JSON has no NaN or infinity: metrics.jsonl writes null for them."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def peak_memory_gb() -> float:
@@ -264,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_save_state_pre_hook(keep_trainable_weights)
 
-    start = resume(accelerator, out) if cfg.resume else 0
+    if cfg.max_nonfinite_steps and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise TrainingError("train.max_nonfinite_steps > 0 cannot skip steps under DeepSpeed (its engine updates "
+                            "inside backward); set it to 0: training then stops at a non-finite loss")
+    state = resume(accelerator, out) if cfg.resume else {"step": 0}
+    start, skipped = state["step"], state.get("nonfinite_skipped", 0)
     if start:
         log(f"resume: from {out}/checkpoints/{CHECKPOINT_PREFIX}{start}")
     end = min(total_steps, cfg.stop_after or total_steps)
@@ -286,10 +300,22 @@ def main(argv: list[str] | None = None) -> int:
         lr = scheduler.get_last_lr()[0]
         stats = train_step(accelerator, model, optimizer, scheduler, params, micro, cfg.max_grad_norm)
         seconds, tick = time.perf_counter() - tick, time.perf_counter()
+        ids = [i for b in micro for i in b["ids"]]
+        if not stats["finite"]:
+            skipped += 1
+            if skipped > cfg.max_nonfinite_steps:
+                newest = checkpoints(out)
+                raise TrainingError(
+                    f"step {step + 1}: loss {stats['loss']}, gradient norm {stats['grad_norm']} (samples of this rank: "
+                    f"{', '.join(ids)}); stopped before any update or checkpoint"
+                    + (f" ({skipped - 1} skipped before, train.max_nonfinite_steps={cfg.max_nonfinite_steps})" if skipped > 1 else "")
+                    + f"; newest checkpoint: {newest[-1] if newest else 'none'}")
+            log(f"step {step + 1}: non-finite loss or gradient norm, skipped ({skipped} of at most {cfg.max_nonfinite_steps})")
         with seen_path.open("a") as handle:
-            handle.write(json.dumps({"step": step + 1, "ids": [i for b in micro for i in b["ids"]]}) + "\n")
+            handle.write(json.dumps({"step": step + 1, "ids": ids}) + "\n")
         record = {
-            "step": step + 1, "epoch": round(epoch + (step % steps_per_epoch + 1) / steps_per_epoch, 4), "lr": lr, **stats,
+            "step": step + 1, "epoch": round(epoch + (step % steps_per_epoch + 1) / steps_per_epoch, 4), "lr": lr,
+            **{k: finite_or_null(v) for k, v in stats.items() if k != "finite"}, "skipped": not stats["finite"],
             "target_tokens_per_s": stats["target_tokens"] / seconds, "samples_per_s": global_batch / seconds,
             "peak_memory_gb": round(peak_memory_gb(), 3),
         }
@@ -301,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                 with metrics_path.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
         if (step + 1) % cfg.save_every == 0 or step + 1 == end:
-            save_checkpoint(accelerator, model, out, step + 1, cfg.keep_last)
+            save_checkpoint(accelerator, model, out, step + 1, cfg.keep_last, {"nonfinite_skipped": skipped})
     progress.close()
 
     if end < total_steps:

@@ -1,0 +1,129 @@
+"""Reliability (issue 15): no silent wrong result, no leaked secret, no lost or mixed work."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+
+from core.items import DataError, load_items
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    threads = torch.get_num_threads()  # tiny matmuls: more threads only spin on a shared 2-core machine
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def recipe_file(tmp_path, tiny_checkpoint, synthetic_dir):
+    recipe = {
+        "name": "reliability",
+        "model": {"path": str(tiny_checkpoint), "dtype": "float32"},
+        "data": {"train": [{"path": str(synthetic_dir / "train.jsonl")}], "max_length": 1024},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj", "lm_head"]},
+        "train": {"output_dir": str(tmp_path / "run"), "seed": 0, "lr": 1e-2, "warmup_ratio": 0.0,
+                  "batch_size": 1, "grad_accum": 1, "max_steps": 6, "save_every": 1, "keep_last": 2},
+        "infer": {"meta": str(synthetic_dir / "test.jsonl"), "output": str(tmp_path / "infer" / "submission.jsonl"),
+                  "batch_size": 4, "max_new_tokens": 4, "do_sample": False, "limit": 4},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_sft(recipe_file: Path, *overrides: str) -> int:
+    from accelerate.state import AcceleratorState
+
+    from train.sft import main
+
+    AcceleratorState._reset_state(True)  # each in-process run gets a fresh Accelerator
+    return main([str(recipe_file), *overrides])
+
+
+def nan_set(tmp_path: Path, synthetic_dir: Path) -> Path:
+    """The synthetic training set with every clip replaced by a float WAV of NaNs."""
+    records = [json.loads(line) for line in (synthetic_dir / "train.jsonl").read_text().splitlines()]
+    bad = tmp_path / "nan.wav"
+    sf.write(str(bad), np.full(16000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    for r in records:
+        r["audio_path"] = str(bad)
+    path = tmp_path / "nan.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+# ---------------------------------------------------------------- 1. non-finite audio and loss
+
+
+def test_nan_audio_is_a_data_error_naming_file_and_id(tmp_path, synthetic_dir, recipe_file):
+    path = nan_set(tmp_path, synthetic_dir)
+    item = load_items(path)[2]
+    with pytest.raises(DataError, match=rf"{path}:3 \(id={item.id}\): audio_path: .*nan.wav: audio holds non-finite"):
+        item.load_audio()
+    with pytest.raises(DataError, match=rf"{path}:\d+ \(id=syn-train-\d+-\w+\): audio_path: .*non-finite"):
+        run_sft(recipe_file, f"data.train=[{{path: {path}}}]")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.fixture
+def nan_from_third_batch(monkeypatch):
+    """Batches 3, 4, ... carry NaN features: the loss turns NaN from optimizer step 3 on."""
+    from train.data import SFTCollator
+
+    calls = []
+    real = SFTCollator.__call__
+
+    def poisoned(self, rows):
+        batch = real(self, rows)
+        calls.append(1)
+        if len(calls) >= 3:
+            batch["input_features"] = torch.full_like(batch["input_features"], float("nan"))
+        return batch
+
+    monkeypatch.setattr(SFTCollator, "__call__", poisoned)
+    return calls
+
+
+def test_nonfinite_loss_stops_before_any_checkpoint_is_written_or_deleted(recipe_file, tmp_path, nan_from_third_batch):
+    from train.sft import TrainingError
+
+    with pytest.raises(TrainingError, match=r"step 3: loss nan.*stopped before any update or checkpoint.*step-2"):
+        run_sft(recipe_file)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert not (run / "adapter").exists()
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps] == [1, 2] and all(math.isfinite(m["loss"]) for m in steps)
+
+
+def test_nonfinite_steps_can_be_skipped_up_to_a_limit(recipe_file, tmp_path, nan_from_third_batch):
+    from safetensors.torch import load_file
+
+    from train.sft import TrainingError
+
+    assert run_sft(recipe_file, "train.max_nonfinite_steps=4") == 0
+    run = tmp_path / "run"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert "NaN" not in "".join(lines)  # strict JSON: null, not a bare NaN
+    steps = [json.loads(line) for line in lines]
+    assert [m["skipped"] for m in steps] == [False, False, True, True, True, True]
+    assert [m["loss"] is None for m in steps] == [False, False, True, True, True, True]
+    # skipped steps update nothing: the adapter after step 5 is the final one, and finite
+    final = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    at_5 = load_file(str(run / "checkpoints" / "step-5" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() and torch.equal(t, at_5[k]) for k, t in final.items())
+    assert json.loads((run / "checkpoints" / "step-6" / "trainer_state.json").read_text())["nonfinite_skipped"] == 4
+    nan_from_third_batch.clear()
+    with pytest.raises(TrainingError, match=r"step 5: .*\(2 skipped before, train.max_nonfinite_steps=2\)"):
+        run_sft(recipe_file, f"train.output_dir={tmp_path}/limited", "train.max_nonfinite_steps=2")
