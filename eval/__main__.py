@@ -32,9 +32,11 @@ def _score(argv: list[str]) -> int:
         print(f"judge error: {err}\nFinished ratings are in the cache; re-run to resume.", file=sys.stderr)
         return 1
     t = report["totals"]
-    rub = "not computed" if t["rubrics"] is None else f"{t['rubrics']:.2f}"
+    # every total is None when no item is counted (all NOT EVALUATED)
+    acc = "–" if t["accuracy"] is None else f"{t['accuracy']:.2f}"
+    rub = ("not computed" if not report["judged"] else "–") if t["rubrics"] is None else f"{t['rubrics']:.2f}"
     crs = "–" if t["crs"] is None else f"{t['crs']:.3f}"
-    print(f"Accuracy {t['accuracy']:.2f}  Rubrics {rub}  CRS {crs}  ({t['n']} items counted, "
+    print(f"Accuracy {acc}  Rubrics {rub}  CRS {crs}  ({t['n']} items counted, "
           f"{t['not_evaluated']} NOT EVALUATED, {len(report['missing_ids'])} missing)  "
           f"-> {Path(recipe.eval.report_dir) / 'report.md'}")
     return 0 if not report["not_evaluated"] else 3

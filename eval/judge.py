@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from core.redact import redact
 from eval.cache import JudgeCache, cache_key
 from eval.protocol import JUDGE_SYSTEM_PROMPT, ReplyError, parse_judge_reply
 
@@ -82,7 +83,7 @@ class OpenAIJudge:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 raw = response.read()
         except urllib.error.HTTPError as err:
-            detail = err.read(300).decode("utf-8", "replace")
+            detail = redact(err.read(300).decode("utf-8", "replace"))  # servers echo the key they refused
             if err.code == 429 or err.code == 408 or err.code >= 500:
                 raise TransientError(f"HTTP {err.code}: {detail}", _retry_after(err.headers.get("Retry-After")))
             if err.code in (401, 403, 404):

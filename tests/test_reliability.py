@@ -127,3 +127,84 @@ def test_nonfinite_steps_can_be_skipped_up_to_a_limit(recipe_file, tmp_path, nan
     nan_from_third_batch.clear()
     with pytest.raises(TrainingError, match=r"step 5: .*\(2 skipped before, train.max_nonfinite_steps=2\)"):
         run_sft(recipe_file, f"train.output_dir={tmp_path}/limited", "train.max_nonfinite_steps=2")
+
+
+# ---------------------------------------------------------------- 2. no secret in any output
+
+PLANTED = "sk-planted-0123456789abcdefABCDEF"
+
+
+def planted_repo(root: Path) -> Path:
+    """A git checkout holding credentials the usual ways: an untracked .env, a key file, a token in a
+    notes file, and a tracked file edited to hold the key."""
+    import subprocess
+
+    repo = root / "repo"
+    repo.mkdir()
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    (repo / "settings.py").write_text("MODEL = 'tiny'\n")
+    git("add", "settings.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    (repo / "settings.py").write_text(f"MODEL = 'tiny'\nOPENAI_API_KEY={PLANTED}\n")
+    (repo / ".env").write_text(f"OPENAI_API_KEY={PLANTED}\n")
+    (repo / "deploy.pem").write_text(f"-----BEGIN PRIVATE KEY-----\n{PLANTED}\n-----END PRIVATE KEY-----\n")
+    (repo / "notes.txt").write_text(f"curl -H 'Authorization: Bearer {PLANTED}' https://api.openai.com\n")
+    return repo
+
+
+def every_output_text(root: Path) -> str:
+    """The bytes of every file under `root`, tarballs unpacked, as one string."""
+    import tarfile
+
+    texts = []
+    for path in sorted(root.rglob("*")) if root.is_dir() else [root]:
+        if path.is_file():
+            texts.append(path.read_bytes().decode("utf-8", "replace"))
+            if path.name.endswith(".tar.gz"):
+                with tarfile.open(path) as tar:
+                    texts += [tar.extractfile(m).read().decode("utf-8", "replace") for m in tar.getmembers() if m.isfile()]
+    return "\n".join(texts)
+
+
+def test_a_planted_key_reaches_no_output_of_train_infer_eval_audit(recipe_file, tmp_path, synthetic_dir, monkeypatch, capsys):
+    from audit.__main__ import main as audit_cli
+    from core import provenance
+    from core.recipe import load_recipe
+    from eval.__main__ import main as eval_cli
+    from infer.run import run
+    from tests.test_eval_http import ChatServer
+
+    repo = planted_repo(tmp_path)
+    monkeypatch.setattr(provenance, "REPO", repo)
+    monkeypatch.setenv("OPENAI_API_KEY", PLANTED)
+    state, patch = provenance.git_state()
+    assert sorted(state["secret_files_left_out"]) == [".env", "deploy.pem"]
+    notes = next(u for u in state["untracked"] if u["path"] == "notes.txt")
+    assert len(notes["sha256"]) == 64 and notes["bytes"] == (repo / "notes.txt").stat().st_size
+    assert "settings.py" in patch and "OPENAI_API_KEY=[REDACTED]" in patch and "notes.txt" not in patch
+
+    run_dir = tmp_path / "run"
+    assert run_sft(recipe_file, "train.max_steps=2", "train.save_every=1") == 0
+    recipe = load_recipe(recipe_file, [f"infer.output={run_dir}/submission.jsonl", f"infer.adapter={run_dir}/adapter"])
+    run(recipe)
+    # eval: every answer right, so the judge is asked; it refuses the key and echoes it, as OpenAI's 401/400 do
+    meta = [json.loads(line) for line in (synthetic_dir / "test.jsonl").read_text().splitlines()][:3]
+    (tmp_path / "meta.jsonl").write_text("".join(json.dumps(r) + "\n" for r in meta))
+    (tmp_path / "right.jsonl").write_text("".join(json.dumps(
+        {"id": r["id"], "thinking_prediction": "t", "answer_prediction": r["answer"]}) + "\n" for r in meta))
+    with ChatServer() as server:
+        server.default = (400, json.dumps({"error": {"message": f"Incorrect API key provided: {PLANTED}"}}).encode(), 0.0)
+        code = eval_cli(["score", str(recipe_file), f"eval.meta={tmp_path}/meta.jsonl", f"eval.submission={tmp_path}/right.jsonl",
+                         f"eval.report_dir={tmp_path}/eval", "eval.judge.backend=openai", f"eval.judge.base_url={server.url}",
+                         "eval.judge.ratings=1", "eval.judge.max_attempts=1", f"eval.judge.cache={tmp_path}/cache.sqlite",
+                         "eval.charts=false", "eval.bootstrap=0"])
+    assert code == 3 and all(r["auth"] == f"Bearer {PLANTED}" for r in server.requests)  # the key was used...
+    audit_cli(["bundle", "--train-run", str(run_dir), "--infer-output", str(run_dir / "submission.jsonl"),
+               "--out", str(tmp_path / "audit")])  # exit 1: no data card, irrelevant here
+    assert (tmp_path / "audit.tar.gz").is_file() and "[REDACTED]" in every_output_text(tmp_path / "eval")
+    captured = capsys.readouterr()
+    for where, text in [("train and infer", every_output_text(run_dir)), ("eval", every_output_text(tmp_path / "eval")),
+                        ("audit", every_output_text(tmp_path / "audit")),
+                        ("audit tarball", every_output_text(tmp_path / "audit.tar.gz")), ("stdout", captured.out), ("stderr", captured.err)]:
+        assert PLANTED not in text, where  # ...and written nowhere
