@@ -6,6 +6,7 @@ resampler work everywhere.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,6 +26,19 @@ def load_audio(path: str | Path, max_seconds: float | None = None) -> np.ndarray
     if not path.is_file():
         raise AudioError(f"{path}: audio file not found")
     return decode_audio(str(path), path, max_seconds)
+
+
+def audio_samples(path: str | Path, max_seconds: float | None = None) -> int:
+    """Samples `load_audio(path, max_seconds)` will return, from the file header only: a fast check
+    that a clip is there and readable before hours of work depend on it."""
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError) as err:
+        raise AudioError(f"{path}: cannot read audio header ({err})") from None
+    if info.frames <= 0 or info.samplerate <= 0:
+        raise AudioError(f"{path}: audio file holds no samples")
+    samples = math.ceil(info.frames * SAMPLE_RATE / info.samplerate)  # librosa's resampled length
+    return samples if max_seconds is None else min(samples, int(max_seconds * SAMPLE_RATE))
 
 
 def decode_audio(source: str | BinaryIO, path: str | Path, max_seconds: float | None = None) -> np.ndarray:

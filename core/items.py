@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from core.audio import AudioError, load_audio
+from core.audio import AudioError, audio_samples, load_audio
 
 REQUIRED_FIELDS = ("id", "audio_path", "question", "choices", "answer")
 MODALITIES = (
@@ -41,6 +41,13 @@ class Item:
     def load_audio(self, max_seconds: float | None = None) -> np.ndarray:
         try:
             return load_audio(self.audio_path, max_seconds)
+        except AudioError as err:
+            raise DataError(f"{self.where} (id={self.id}): audio_path: {err}") from None
+
+    def audio_samples(self, max_seconds: float | None = None) -> int:
+        """Samples that `load_audio(max_seconds)` will return, read from the file header only (fast)."""
+        try:
+            return audio_samples(self.audio_path, max_seconds)
         except AudioError as err:
             raise DataError(f"{self.where} (id={self.id}): audio_path: {err}") from None
 

@@ -320,3 +320,11 @@ def expert_parameter_names(model) -> list[str]:
         if re.search(r"\.experts\.(%s)$" % "|".join(EXPERT_PARAMETERS), name)
         and not any(part in NON_TEXT_MODULES for part in name.split("."))
     ]
+
+
+def context_length(config) -> int | None:
+    """Positions the text model takes (prompt + generation), from a thinker, composite or plain LM config."""
+    for cfg in (config, getattr(config, "text_config", None), getattr(getattr(config, "thinker_config", None), "text_config", None)):
+        if cfg is not None and getattr(cfg, "max_position_embeddings", None):
+            return int(cfg.max_position_embeddings)
+    return None

@@ -106,6 +106,8 @@ class InferConfig(Section):
     top_k: int | None = Field(None, ge=0)
     seed: int = 0
     limit: int | None = Field(None, gt=0)  # first N items only
+    # stop at the first unreadable clip or over-long prompt; false: list them, record them as failed, answer the rest
+    fail_fast: bool = False
     tensor_parallel_size: int = Field(1, gt=0)  # vllm
     data_parallel_size: int = Field(1, gt=0)  # worker processes, each on its own tensor_parallel_size GPUs
     data_parallel_rank: int | None = Field(None, ge=0)  # set by `infer run` for its workers, not by hand
@@ -309,6 +311,37 @@ def save_recipe(recipe: Recipe, path: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     return out
+
+
+def _lookup(tree: dict, key: str, default: Any = None) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def dotted_keys(tree: dict, prefix: str = "") -> list[str]:
+    """Every leaf of a nested dict as a dotted key (lists are leaves)."""
+    keys = []
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        keys += dotted_keys(value, key + ".") if isinstance(value, dict) else [key]
+    return keys
+
+
+def changed_settings(saved: str | Path, recipe: Recipe, keys: list[str]) -> list[str]:
+    """`key: saved -> now` for each of `keys` whose value in `recipe` differs from the resolved recipe saved
+    at `saved` (a key the saved file lacks counts as its default: it was written by an older version)."""
+    tree = yaml.safe_load(Path(saved).read_text()) or {}
+    defaults, now = Recipe().model_dump(mode="json"), recipe.model_dump(mode="json")
+    changed = []
+    for key in keys:
+        old, new = _lookup(tree, key, _lookup(defaults, key)), _lookup(now, key)
+        if old != new:
+            changed.append(f"{key}: {old!r} -> {new!r}")
+    return changed
 
 
 def split_cli(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -127,7 +127,7 @@ class LocalJudge:
         else:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device or "cpu")
         self.model.eval()
-        self.context = _max_positions(self.model.config)
+        self.context = qwen_omni.context_length(self.model.config)
         self.temperature, self.seed, self.max_new_tokens = temperature, seed, max_new_tokens
         self.identity = f"local:{Path(path).resolve()}"
 
@@ -153,13 +153,6 @@ class LocalJudge:
         if close_id in new:
             new = new[len(new) - new[::-1].index(close_id):]
         return self.tokenizer.decode(new, skip_special_tokens=True)
-
-
-def _max_positions(config) -> int | None:
-    for cfg in (config, getattr(config, "text_config", None)):
-        if cfg is not None and getattr(cfg, "max_position_embeddings", None):
-            return int(cfg.max_position_embeddings)
-    return None
 
 
 # ---------------------------------------------------------------- the ask-again loop

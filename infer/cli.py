@@ -25,10 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
-            from infer.run import run
+            from infer.run import OutputBusy, run
 
             path, overrides = split_cli(args.args)
-            run(load_recipe(path, overrides))
+            try:
+                run(load_recipe(path, overrides))
+            except OutputBusy as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
             return 0
         from infer.submission import validate_submission
 

@@ -102,6 +102,7 @@ class Engine:
     tokenizer: Any  # for rendering prompts: qwen_omni.render_chat(engine.tokenizer, ...)
     sampling: SamplingConfig  # the recipe's settings; pass another to generate() to override
     batch_size: int
+    context_length: int | None = None  # the model's context in tokens (prompt + generation); None: unknown
 
     def generate_batches(
         self, requests: Sequence[Request], sampling: SamplingConfig | None = None
@@ -172,6 +173,7 @@ class HFEngine(Engine):
         self.batch_size = batch_size
         self.device = device
         self.eos_ids = processor.eos_token_ids
+        self.context_length = qo.context_length(model.config)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": self.device, "batch_size": self.batch_size,
@@ -281,6 +283,7 @@ class VLLMEngine(Engine):
         self.eos_ids = qo.eos_token_ids(self.tokenizer)
         self.sampling = sampling
         self.batch_size = recipe.infer.batch_size
+        self.context_length = getattr(getattr(self.llm.llm_engine, "model_config", None), "max_model_len", None)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "vllm": self._vllm.__version__, "batch_size": self.batch_size,

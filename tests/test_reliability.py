@@ -208,3 +208,115 @@ def test_a_planted_key_reaches_no_output_of_train_infer_eval_audit(recipe_file, 
                         ("audit", every_output_text(tmp_path / "audit")),
                         ("audit tarball", every_output_text(tmp_path / "audit.tar.gz")), ("stdout", captured.out), ("stderr", captured.err)]:
         assert PLANTED not in text, where  # ...and written nowhere
+
+
+# ---------------------------------------------------------------- 3. one writer per output; orphans exit
+
+
+def infer_recipe(tiny_checkpoint, meta, output, *overrides):
+    from core.recipe import load_recipe
+
+    return load_recipe(None, [f"model.path={tiny_checkpoint}", "model.dtype=float32", f"infer.meta={meta}",
+                              f"infer.output={output}", "infer.batch_size=4", "infer.max_new_tokens=4",
+                              "infer.do_sample=false", *overrides])
+
+
+def test_a_second_writer_of_an_output_fails_at_once_naming_the_holder(tiny_checkpoint, synthetic_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from infer.run import OutputBusy, run
+
+    out = tmp_path / "submission.jsonl"
+    code = ("import sys, time; from pathlib import Path; from infer.run import output_lock\n"
+            "with output_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputBusy, match=rf"{out}: another `infer run` is writing it \(pid {holder.pid} on "):
+            run(infer_recipe(tiny_checkpoint, synthetic_dir / "test.jsonl", out))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.jsonl.lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_an_orphaned_data_parallel_worker_exits_when_its_parent_dies(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # parent: starts a "worker" that watches it exactly as `infer run` workers do, prints its pid, waits
+    worker = ("import time; from infer.run import exit_with_parent; exit_with_parent(poll_s=0.1); time.sleep(120)")
+    parent = ("import os, subprocess, sys, time\n"
+              f"env = {{**os.environ, 'INFER_PARENT_PID': str(os.getpid())}}\n"
+              f"w = subprocess.Popen([sys.executable, '-c', {worker!r}], env=env)\n"
+              "print(w.pid, flush=True); time.sleep(120)")
+    process = subprocess.Popen([sys.executable, "-c", parent], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    pid = int(process.stdout.readline())
+    time.sleep(1.0)
+    assert alive(pid)  # watching, not yet gone: it ran past the import
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 30
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(pid)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie no reaper collects counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+# ---------------------------------------------------------------- 4. resuming with other settings
+
+
+def test_resuming_inference_with_other_settings_is_an_error_listing_them(tiny_checkpoint, synthetic_dir, tmp_path):
+    from infer.run import run
+
+    out = tmp_path / "submission.jsonl"
+    run(infer_recipe(tiny_checkpoint, synthetic_dir / "test.jsonl", out, "infer.limit=2"))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    other = infer_recipe(tiny_checkpoint, synthetic_dir / "test.jsonl", out, "infer.adapter=runs/other/adapter",
+                         "infer.seed=7", "infer.limit=4")
+    with pytest.raises(DataError, match=r"holds answers written with other settings.*Differing: infer.adapter: None -> "
+                                        r"'runs/other/adapter'; infer.seed: 0 -> 7\. Restore them"):
+        run(other)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # nothing rewritten
+    # what does not decide the answers may change: a larger limit and batch size resume the run
+    summary = run(infer_recipe(tiny_checkpoint, synthetic_dir / "test.jsonl", out, "infer.limit=4", "infer.batch_size=2"))
+    assert summary["complete"] and summary["this_invocation"]["answered"] == 2
+
+
+def test_rerunning_training_with_other_settings_is_an_error_listing_them(recipe_file, tmp_path):
+    from train.sft import TrainingError
+
+    assert run_sft(recipe_file, "train.max_steps=2") == 0
+    run = tmp_path / "run"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(TrainingError, match=r"other settings.*Differing: train.seed: 0 -> 3; train.lr: 0.01 -> 0.001\."):
+        run_sft(recipe_file, "train.max_steps=2", "train.lr=1e-3", "train.seed=3")
+    with pytest.raises(TrainingError, match=r"Differing: lora.r: 4 -> 8\."):
+        run_sft(recipe_file, "train.max_steps=2", "lora.r=8")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # recipe.yaml and all untouched
+
+
+# ---------------------------------------------------------------- 11. small ones
+
+
+def test_seen_ids_hold_each_step_once_after_a_resume(recipe_file, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    assert run_sft(recipe_file, "train.save_every=2", "train.stop_after=3") == 0
+    shutil.rmtree(run / "checkpoints" / "step-3")  # killed after step 3, before its checkpoint
+    assert run_sft(recipe_file, "train.save_every=2") == 0
+    seen = [json.loads(line)["step"] for line in (run / "seen" / "rank0.jsonl").read_text().splitlines()]
+    assert seen == [1, 2, 3, 4, 5, 6]

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from core import qwen_omni as qo  # noqa: E402
 from core.provenance import record_session  # noqa: E402
-from core.recipe import Recipe, load_recipe, save_recipe, split_cli  # noqa: E402
+from core.recipe import Recipe, changed_settings, dotted_keys, load_recipe, save_recipe, split_cli  # noqa: E402
 from train.data import SFTCollator, SFTDataset, build_examples, epoch_batches, feature_cache_for  # noqa: E402
 from train.lora import apply_lora  # noqa: E402
 
@@ -223,15 +223,36 @@ def prepare_for_training(model, recipe: Recipe):
     return apply_lora(model, recipe.lora)
 
 
+# Settings that do not change what a run computes: a rerun may change them and still resume.
+NOT_OUTPUT_SETTINGS = {"train.output_dir", "train.resume", "train.stop_after", "train.log_every", "train.report_to",
+                       "train.wandb_project", "train.save_every", "train.keep_last", "train.max_nonfinite_steps",
+                       "data.num_workers", "data.feature_cache", "model.attn_implementation", "model.experts_implementation"}
+
+
+def check_resumable(recipe: Recipe, out: Path) -> None:
+    """A run folder that holds checkpoints or an adapter may only be continued with the settings that made them."""
+    if not (out / "recipe.yaml").is_file() or not (checkpoints(out) or (out / "adapter").is_dir()):
+        return
+    tree = recipe.model_dump(mode="json")
+    keys = [k for k in dotted_keys({s: tree[s] for s in ("model", "data", "lora", "train")}) if k not in NOT_OUTPUT_SETTINGS]
+    changed = changed_settings(out / "recipe.yaml", recipe, keys)
+    if changed:
+        raise TrainingError(f"{out}: holds a run made with other settings ({out / 'recipe.yaml'}); continuing would "
+                            "mix two runs. Differing: " + "; ".join(changed)
+                            + ". Restore them, or choose another train.output_dir")
+
+
 def main(argv: list[str] | None = None) -> int:
     path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
     recipe = load_recipe(path, overrides)
     cfg = recipe.train
     out = Path(cfg.output_dir)
+    check_resumable(recipe, out)  # every rank, before any of them writes
     accelerator = make_accelerator(recipe)
     rank, world = accelerator.process_index, accelerator.num_processes
     log = partial(tqdm.write) if accelerator.is_main_process else (lambda *_: None)
     set_seed(cfg.seed)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_recipe(recipe, out / "recipe.yaml")
         record_session(out)  # code, packages and machine of this session, for reproducibility audits
@@ -291,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics_path.write_text("".join(line + "\n" for line in keep))
     seen_path = out / "seen" / f"rank{rank}.jsonl"
     seen_path.parent.mkdir(parents=True, exist_ok=True)
+    if seen_path.is_file():  # like the metrics: the steps after the checkpoint are redone
+        seen_path.write_text("".join(line + "\n" for line in seen_path.read_text().splitlines()
+                                     if start and json.loads(line)["step"] <= start))
 
     model.train()
     progress = tqdm(total=total_steps, initial=start, desc="sft", disable=not accelerator.is_main_process)
