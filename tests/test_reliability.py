@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -320,3 +321,48 @@ def test_seen_ids_hold_each_step_once_after_a_resume(recipe_file, tmp_path):
     assert run_sft(recipe_file, "train.save_every=2") == 0
     seen = [json.loads(line)["step"] for line in (run / "seen" / "rank0.jsonl").read_text().splitlines()]
     assert seen == [1, 2, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------- 9, 10. bad clips and long prompts do not stop a run
+
+
+@pytest.fixture
+def troubled_meta(tmp_path, synthetic_dir):
+    """Six test items: #1 an unreadable clip, #2 a clip of NaNs, #3 a question past the tiny context
+    (tokenized to find out), #4 a 5 MB question (refused from its length alone)."""
+    records = [json.loads(line) for line in (synthetic_dir / "test.jsonl").read_text().splitlines()][:6]
+    for r in records:
+        r["audio_path"] = str(synthetic_dir / r["audio_path"])
+    (tmp_path / "garbage.wav").write_bytes(b"RIFF not really a wave file")
+    sf.write(str(tmp_path / "nan.wav"), np.full(16000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    records[1]["audio_path"] = str(tmp_path / "garbage.wav")
+    records[2]["audio_path"] = str(tmp_path / "nan.wav")
+    records[3]["question"] = "how many beeps " * 2000
+    records[4]["question"] = "x" * 5_000_000
+    path = tmp_path / "meta.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path, [r["id"] for r in records]
+
+
+def test_bad_clips_and_long_prompts_are_recorded_as_failed_and_the_rest_answered(tiny_checkpoint, troubled_meta, tmp_path, capsys):
+    from infer.run import run
+
+    meta, ids = troubled_meta
+    out = tmp_path / "out" / "submission.jsonl"
+    summary = run(infer_recipe(tiny_checkpoint, meta, out))
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [ids[0], ids[5]]
+    failed = {f["id"]: f["error"] for f in json.loads(out.with_name("submission.run.json").read_text())["failed"]}
+    assert list(failed) == ids[1:5] and summary["totals"]["failed"] == 4 and not summary["complete"]
+    assert f"{meta}:2 (id={ids[1]}): audio_path: " in failed[ids[1]] and "cannot read audio header" in failed[ids[1]]
+    assert f"{meta}:3 (id={ids[2]}): audio_path: " in failed[ids[2]] and "non-finite" in failed[ids[2]]
+    assert re.search(r"prompt: [\d,]+ tokens \(audio included\) exceed the model's context of 4,096 tokens", failed[ids[3]])
+    assert re.search(r"prompt: 5,000,\d+ characters cannot fit the model's context of 4,096 tokens", failed[ids[4]])
+    assert f"with an unreadable clip: {ids[1]}" in capsys.readouterr().out
+
+
+def test_fail_fast_stops_at_the_first_bad_clip(tiny_checkpoint, troubled_meta, tmp_path):
+    from infer.run import run
+
+    meta, ids = troubled_meta
+    with pytest.raises(DataError, match=rf"{meta}:2 \(id={ids[1]}\): audio_path: .*cannot read audio header"):
+        run(infer_recipe(tiny_checkpoint, meta, tmp_path / "out" / "submission.jsonl", "infer.fail_fast=true"))
