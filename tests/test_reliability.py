@@ -366,3 +366,83 @@ def test_fail_fast_stops_at_the_first_bad_clip(tiny_checkpoint, troubled_meta, t
     meta, ids = troubled_meta
     with pytest.raises(DataError, match=rf"{meta}:2 \(id={ids[1]}\): audio_path: .*cannot read audio header"):
         run(infer_recipe(tiny_checkpoint, meta, tmp_path / "out" / "submission.jsonl", "infer.fail_fast=true"))
+
+
+# ---------------------------------------------------------------- 13. the judge stores every finished rating before raising
+
+
+def test_a_fatal_judge_error_keeps_the_ratings_that_finished_with_it(tmp_path, monkeypatch):
+    import concurrent.futures
+
+    from eval import judge
+    from eval.cache import JudgeCache
+    from tests.test_eval_http import GOOD, RUBRIC
+
+    class Backend:
+        identity, max_workers = "fake", 4
+
+        def complete(self, system, user):
+            if user == "fatal":
+                raise judge.FatalJudgeError("HTTP 401")
+            return GOOD
+
+    def together(futures, return_when):
+        """Every rating completes in the same wait, the fatal one first (the order that lost ratings)."""
+        done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.ALL_COMPLETED)
+        return sorted(done, key=lambda f: f.exception() is None), set()
+
+    monkeypatch.setattr(judge, "wait", together)
+    jobs = [judge.JudgeJob("bad", "fatal", RUBRIC)] + [judge.JudgeJob(f"ok{i}", f"user {i}", RUBRIC) for i in range(3)]
+    cache = JudgeCache(tmp_path / "cache.sqlite")
+    with pytest.raises(judge.FatalJudgeError):
+        judge.run_judge(jobs, Backend(), cache, 1, {}, 3, judge.RateLimiter(None), judge.Backoff(0, 0), progress=False)
+    resumed = judge.run_judge(jobs[1:], Backend(), cache, 1, {}, 3, judge.RateLimiter(None), judge.Backoff(0, 0), progress=False)
+    assert resumed.stats.cached == 3 and resumed.stats.calls_made == 0
+
+
+# ---------------------------------------------------------------- 5. a dead judge is reported at once
+
+
+def test_a_refused_connection_or_unknown_host_is_fatal_at_once(monkeypatch):
+    import socket
+    import time
+    import urllib.error
+
+    from eval import judge
+    from tests.test_eval_http import RUBRIC
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dead = judge.OpenAIJudge(f"http://127.0.0.1:{port}/v1", "m", None, 0.0, 42, 5.0)
+    began = time.monotonic()
+    with pytest.raises(judge.FatalJudgeError, match=rf"127.0.0.1:{port}/v1/chat/completions: connection refused; is the judge"):
+        judge.ask(dead, "u", RUBRIC, judge.RaterOutcome("i", 0, "k"), 20, judge.RateLimiter(None), judge.Backoff(1.0, 60.0))
+    assert time.monotonic() - began < 5
+
+    def unknown_host(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(judge.urllib.request, "urlopen", unknown_host)
+    nowhere = judge.OpenAIJudge("http://judge.invalid/v1", "m", None, 0.0, 42, 5.0)
+    with pytest.raises(judge.FatalJudgeError, match=r"unknown host .*Name or service not known"):
+        nowhere.complete("s", "u")
+    nowhere.reached = True  # once the server has answered, a refusal is a restart to wait out
+    with pytest.raises(judge.TransientError):
+        nowhere.complete("s", "u")
+
+
+def test_every_judge_retry_is_logged(caplog):
+    from eval import judge
+    from tests.test_eval_http import RUBRIC, ChatServer, completion
+
+    with ChatServer() as server:
+        server.script = [(500, b"busy", 0.0), (429, b"slow down", 0.0)]
+        backend = judge.OpenAIJudge(server.url, "m", None, 0.0, 42, 5.0)
+        with caplog.at_level("WARNING", logger="eval.judge"):
+            outcome = judge.ask(backend, "u", RUBRIC, judge.RaterOutcome("item-7", 2, "k"), 5, judge.RateLimiter(None),
+                                judge.Backoff(0.01, 0.02))
+    assert outcome.rating is not None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all(line.startswith("judge: item-7 rater 2, attempt ") for line in lines)
+    assert "attempt 1 of 5: HTTP 500: busy; retrying in" in lines[0] and "attempt 2 of 5: HTTP 429" in lines[1]
