@@ -434,7 +434,7 @@ def test_a_refused_connection_or_unknown_host_is_fatal_at_once(monkeypatch):
 
 def test_every_judge_retry_is_logged(caplog):
     from eval import judge
-    from tests.test_eval_http import RUBRIC, ChatServer, completion
+    from tests.test_eval_http import RUBRIC, ChatServer
 
     with ChatServer() as server:
         server.script = [(500, b"busy", 0.0), (429, b"slow down", 0.0)]
