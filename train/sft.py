@@ -40,8 +40,9 @@ from accelerate.utils import DistributedType, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from core import qwen_omni as qo  # noqa: E402
+from core.items import DataError  # noqa: E402
 from core.provenance import record_session  # noqa: E402
-from core.recipe import Recipe, changed_settings, dotted_keys, load_recipe, save_recipe, split_cli  # noqa: E402
+from core.recipe import Recipe, RecipeError, changed_settings, dotted_keys, recipe_cli, save_recipe  # noqa: E402
 from train.data import SFTCollator, SFTDataset, build_examples, epoch_batches, feature_cache_for  # noqa: E402
 from train.lora import apply_lora  # noqa: E402
 
@@ -243,8 +244,8 @@ def check_resumable(recipe: Recipe, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
-    recipe = load_recipe(path, overrides)
+    recipe = recipe_cli(sys.argv[1:] if argv is None else argv, "python train/sft.py",
+                        "LoRA SFT of the Qwen3-Omni thinker (see the module docstring for what it writes).")
     cfg = recipe.train
     out = Path(cfg.output_dir)
     check_resumable(recipe, out)  # every rank, before any of them writes
@@ -363,5 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`main` with input errors printed as one message (file, record, field), without a traceback."""
+    try:
+        return main(argv)
+    except (RecipeError, DataError, TrainingError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if not isinstance(err, TrainingError) else 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
