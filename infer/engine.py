@@ -319,15 +319,16 @@ def default_device() -> str:
 
 def load_engine(recipe: Recipe, device: str | None = None) -> Engine:
     """The backend named by `recipe.infer.backend`, with the recipe's model, adapter and sampling."""
+    allow_hub = recipe.model.allow_hub
+    source = qo.checkpoint_source(recipe.model.path, allow_hub)  # a local folder, or a hub id only when allowed
     sampling = SamplingConfig.resolve(recipe.infer, checkpoint_generation_defaults(recipe.model.path))
     if recipe.infer.backend == "vllm":
         return VLLMEngine(recipe, sampling)
     device = device or default_device()
-    model_path = Path(recipe.model.path)
-    if not (model_path / "config.json").is_file():
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
         raise FileNotFoundError(f"model.path={recipe.model.path}: no checkpoint there (config.json missing)")
-    model = qo.load_thinker(model_path, recipe.model.dtype, device, recipe.model.attn_implementation,
-                            recipe.model.experts_implementation)
+    model = qo.load_thinker(source, recipe.model.dtype, device, recipe.model.attn_implementation,
+                            recipe.model.experts_implementation, allow_hub=allow_hub)
     if recipe.infer.adapter:
         adapter = Path(recipe.infer.adapter)
         if not (adapter / "adapter_config.json").is_file():
@@ -339,4 +340,4 @@ def load_engine(recipe: Recipe, device: str | None = None) -> Engine:
 
         # Merged once at load: the same outputs as the adapter on top, without its per-step cost.
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    return HFEngine(model, qo.OmniProcessor.from_pretrained(model_path), sampling, recipe.infer.batch_size, device)
+    return HFEngine(model, qo.OmniProcessor.from_pretrained(source, allow_hub), sampling, recipe.infer.batch_size, device)

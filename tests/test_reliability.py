@@ -497,3 +497,83 @@ def test_recipe_show_lists_every_key_with_value_default_and_description(capsys):
     assert re.fullmatch(r'eval\.judge\.ratings = 3 +# ratings per item; the middle 3 are averaged \[default: 5\]',
                         lines["eval.judge.ratings"])
     assert "[default" not in lines["train.max_grad_norm"]  # unchanged keys show no default
+
+
+# ---------------------------------------------------------------- 8. input errors: one message, no traceback
+
+
+def test_non_utf8_metadata_names_file_and_line(tmp_path, synthetic_dir):
+    from eval.submission import SubmissionError, load_meta
+
+    lines = (synthetic_dir / "test.jsonl").read_bytes().splitlines(keepends=True)
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(lines[0] + lines[1].replace(b'"question": "', b'"question": "caf\xe9 ', 1))
+    with pytest.raises(DataError, match=rf"{bad}:2: not UTF-8 \(byte 0xe9 at column \d+\)"):
+        load_items(bad, check_audio=False)
+    with pytest.raises(SubmissionError, match=rf"{bad}:2: not UTF-8 \(byte 0xe9 at column \d+\)"):
+        load_meta(bad)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", r"train\.lrr: Extra inputs are not permitted"),
+    ("data.train=[{path: MISSING.jsonl}]", r"MISSING\.jsonl: file not found"),
+    ("model.path=Qwen/Not-Downloaded", r"Qwen/Not-Downloaded: no local checkpoint folder there; download it first "
+                                       r"\(huggingface-cli download Qwen/Not-Downloaded --local-dir checkpoints/Not-Downloaded\)"),
+])
+def test_training_prints_input_errors_as_one_message(recipe_file, override, message, capsys):
+    from accelerate.state import AcceleratorState
+
+    from train.sft import cli
+
+    AcceleratorState._reset_state(True)
+    assert cli([str(recipe_file), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(message, err) and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- 11. one validation of metadata for scoring and inference
+
+
+@pytest.mark.parametrize("choices, answer, problem", [
+    (["only"], "only", r"choices: expected a list of at least 2 strings"),
+    (["a", "a", "b"], "a", r"choices: duplicate choice"),
+    (["a", "b"], "c", r"answer: 'c' is not one of its choices"),
+])
+def test_scoring_and_inference_reject_the_same_metadata(tmp_path, synthetic_dir, choices, answer, problem):
+    from eval.submission import SubmissionError, load_meta
+
+    record = json.loads((synthetic_dir / "test.jsonl").read_text().splitlines()[0])
+    record.update(choices=choices, answer=answer)
+    path = tmp_path / "meta.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:1 \(id={record['id']}\): {problem}"):
+        load_items(path, check_audio=False)
+    with pytest.raises(SubmissionError, match=rf"{path}:1 \(id={record['id']}\): {problem}"):
+        load_meta(path)
+
+
+# ---------------------------------------------------------------- 6. local paths first; the hub only when asked
+
+
+def test_hub_ids_load_only_with_the_opt_in(tiny_checkpoint, synthetic_dir, tmp_path, monkeypatch):
+    from core import qwen_omni as qo
+    from infer.engine import load_engine
+
+    assert qo.checkpoint_source(tiny_checkpoint) == str(tiny_checkpoint)  # a local folder, with or without the opt-in
+    assert qo.checkpoint_source("Qwen/Qwen3-Omni-30B-A3B-Thinking", allow_hub=True) == "Qwen/Qwen3-Omni-30B-A3B-Thinking"
+    with pytest.raises(qo.CheckpointNotFound, match=r"^/no/such/folder: no local checkpoint folder there; check the path"):
+        qo.checkpoint_source("/no/such/folder", allow_hub=True)  # not a hub id either
+    recipe = infer_recipe("Qwen/Qwen3-Omni-30B-A3B-Thinking", synthetic_dir / "test.jsonl", tmp_path / "s.jsonl")
+    for backend in ("hf", "vllm"):
+        with pytest.raises(qo.CheckpointNotFound, match=r"set model.allow_hub=true"):
+            load_engine(recipe.model_copy(update={"infer": recipe.infer.model_copy(update={"backend": backend})}))
+    asked = []
+
+    class Thinker:
+        @staticmethod
+        def from_pretrained(source, **kwargs):
+            asked.append(source)
+
+    monkeypatch.setattr(qo, "thinker_class", lambda: Thinker)
+    qo.load_thinker("Qwen/Qwen3-Omni-30B-A3B-Thinking", allow_hub=True)
+    assert asked == ["Qwen/Qwen3-Omni-30B-A3B-Thinking"]

@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         record_session(out)  # code, packages and machine of this session, for reproducibility audits
 
     # Data: every rank renders the same list; epoch_batches gives each rank its own slice.
-    processor = qo.OmniProcessor.from_pretrained(recipe.model.path)
+    processor = qo.OmniProcessor.from_pretrained(recipe.model.path, allow_hub=recipe.model.allow_hub)
     examples = build_examples(recipe.data, processor, recipe.model.prompt_style, cfg.seed, log)
     dataset = SFTDataset(examples, recipe.data.max_audio_seconds, feature_cache_for(recipe.data, processor))
     collator = SFTCollator(processor)
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Model: LoRA on the text attention (and experts if asked); the audio tower and visual stay frozen.
     model = qo.load_thinker(recipe.model.path, recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
-                            experts_implementation=recipe.model.experts_implementation)
+                            experts_implementation=recipe.model.experts_implementation, allow_hub=recipe.model.allow_hub)
     model, placed = prepare_for_training(model, recipe)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log("lora: adapted modules " + ", ".join(f"{g}={placed[g]}" for g in ("text_attention", "experts", "audio_tower", "other"))
