@@ -28,7 +28,7 @@ def _score(argv: list[str]) -> int:
         print(err, file=sys.stderr)
         return 2
     try:
-        report = score(recipe, progress=sys.stderr.isatty())
+        report = score(recipe)  # a bar on a terminal, progress lines in a log
     except FatalJudgeError as err:
         print(f"judge error: {err}\nFinished ratings are in the cache; re-run to resume.", file=sys.stderr)
         return 1

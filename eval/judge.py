@@ -367,9 +367,9 @@ def _account(outcome: RaterOutcome, stats: JudgeStats) -> None:
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
+    from core.progress import progress
 
-    return tqdm(total=total, desc="judge", unit="rating", disable=not enabled, dynamic_ncols=True)
+    return progress(total, "judge", unit="rating", disable=not enabled)
 
 
 def make_backend(cfg, env: dict | None = None) -> JudgeBackend:

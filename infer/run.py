@@ -34,10 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tqdm import tqdm
-
 from core import qwen_omni as qo
 from core.items import DataError, Item, load_items
+from core.progress import library_bars_off_a_terminal, progress
 from core.recipe import Recipe, changed_settings, save_recipe
 from infer.engine import (Engine, Generation, Request, SamplingConfig, checkpoint_generation_defaults, load_engine,
                           request_length)
@@ -239,6 +238,7 @@ def run(recipe: Recipe, engine: Engine | None = None, on_batch: Callable[[int], 
         pending = [item for item in pending if item.id not in failed]
         print(f"infer: {len(items)} items, {len(done)} already in {paths.submission}, {len(pending)} to answer"
               + (f", {len(failed)} with an unreadable clip: {', '.join(failed)}" if failed else ""))
+        library_bars_off_a_terminal()
         engine = engine or (load_engine(recipe) if pending else None)
         started = time.perf_counter()
         written = answer(recipe, engine, pending, paths, on_batch, failed) if pending else 0
@@ -281,7 +281,7 @@ def answer(recipe: Recipe, engine: Engine, pending: list[Item], paths: RunPaths,
     chunks = [pending[start:start + AUDIO_CHUNK] for start in range(0, len(pending), AUDIO_CHUNK)]
     written = 0
     # The next chunk's clips decode in a thread while this chunk generates.
-    with tqdm(total=len(pending), desc="infer", unit="item") as progress, ThreadPoolExecutor(1) as decoder:
+    with progress(len(pending), "infer", unit="item") as bar, ThreadPoolExecutor(1) as decoder:
         ahead = decoder.submit(build_requests, recipe, engine, chunks[0], failed)
         for n in range(len(chunks)):
             requests = ahead.result()
@@ -296,15 +296,15 @@ def answer(recipe: Recipe, engine: Engine, pending: list[Item], paths: RunPaths,
                     raise DataError(f"{by_id[request.id].where} (id={request.id}): {reason}")
                 else:
                     failed[request.id] = f"{by_id[request.id].where} (id={request.id}): {reason}"
-            progress.update(len(chunks[n]) - len(fitting))  # failed items are done with too
+            bar.update(len(chunks[n]) - len(fitting))  # failed items are done with too
             for batch in engine.generate_batches(fitting) if fitting else ():
                 pairs = [records_for(by_id[g.id], g, engine.name) for g in batch]
                 append_records(paths.raw, [raw for _, raw in pairs])  # raw first: resume trusts the submission
                 append_records(paths.submission, [sub for sub, _ in pairs])
                 written += len(batch)
-                progress.update(len(batch))
                 tokens = sum(g.n_generated_tokens for g in batch)
-                progress.set_postfix(tok_s=f"{tokens / max(sum(g.seconds for g in batch), 1e-9):.1f}")
+                bar.set_postfix(tok_s=f"{tokens / max(sum(g.seconds for g in batch), 1e-9):.1f}")
+                bar.update(len(batch))
                 if on_batch is not None:
                     on_batch(written)
     if failed:

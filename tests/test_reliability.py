@@ -577,3 +577,40 @@ def test_hub_ids_load_only_with_the_opt_in(tiny_checkpoint, synthetic_dir, tmp_p
     monkeypatch.setattr(qo, "thinker_class", lambda: Thinker)
     qo.load_thinker("Qwen/Qwen3-Omni-30B-A3B-Thinking", allow_hub=True)
     assert asked == ["Qwen/Qwen3-Omni-30B-A3B-Thinking"]
+
+
+# ---------------------------------------------------------------- 12. progress in logs
+
+
+def test_progress_off_a_terminal_is_a_line_per_interval_with_rate_and_eta():
+    import io
+
+    from core.progress import LogProgress
+
+    now = [0.0]
+    out = io.StringIO()
+    bar = LogProgress(100, "infer", unit="item", stream=out, interval=30, clock=lambda: now[0])
+    for _ in range(10):  # 10 items every 10 s
+        now[0] += 10
+        bar.set_postfix(tok_s="12.5")
+        bar.update(10)
+    bar.close()
+    assert "\r" not in out.getvalue()
+    assert out.getvalue().splitlines() == [
+        "infer: 30/100 (30%), 1 item/s, elapsed 0:00:30, ETA 0:01:10, tok_s=12.5",
+        "infer: 60/100 (60%), 1 item/s, elapsed 0:01:00, ETA 0:00:40, tok_s=12.5",
+        "infer: 90/100 (90%), 1 item/s, elapsed 0:01:30, ETA 0:00:10, tok_s=12.5",
+        "infer: 100/100 (100%), 1 item/s, elapsed 0:01:40, ETA 0:00:00, tok_s=12.5",
+    ]
+
+
+def test_a_redirected_training_log_has_lines_not_carriage_returns(recipe_file, capsys, monkeypatch):
+    from core import progress
+
+    monkeypatch.setattr(progress, "PROGRESS_INTERVAL_S", 0.0)  # a line per step
+    assert run_sft(recipe_file, "train.max_steps=3") == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    steps = [line for line in err.splitlines() if line.startswith("sft: ")]
+    assert [line.split(",")[0] for line in steps] == ["sft: 1/3 (33%)", "sft: 2/3 (67%)", "sft: 3/3 (100%)"]
+    assert all(" step/s, elapsed " in line and "loss=" in line for line in steps)

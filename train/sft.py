@@ -41,6 +41,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from core import qwen_omni as qo  # noqa: E402
 from core.items import DataError  # noqa: E402
+from core.progress import library_bars_off_a_terminal, progress  # noqa: E402
 from core.provenance import record_session  # noqa: E402
 from core.recipe import Recipe, RecipeError, changed_settings, dotted_keys, recipe_cli, save_recipe  # noqa: E402
 from train.data import SFTCollator, SFTDataset, build_examples, epoch_batches, feature_cache_for  # noqa: E402
@@ -249,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = recipe.train
     out = Path(cfg.output_dir)
     check_resumable(recipe, out)  # every rank, before any of them writes
+    library_bars_off_a_terminal()
     accelerator = make_accelerator(recipe)
     rank, world = accelerator.process_index, accelerator.num_processes
     log = partial(tqdm.write) if accelerator.is_main_process else (lambda *_: None)
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                                      if start and json.loads(line)["step"] <= start))
 
     model.train()
-    progress = tqdm(total=total_steps, initial=start, desc="sft", disable=not accelerator.is_main_process)
+    bar = progress(total_steps, "sft", unit="step", initial=start, disable=not accelerator.is_main_process)
     lengths = [e.length for e in examples]
     tick = time.perf_counter()
     for step, epoch, micro in windows(dataset, collator, lengths, recipe, rank, world, steps_per_epoch, start, end):
@@ -344,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             "target_tokens_per_s": stats["target_tokens"] / seconds, "samples_per_s": global_batch / seconds,
             "peak_memory_gb": round(peak_memory_gb(), 3),
         }
-        progress.update(1)
-        progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
+        bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == end:
             accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step + 1)
             if accelerator.is_main_process:
@@ -353,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                     handle.write(json.dumps(record) + "\n")
         if (step + 1) % cfg.save_every == 0 or step + 1 == end:
             save_checkpoint(accelerator, model, out, step + 1, cfg.keep_last, {"nonfinite_skipped": skipped})
-    progress.close()
+    bar.close()
 
     if end < total_steps:
         log(f"stopped after step {end} of {total_steps} (train.stop_after); run again to resume")
