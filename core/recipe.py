@@ -30,8 +30,8 @@ class ModelConfig(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None  # attention kernel; None: transformers' default (sdpa)
     # MoE experts: grouped GEMM, batched GEMM or the per-expert loop; None: transformers' default (grouped_mm)
     experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = None
-    prompt_style: Literal["baseline", "qwen"] = "baseline"
-    allow_hub: bool = False  # let a model.path that is no local folder be fetched from the Hugging Face hub  # baseline: the challenge's system prompt; qwen: no system prompt, Qwen's advice
+    prompt_style: Literal["baseline", "qwen"] = "baseline"  # baseline: the challenge's system prompt; qwen: no system prompt, Qwen's advice
+    allow_hub: bool = False  # let a model.path that is no local folder be fetched from the Hugging Face hub
 
 
 class DatasetSpec(Section):
