@@ -17,8 +17,9 @@ Policies (recorded in every run's JSON, see `POLICY`):
 - Never worse than the text as written: when the official rule scores the answer text right for
   a choice, a rule that picks another choice is skipped (tests/test_parse_property.py checks this
   on every MMAR item under many output templates).
-- The thinking is kept under 10,000 characters: a longer one keeps its head and its tail (the
-  tail holds the conclusion a rubric judge looks for) around a marker saying how much was cut.
+- The thinking is kept under 10,000 characters without adding a character: a longer one (the
+  thinking budget at generation time keeps that rare) is cut after its last sentence end under
+  the limit (else its last space, else at the limit), and `thinking_cut` records it.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from core.answer_rule import answer_tokens, is_correct
 from core.qwen_omni import THINK_CLOSE, THINK_OPEN
 
 MAX_THINKING_CHARS = 10_000  # the rule: thinking_prediction must be UNDER this many characters
-HEAD_SHARE = 0.6  # share of the kept thinking taken from the head when clipping
-CLIP_MARKER = "\n\n[... {n} characters omitted ...]\n\n"
+# A sentence end: terminal punctuation (and closing quotes or brackets) before a space or the end.
+_SENTENCE_END = re.compile(r"[.!?。！？…]+[\"'”’)\]]*(?=\s|$)")
 
 # Tried in this order; the first that maps the answer text to exactly one choice wins.
 RULES = (
@@ -48,7 +49,7 @@ POLICY = {
     "rules": list(RULES),
     "unmatched": "answer_prediction = stripped answer text as written",
     "truncated": "thinking = whole output; answer from the last paragraph by containment rules, else empty",
-    "thinking_limit": f"< {MAX_THINKING_CHARS} chars: head {HEAD_SHARE:.0%} + marker + tail",
+    "thinking_limit": f"< {MAX_THINKING_CHARS} chars: cut after the last sentence end under it; nothing inserted",
 }
 
 LETTERS = "ABCDEFGHIJ"
@@ -69,12 +70,12 @@ _WORDS = re.compile(r"\w+")
 
 @dataclass(frozen=True)
 class Parsed:
-    thinking: str  # tags removed, clipped under MAX_THINKING_CHARS
+    thinking: str  # tags removed, cut under MAX_THINKING_CHARS
     answer: str  # the matched choice verbatim, else the stripped answer text
     answer_text: str  # what the model wrote as its answer (after the last </think>), stripped
     rule: str  # the rule of RULES that fired (prefixed "truncated:" for truncated outputs), "unmatched" or "empty"
     truncated: bool  # no </think> in the output
-    thinking_clipped: bool
+    thinking_cut: bool  # the thinking was cut to stay under MAX_THINKING_CHARS
 
     @property
     def matched(self) -> bool:
@@ -93,15 +94,16 @@ def split_output(text: str) -> tuple[str, str, bool]:
     return strip_tags(head), strip_tags(tail), False
 
 
-def clip_thinking(thinking: str, limit: int = MAX_THINKING_CHARS) -> tuple[str, bool]:
-    """Head + marker + tail, strictly shorter than `limit` characters."""
+def cut_thinking(thinking: str, limit: int = MAX_THINKING_CHARS) -> tuple[str, bool]:
+    """(the thinking, whether it was cut): a prefix strictly shorter than `limit`, ending after the last
+    sentence end that fits, else the last space, else at the limit. No character is added."""
     if len(thinking) < limit:
         return thinking, False
-    budget = limit - 1 - len(CLIP_MARKER.format(n=len(thinking)))
-    head = int(budget * HEAD_SHARE)
-    tail = budget - head
-    omitted = len(thinking) - head - tail
-    return thinking[:head] + CLIP_MARKER.format(n=omitted) + thinking[len(thinking) - tail:], True
+    ends = [m.end() for m in _SENTENCE_END.finditer(thinking, 0, limit) if m.end() < limit]
+    if not ends:
+        space = thinking.rfind(" ", 0, limit)
+        ends = [space if space > 0 else limit - 1]
+    return thinking[:ends[-1]].rstrip(), True
 
 
 def _clean(text: str) -> str:
@@ -222,5 +224,5 @@ def parse_output(text: str, choices: Sequence[str]) -> Parsed:
     else:
         hit, rule = match_choice(answer_text, choices)
         answer = hit if hit is not None else answer_text
-    clipped, was_clipped = clip_thinking(thinking)
-    return Parsed(clipped, answer, answer_text, rule, truncated, was_clipped)
+    kept, was_cut = cut_thinking(thinking)
+    return Parsed(kept, answer, answer_text, rule, truncated, was_cut)
