@@ -40,6 +40,7 @@ def requests(synthetic_dir, processor):
     return [Request(i.id, qo.render_prompt(processor.tokenizer, i.question, i.choices), i.load_audio()) for i in items]
 
 
+@pytest.mark.slow  # three greedy runs of the tiny model with audio: ~30 s on a loaded 2-core machine
 def test_hf_budget_closes_the_thinking_and_the_model_continues(engine, requests, processor):
     tok = processor.tokenizer
     close_ids = tok(qo.THINK_BUDGET_CLOSE, add_special_tokens=False)["input_ids"]
