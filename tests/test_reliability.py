@@ -222,6 +222,7 @@ def infer_recipe(tiny_checkpoint, meta, output, *overrides):
                               "infer.do_sample=false", *overrides])
 
 
+@pytest.mark.slow  # a second Python process that imports torch
 def test_a_second_writer_of_an_output_fails_at_once_naming_the_holder(tiny_checkpoint, synthetic_dir, tmp_path):
     import subprocess
     import sys
@@ -242,6 +243,7 @@ def test_a_second_writer_of_an_output_fails_at_once_naming_the_holder(tiny_check
         holder.wait()
 
 
+@pytest.mark.slow  # a second Python process that imports torch
 def test_an_orphaned_data_parallel_worker_exits_when_its_parent_dies(tmp_path):
     import os
     import signal
