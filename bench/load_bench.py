@@ -1,6 +1,6 @@
 """Host memory of loading the thinker per rank: ZeRO-3 (sharded from creation on) against ZeRO-2.
 
-    python -m bench.load_bench                  # real-shaped 1-layer thinker (1.27B parameters, bf16), 2 CPU ranks
+    python -m bench.load_bench                  # real-shaped 1-layer thinker (1.33B parameters, bf16), 2 CPU ranks
 
 Writes the real 30B-A3B thinker's shapes with 1 text, 1 audio and 1 vision layer as a bf16 checkpoint
 (2.5 GB), then per mode launches 2 gloo ranks under DeepSpeed (recipes/accelerate/cpu_zero{2,3}_2proc.yaml)
