@@ -187,3 +187,26 @@ def test_a_launch_with_another_zero_stage_than_the_recipe_is_refused(recipe_file
 def test_zero3_loading_needs_transformers_to_see_the_zero3_config(tiny_checkpoint):
     with pytest.raises(RuntimeError, match="does not see a ZeRO-3 DeepSpeed config"):
         qo.load_thinker(tiny_checkpoint, zero3=True)
+
+
+def test_plan_of_the_cogito_recipe_on_8_x_80_gb():
+    """The real thinker's shapes: ZeRO-2 holds all bf16 weights on each GPU and does not fit at 8,192
+    tokens; ZeRO-3 (what recipes/cogito.yaml ships) fits with headroom."""
+    recipe = load_recipe("recipes/cogito.yaml")
+    config = memory.thinker_config("/nonexistent")  # no download: the real shapes
+    lora = 48 * 16 * (2 * (2048 + 4096) + 2 * (2048 + 512))  # r16 on q/k/v/o of 48 layers
+    zero2, zero3 = (memory.estimate(config, recipe, stage, 8, lora_params=lora) for stage in (2, 3))
+    assert zero2["weights"] == 31_719_205_488 * 2 and zero3["weights"] == zero2["weights"] // 8
+    assert zero2["logits (fp32) + grads, or a layer's recompute"] == 12 * 152_064 * 8192
+    assert sum(zero2.values()) > 80 * memory.GIB > 40 * memory.GIB > sum(zero3.values())
+    assert recipe.train.zero_stage == 3 and recipe.train.gradient_checkpointing
+    chunked = recipe.model_copy(deep=True)
+    chunked.train.loss_chunk_tokens = 1024
+    assert sum(memory.estimate(config, chunked, 2, 8, lora_params=lora).values()) < 70 * memory.GIB
+
+
+def test_memory_command_prints_the_table(tiny_checkpoint, capsys):
+    assert memory.main(["recipes/tiny.yaml", "--gpus", "2", "--gpu-gib", "8", f"model.path={tiny_checkpoint}"]) == 0
+    out = capsys.readouterr().out
+    assert "| **total** |" in out and "ZeRO-3, grad ckpt off" in out and str(tiny_checkpoint) in out
+    assert memory.main(["recipes/tiny.yaml", "--gpu-gib", "0.001", f"model.path={tiny_checkpoint}"]) == 1  # nothing fits

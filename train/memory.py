@@ -152,7 +152,8 @@ def estimate(
     if stage == 3:
         moe_block = text.num_experts * (3 * text.moe_intermediate_size + 1) * text.hidden_size
         unit = max(moe_block, text.vocab_size * text.hidden_size)
-        rows["ZeRO-3 gathered parameters"] = max(int(float(ds.get("stage3_max_live_parameters", 1e9))), unit) * act
+        live = max(int(float(ds.get("stage3_max_live_parameters", 1e9))), unit)
+        rows["ZeRO-3 gathered parameters"] = min(live, counts.total) * act  # a small model is gathered whole at most
     if deepspeed:
         shard = gpus
         rows["LoRA parameters"] = act * lora // (shard if stage == 3 else 1)
