@@ -231,6 +231,7 @@ def prepare_for_training(model, recipe: Recipe):
 # Settings that do not change what a run computes: a rerun may change them and still resume.
 NOT_OUTPUT_SETTINGS = {"train.output_dir", "train.resume", "train.stop_after", "train.log_every", "train.report_to",
                        "train.wandb_project", "train.save_every", "train.keep_last", "train.max_nonfinite_steps",
+                       "train.loss_chunk_tokens",  # the same loss and gradients (train/loss.py)
                        "data.num_workers", "data.feature_cache", "model.attn_implementation", "model.experts_implementation"}
 
 
