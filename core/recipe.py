@@ -108,6 +108,12 @@ class InferConfig(Section):
     data_parallel_rank: int | None = Field(None, ge=0)  # set by `infer run` for its workers, not by hand
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vllm
     max_model_len: int | None = Field(None, gt=0)  # vllm; None: the checkpoint's
+    # Inference hears whole clips, as the stock processor and vLLM take them (MMAR has clips over 30 s);
+    # a number cuts every clip to that many seconds. data.max_audio_seconds applies to training only.
+    max_audio_seconds: float | None = Field(None, gt=0)
+    # vllm: clips per prompt; image and video 0 so vLLM neither loads nor profiles the vision tower
+    limit_mm_per_prompt: dict[Literal["audio", "image", "video"], int] = Field(
+        default_factory=lambda: {"audio": 1, "image": 0, "video": 0})
 
 
 class JudgeConfig(Section):

@@ -57,8 +57,9 @@ class RunPaths:
                    out.with_name(f"{stem}.recipe.yaml"))
 
 
-def item_request(item: Item, tokenizer, prompt_style: str, max_audio_seconds: float) -> Request:
-    """Only the audio, the question, the choices and the fixed prompt reach the model (Track 1 rule)."""
+def item_request(item: Item, tokenizer, prompt_style: str, max_audio_seconds: float | None) -> Request:
+    """Only the audio, the question, the choices and the fixed prompt reach the model (Track 1 rule).
+    The clip is whole unless `max_audio_seconds` (infer.max_audio_seconds) cuts it."""
     prompt = qo.render_prompt(tokenizer, item.question, item.choices, prompt_style)
     return Request(item.id, prompt, item.load_audio(max_audio_seconds))
 
@@ -160,7 +161,7 @@ def answer(recipe: Recipe, engine: Engine, pending: list[Item], paths: RunPaths,
     with tqdm(total=len(pending), desc="infer", unit="item") as progress:
         for start in range(0, len(pending), AUDIO_CHUNK):
             chunk = pending[start:start + AUDIO_CHUNK]
-            requests = [item_request(i, engine.tokenizer, recipe.model.prompt_style, recipe.data.max_audio_seconds)
+            requests = [item_request(i, engine.tokenizer, recipe.model.prompt_style, recipe.infer.max_audio_seconds)
                         for i in chunk]
             for batch in engine.generate_batches(requests):
                 pairs = [records_for(by_id[g.id], g, engine.name) for g in batch]

@@ -111,3 +111,16 @@ def test_encoder_export_reads_only_the_thinker_audio_tower(tiny_checkpoint):
     with pytest.raises(ValueError, match="no audio tower tensors"):
         tower_state_dict(tiny_checkpoint, "audio_tower.")  # not the composite checkpoint's prefix
 
+
+def test_cogito_recipe_samples_as_qwen_advises_with_a_greedy_variant():
+    from core.recipe import load_recipe
+    from infer.engine import SamplingConfig, vllm_engine_kwargs
+
+    recipe = load_recipe(REPO / "recipes" / "cogito.yaml")
+    sampling = SamplingConfig.resolve(recipe.infer)  # the recipe alone, whatever the checkpoint says
+    assert (sampling.do_sample, sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_new_tokens) == (
+        True, 0.6, 0.95, 20, 16384)
+    greedy = SamplingConfig.resolve(load_recipe(REPO / "recipes" / "cogito.yaml", ["infer.do_sample=false"]).infer)
+    assert not greedy.do_sample and greedy.max_new_tokens == 16384
+    assert recipe.infer.max_audio_seconds is None and recipe.model.attn_implementation == "sdpa"
+    assert vllm_engine_kwargs(recipe)["limit_mm_per_prompt"] == {"audio": 1, "image": 0, "video": 0}
