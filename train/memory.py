@@ -18,8 +18,8 @@ What is counted, per GPU (a = bytes of `model.dtype`, L = LoRA parameters, N = G
 - activations saved for backward, per token and decoder layer, as transformers 5.20.2 saves them
   with sdpa/flash attention (memory linear in length; counted tensor by tensor on a real-shaped
   layer, see `layer_activation_bytes`); with gradient checkpointing only each layer's input is kept,
-  and one layer's activations come back during its recompute (x 1.5: the gradients of its
-  activations while its backward runs).
+  and one layer's activations come back during its recompute, with the gradients of the experts'
+  activations and of a few hidden-size tensors while its backward runs.
 - logits: the loss upcasts the logits to fp32; at its peak (the start of backward) the fp32
   log-softmax output, its gradient and the logits' gradient are alive: 12 bytes x vocab per
   position. With `train.loss_chunk_tokens` only one chunk of target positions has logits at a time.
@@ -48,9 +48,6 @@ GIB = 2**30
 FRAMEWORK_FIXED = 2 * GIB
 FRAGMENTATION = 0.10
 LOGIT_BYTES = 12  # fp32 log-softmax output + its gradient + the logits' gradient, per vocabulary entry
-# A checkpointed layer's backward holds its recomputed activations and, while it runs, gradients of
-# them: up to half as much again (measured on the tiny thinker, where the recompute outweighs the logits).
-RECOMPUTE_FACTOR = 1.5
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}  # auto: the checkpoint's bf16
 
 
@@ -109,8 +106,14 @@ def layer_activation_bytes(text, lora, act: int, lora_act: int, first: bool = Fa
         adapters += k * lora_act * (h + m + 2 * lora.r)
     attention = act * (2 * q + 2 * kv) + 4 * text.num_attention_heads
     router = 4 * e + 12 * k + 4
-    experts = act * k * (3 * m + h) + 24 * k + act * k
-    return norms + adapters + attention + router + experts
+    return norms + adapters + attention + router + expert_activation_bytes(text, act)
+
+
+def expert_activation_bytes(text, act: int) -> int:
+    """Per token: gate_up's output, the activation's output and the down projection's output of each
+    routed (token, expert) pair, the routing weights and indices."""
+    k, m = text.num_experts_per_tok, text.moe_intermediate_size
+    return act * k * (3 * m + text.hidden_size) + 24 * k + act * k
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,9 @@ def estimate(
                        if "lm_head" in recipe.lora.targets else 0)
     if recipe.train.gradient_checkpointing:
         saved = layers * act * text.hidden_size + final_norm + lm_head_adapter
-        recompute = int(RECOMPUTE_FACTOR * per_layer)
+        # while the recomputed layer's backward runs: the experts' activation gradients, and those of
+        # the residual stream (measured on the tiny thinker, where the recompute outweighs the logits)
+        recompute = per_layer + expert_activation_bytes(text, act) + 3 * 4 * text.hidden_size
     else:
         saved = first_layer + (layers - 1) * per_layer + final_norm + lm_head_adapter
         recompute = 0
