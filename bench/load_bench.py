@@ -3,7 +3,8 @@
     python -m bench.load_bench                  # real-shaped 1-layer thinker (1.33B parameters, bf16), 2 CPU ranks
 
 Writes the real 30B-A3B thinker's shapes with 1 text, 1 audio and 1 vision layer as a bf16 checkpoint
-(2.5 GB), then per mode launches 2 gloo ranks under DeepSpeed (recipes/accelerate/cpu_zero{2,3}_2proc.yaml)
+(2.5 GB) in the real checkpoint's layout (`qo.save_thinker`: per-expert weights that transformers fuses
+while loading, 1 GB shards), then per mode launches 2 gloo ranks under DeepSpeed (recipes/accelerate/cpu_zero{2,3}_2proc.yaml)
 that each do what train/sft.py does before training: create the Accelerator, then
 `core.qwen_omni.load_thinker(..., zero3=stage == 3)`. Each rank reports its peak RSS (VmHWM: anonymous
 memory + the checkpoint's pages it touched through mmap) and its peak anonymous memory (RssAnon,
@@ -90,11 +91,12 @@ def launch(stage: int, checkpoint: Path, out_dir: Path) -> list[dict]:
 def write_checkpoint(out: Path) -> Path:
     import torch
 
+    from core import qwen_omni as qo
     from core.tiny import REAL_SIZES, build_config, build_thinker
 
     model = build_thinker(build_config(sizes=REAL_SIZES, layers=1, audio_layers=1, vision_layers=1), torch.bfloat16)
-    model.save_pretrained(out)
-    return out
+    # the real checkpoint's layout: composite config, thinker.-prefixed per-expert weights, 1 GB shards
+    return qo.save_thinker(model, out, model.config.to_dict(), max_shard_size="1GB")
 
 
 def main(argv: list[str] | None = None) -> None:
