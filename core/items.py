@@ -64,15 +64,19 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
         raise DataError(f"{path}: file not found")
     with path.open(encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+            if line.strip():
+                yield lineno, parse_line(line, f"{path}:{lineno}")
+
+
+def parse_line(line: str, where: str) -> dict:
+    """One JSONL line as a JSON object; `where` ("file:line") names it in the error."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def parse_item(obj: dict, where: str, audio_root: Path) -> Item:
@@ -101,6 +105,14 @@ def parse_item(obj: dict, where: str, audio_root: Path) -> Item:
     )
 
 
+def check_item(item: Item, check_audio: bool, require_thinking: bool) -> None:
+    """What `load_items` asks of each record beyond its schema: a thinking for SFT, an audio file that exists."""
+    if require_thinking and not item.thinking:
+        raise DataError(f"{item.where} (id={item.id}): thinking: missing (required for SFT)")
+    if check_audio and not item.audio_path.is_file():
+        raise DataError(f"{item.where} (id={item.id}): audio_path: file not found: {item.audio_path}")
+
+
 def load_items(
     path: str | Path,
     audio_root: str | Path | None = None,
@@ -122,10 +134,7 @@ def load_items(
         if item.id in first_line:
             raise DataError(f"{where} (id={item.id}): id: duplicate of line {first_line[item.id]}")
         first_line[item.id] = lineno
-        if require_thinking and not item.thinking:
-            raise DataError(f"{where} (id={item.id}): thinking: missing (required for SFT)")
-        if check_audio and not item.audio_path.is_file():
-            raise DataError(f"{where} (id={item.id}): audio_path: file not found: {item.audio_path}")
+        check_item(item, check_audio, require_thinking)
         items.append(item)
     if not items:
         raise DataError(f"{path}: no records")
