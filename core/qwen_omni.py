@@ -117,11 +117,14 @@ def render_target(prompt: str, thinking: str, answer: str) -> str:
     the generation prompt already opens (some templates end with "<think>\\n") is not repeated.
     """
     full = f"{THINK_OPEN}\n{thinking.strip()}\n{THINK_CLOSE}\n\n{answer}{IM_END}"
-    # A cut longer than the prompt cannot be its suffix: starting at the prompt's length, the loop no
-    # longer grows with the reasoning's length (it was quadratic in it: ~1.5 ms a 1.3k-character record).
-    for cut in range(min(len(full), len(prompt)), 0, -1):
-        if prompt.endswith(full[:cut]):
-            return full[cut:]
+    # The longest prefix of `full` that ends the prompt starts at one of the prompt's last len(full)
+    # characters equal to full[0]; trying only those, earliest first, is linear (trying every
+    # length was quadratic in the reasoning's: ~1.5 ms a 1.3k-character record, 10^5 records a run).
+    start = prompt.find(full[0], max(0, len(prompt) - len(full)))
+    while start != -1:
+        if full.startswith(prompt[start:]):
+            return full[len(prompt) - start:]
+        start = prompt.find(full[0], start + 1)
     return full
 
 

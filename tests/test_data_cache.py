@@ -196,3 +196,20 @@ def test_vectorised_grouping_and_mixing_match_the_list_versions():
 
     pools = [np.arange(0, 24), np.arange(24, 28), np.arange(28, 40)]
     assert mix(pools, [3, 1, 0.5], seed=4).tolist() == reference_mix(pools, [3, 1, 0.5], 4)
+
+
+def test_render_target_search_equals_trying_every_cut():
+    """render_target tries only the cuts that can match (linear); the result is the exhaustive search's."""
+    def exhaustive(prompt, thinking, answer):
+        full = f"<think>\n{thinking.strip()}\n</think>\n\n{answer}<|im_end|>"
+        for cut in range(len(full), 0, -1):
+            if prompt.endswith(full[:cut]):
+                return full[cut:]
+        return full
+
+    ends = ["", "x", "<", "<think", "<think>", "<think>\n", "<think>\nwh", "<<think>\n", "assistant\n<think>\n\n</think>\n\n",
+            "<think>\nwhy\n</think>\n\na<|im_end|>", "<think>\nwhy\n</think>\n\na<|im_end|>z"]
+    cases = [(head + end, thinking, answer) for head in ("", "system <x> ", "<<<") for end in ends
+             for thinking in ("why", " why ", "x" * 50, "") for answer in ("a", "<")]
+    assert [qo.render_target(*case) for case in cases] == [exhaustive(*case) for case in cases]
+    assert qo.render_target("...assistant\n<think>\n", "why", "a") == "why\n</think>\n\na<|im_end|>"
