@@ -204,6 +204,11 @@ class OmniProcessor:
     def expand_audio(self, prompt: str, feature_frames: int) -> str:
         return prompt.replace(AUDIO_PAD, AUDIO_PAD * audio_token_count(feature_frames), 1)
 
+    def expanded_token_count(self, prompt_tokens: int, feature_frames: int) -> int:
+        """Tokens of `expand_audio(prompt, feature_frames)` from the prompt's own count, without tokenising
+        hundreds of placeholders: the one <|audio_pad|> (a special token, never merged) becomes that many."""
+        return prompt_tokens - 1 + audio_token_count(feature_frames)
+
     def __call__(
         self,
         prompts: Sequence[str],

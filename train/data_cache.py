@@ -84,9 +84,8 @@ def audio_samples(item: Item, max_seconds: float) -> int:
 
 def token_lengths(processor: qo.OmniProcessor, prompts: Sequence[str], targets: Sequence[str], samples: Sequence[int]) -> list[int]:
     """Tokens of each prompt (its audio placeholder expanded for a clip of `samples`) plus its target."""
-    expanded = [processor.expand_audio(prompt, qo.feature_frames(n)) for prompt, n in zip(prompts, samples)]
-    prompt_counts, target_counts = token_counts(processor.tokenizer, expanded), token_counts(processor.tokenizer, targets)
-    return [p + t for p, t in zip(prompt_counts, target_counts)]
+    prompt_counts, target_counts = token_counts(processor.tokenizer, prompts), token_counts(processor.tokenizer, targets)
+    return [processor.expanded_token_count(p, qo.feature_frames(n)) + t for p, n, t in zip(prompt_counts, samples, target_counts)]
 
 
 def token_counts(tokenizer, texts: Sequence[str]) -> list[int]:
