@@ -104,14 +104,21 @@ def test_unchanged_key_loads_changed_key_rebuilds(synthetic_dir, processor, tmp_
     assert not rebuilds()  # back to a key seen before
 
 
-def test_max_length_and_max_samples_select_rows_without_a_rebuild(synthetic_dir, processor, tmp_path):
+def test_max_length_and_max_samples_select_rows_without_a_rebuild(synthetic_dir, processor, tmp_path, monkeypatch):
     root = tmp_path / "cache"
     spec = DatasetSpec(path=str(synthetic_dir / "train.jsonl"))
+    build_examples(DataConfig(train=[spec]), processor, "baseline", seed=0, log=lambda *_: None, cache_dir=root)
+
+    def no_header_reads(*_):
+        raise AssertionError("a warm start read an audio header")
+
+    monkeypatch.setattr(data_cache.sf, "info", no_header_reads)  # lengths and durations come from the cache
     every = build_examples(DataConfig(train=[spec], max_length=100_000), processor, "baseline", seed=0, log=lambda *_: None, cache_dir=root)
     short = build_examples(DataConfig(train=[spec], max_length=200, cache=str(root)), processor, "baseline", seed=0, log=lambda *_: None)
     assert len(list(root.glob("*/info.json"))) == 1
     assert [e.item.id for e in short] == [e.item.id for e in every if e.length <= 200] and 0 < len(short) < 24
     np.testing.assert_array_equal(every.lengths, [e.length for e in every])
+    monkeypatch.undo()
     assert every.audio_samples.tolist() == [audio_samples(e.item, 30.0) for e in every]
     assert [e.item.id for e in every[-2:]] == [every[22].item.id, every[23].item.id]
 

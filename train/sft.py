@@ -8,6 +8,7 @@ Writes to `train.output_dir`:
     provenance.jsonl             per session: git commit/dirty state (+ patch), packages, machine
     metrics.jsonl                one line per logged optimizer step (loss, lr, grad_norm, throughput, memory)
     seen/rank{R}.jsonl           the sample ids each rank trained on, per step
+    data_cache/                  the rendered, tokenised training records (train/data_cache.py; `data.cache` moves it)
     checkpoints/step-N/          adapter/ + Accelerate state (optimizer, scheduler, RNG); the newest K are kept
     adapter/                     the final LoRA adapter (train/merge.py folds it into the base weights)
 
