@@ -9,7 +9,9 @@ count, `train/sft.py` runs one optimizer step of the tiny thinker (launched with
 gloo on a CPU) twice on the same data-cache folder: cold (empty folder: the cache is built) and warm
 (it is loaded). Each rank reports the seconds from the launch to the end of its run (imports, model,
 data, one step, a checkpoint), the seconds `build_examples` took, its own peak RSS and that of its
-largest child (the cache's build workers). A row's figure is the slowest / largest rank's.
+largest child (the cache's build workers), and the CPU seconds it and its children used (on a machine
+shared with other work, wall seconds grow with the load; CPU seconds hardly do). A row's figure is
+the slowest / largest rank's.
 """
 
 from __future__ import annotations
@@ -102,10 +104,12 @@ def rank_main(report: Path, argv: list[str]) -> None:
     sft.build_examples = timed_build
     assert sft.main(argv) == 0
     rank = int(os.environ.get("RANK", 0))
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     (report / f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "pid": os.getpid(), "start_s": time.time() - t0, **timed,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "children_peak_rss_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
+        # CPU seconds do not grow with the machine's load as wall seconds do
+        "cpu_s": own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime,
+        "peak_rss_gib": own.ru_maxrss / 2**20, "children_peak_rss_gib": children.ru_maxrss / 2**20,
     }))
 
 
@@ -138,7 +142,7 @@ def table_row(records: int, ranks: int, result: dict, cold: dict | None) -> dict
     worst = lambda key: max(r.get(key, 0.0) for r in result["ranks"])
     return {
         "records": records, "ranks": ranks, "start": result["start"],
-        "start s (slowest rank)": worst("start_s"), "data s": worst("data_s"),
+        "start s (slowest rank)": worst("start_s"), "data s": worst("data_s"), "CPU s (rank + its workers)": worst("cpu_s"),
         "vs cold": cold and worst("start_s") / max(r["start_s"] for r in cold["ranks"]),
         "peak RSS GiB / rank": worst("peak_rss_gib"), "build worker peak GiB": worst("children_peak_rss_gib"),
         "cache builds": result["builds"] if result["start"] == "cold" else 0,
