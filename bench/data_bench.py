@@ -109,6 +109,7 @@ def rank_main(report: Path, argv: list[str]) -> None:
         "rank": rank, "pid": os.getpid(), "start_s": time.time() - t0, **timed,
         # CPU seconds do not grow with the machine's load as wall seconds do
         "cpu_s": own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime,
+        "own_cpu_s": own.ru_utime + own.ru_stime,
         "peak_rss_gib": own.ru_maxrss / 2**20, "children_peak_rss_gib": children.ru_maxrss / 2**20,
     }))
 
@@ -143,6 +144,7 @@ def table_row(records: int, ranks: int, result: dict, cold: dict | None) -> dict
     return {
         "records": records, "ranks": ranks, "start": result["start"],
         "start s (slowest rank)": worst("start_s"), "data s": worst("data_s"), "CPU s (rank + its workers)": worst("cpu_s"),
+        "CPU s (rank)": worst("own_cpu_s"),
         "vs cold": cold and worst("start_s") / max(r["start_s"] for r in cold["ranks"]),
         "peak RSS GiB / rank": worst("peak_rss_gib"), "build worker peak GiB": worst("children_peak_rss_gib"),
         "cache builds": result["builds"] if result["start"] == "cold" else 0,
