@@ -103,7 +103,7 @@ def rank_main(report: Path, argv: list[str]) -> None:
 
     sft.build_examples = timed_build
     assert sft.main(argv) == 0
-    rank = int(os.environ.get("RANK", 0))
+    rank = int(os.environ.get("RANK", "0"))
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     (report / f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "pid": os.getpid(), "start_s": time.time() - t0, **timed,
@@ -159,9 +159,10 @@ def extrapolate(rows: list[dict], target: int) -> list[dict]:
     for ranks in sorted({r["ranks"] for r in rows}):
         for start in ("cold", "warm"):
             a, b = (next(r for r in rows if (r["records"], r["ranks"], r["start"]) == (n, ranks, start)) for n in sizes[:2])
-            fit = lambda key: a[key] + (b[key] - a[key]) * (target - a["records"]) / (b["records"] - a["records"])
-            out.append({"records": target, "ranks": ranks, "start": start, "start s": fit("start s (slowest rank)"),
-                        "data s": fit("data s"), "peak RSS GiB / rank": fit("peak RSS GiB / rank")})
+            out.append({"records": target, "ranks": ranks, "start": start, **{
+                name: a[key] + (b[key] - a[key]) * (target - a["records"]) / (b["records"] - a["records"])
+                for name, key in (("start s", "start s (slowest rank)"), ("data s", "data s"),
+                                  ("CPU s", "CPU s (rank + its workers)"), ("peak RSS GiB / rank", "peak RSS GiB / rank"))}})
     return out
 
 

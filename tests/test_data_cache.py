@@ -59,7 +59,7 @@ def test_rows_hold_what_training_needs(synthetic_dir, processor, tmp_path):
 
 def test_parallel_build_over_ranges_equals_one_process(synthetic_dir, processor, tmp_path, small_ranges):
     train = synthetic_dir / "train.jsonl"
-    digest, ranges = data_cache.scan(train, 3000)
+    _, ranges = data_cache.scan(train, 3000)
     assert len(ranges) > 3 and ranges[0][0] == 0 and ranges[-1][1] == train.stat().st_size
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, cut after a newline
     data = train.read_bytes()
