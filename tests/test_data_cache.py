@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 
 from core import qwen_omni as qo
 from core.items import DataError, load_items
 from core.recipe import DataConfig, DatasetSpec
 from train import data_cache
 from train.data import build_examples, epoch_batches, mix
-from train.data_cache import audio_samples, cached_records
+from train.data_cache import cached_records
 
 
 def rows(table) -> list[dict]:
@@ -49,8 +50,8 @@ def test_rows_hold_what_training_needs(synthetic_dir, processor, tmp_path):
         assert row["audio_path"] == str(item.audio_path) and tuple(row["choices"]) == item.choices
         assert row["thinking"] == item.thinking and row["answer"] == item.answer
         assert row["prompt"] == qo.render_prompt(processor.tokenizer, item.question, item.choices, "baseline")
-        assert row["audio_samples"] == item.load_audio(30.0).size  # from the header: what decoding gives
-        frames = qo.feature_frames(row["audio_samples"])
+        assert row["audio_samples"] == item.load_audio().size  # from the header: what decoding gives
+        frames = qo.feature_frames(min(row["audio_samples"], 30 * qo.SAMPLE_RATE))
         expanded = processor.expand_audio(row["prompt"], frames)
         target = qo.render_target(row["prompt"], item.thinking, item.answer)
         tokens = processor.tokenizer([expanded, target], add_special_tokens=False)["input_ids"]
@@ -98,7 +99,7 @@ def test_unchanged_key_loads_changed_key_rebuilds(synthetic_dir, processor, tmp_
     assert rebuilds()
     monkeypatch.undo()
     # a new audio frame rule in core.qwen_omni (no version to bump by hand)
-    monkeypatch.setattr(qo, "feature_frames", lambda samples: -(-samples // qo.HOP_LENGTH))
+    monkeypatch.setattr(qo, "feature_frames", lambda samples: samples // qo.HOP_LENGTH + 1)
     assert rebuilds()
     monkeypatch.undo()
     assert not rebuilds()  # back to a key seen before
@@ -112,14 +113,14 @@ def test_max_length_and_max_samples_select_rows_without_a_rebuild(synthetic_dir,
     def no_header_reads(*_):
         raise AssertionError("a warm start read an audio header")
 
-    monkeypatch.setattr(data_cache.sf, "info", no_header_reads)  # lengths and durations come from the cache
+    monkeypatch.setattr(soundfile, "info", no_header_reads)  # lengths and durations come from the cache
     every = build_examples(DataConfig(train=[spec], max_length=100_000), processor, "baseline", seed=0, log=lambda *_: None, cache_dir=root)
     short = build_examples(DataConfig(train=[spec], max_length=200, cache=str(root)), processor, "baseline", seed=0, log=lambda *_: None)
     assert len(list(root.glob("*/info.json"))) == 1
     assert [e.item.id for e in short] == [e.item.id for e in every if e.length <= 200] and 0 < len(short) < 24
     np.testing.assert_array_equal(every.lengths, [e.length for e in every])
     monkeypatch.undo()
-    assert every.audio_samples.tolist() == [audio_samples(e.item, 30.0) for e in every]
+    assert every.audio_samples.tolist() == [e.item.audio_samples() for e in every]
     assert [e.item.id for e in every[-2:]] == [every[22].item.id, every[23].item.id]
 
 

@@ -22,7 +22,7 @@ from core.audio import AudioError
 from core.feature_cache import FeatureCache
 from core.items import DataError, Item
 from core.recipe import DataConfig
-from train.data_cache import cached_records
+from train.data_cache import cached_records, render
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,15 @@ class Example:
     target: str
     length: int  # prompt (with expanded audio) + target tokens
     source: str  # dataset path, for the mixing report
+    audio_cropped: bool  # the clip is longer than data.max_audio_seconds and is cut to it
+
+
+def render_examples(items: Sequence[Item], processor: qo.OmniProcessor, prompt_style: str, max_audio_seconds: float, source: str) -> list[Example]:
+    """A few items rendered and measured in memory, as the cache renders every record (tests, benchmarks)."""
+    prompts, targets, samples, lengths = render(items, processor, prompt_style, max_audio_seconds)
+    limit = int(max_audio_seconds * qo.SAMPLE_RATE)
+    return [Example(item, prompt, target, length, source, n > limit)
+            for item, prompt, target, n, length in zip(items, prompts, targets, samples, lengths)]
 
 
 class Examples(Sequence[Example]):
@@ -41,7 +50,7 @@ class Examples(Sequence[Example]):
     its row when it is read, so 10^5-10^6 records cost each rank a few MB, not a copy of the data.
     """
 
-    def __init__(self, tables: list, sources: list[str], rows: np.ndarray, keep_alive: object = None):
+    def __init__(self, tables: list, sources: list[str], rows: np.ndarray, max_audio_seconds: float, keep_alive: object = None):
         from datasets import concatenate_datasets
 
         self.table = concatenate_datasets(tables) if len(tables) > 1 else tables[0]
@@ -49,7 +58,8 @@ class Examples(Sequence[Example]):
         self.starts = np.cumsum([0] + [len(t) for t in tables[:-1]])  # first global row of each table
         self.rows = rows  # global row of each example
         self.lengths = self.table.data.column("length").to_numpy()[rows]  # prompt + target tokens
-        self.audio_samples = self.table.data.column("audio_samples").to_numpy()[rows]  # 16 kHz, after max_audio_seconds
+        self.audio_samples = self.table.data.column("audio_samples").to_numpy()[rows]  # whole clips, 16 kHz
+        self.audio_cropped = self.audio_samples > int(max_audio_seconds * qo.SAMPLE_RATE)
         self._keep_alive = keep_alive  # a temporary cache folder lives as long as its examples
 
     def __len__(self) -> int:
@@ -70,7 +80,7 @@ class Examples(Sequence[Example]):
             where=f"{Path(source)}:{record['line']}",
         )
         target = qo.render_target(record["prompt"], record["thinking"], record["answer"])
-        return Example(item, record["prompt"], target, int(self.lengths[index]), source)
+        return Example(item, record["prompt"], target, int(self.lengths[index]), source, bool(self.audio_cropped[index]))
 
 
 def mix(pools: list[np.ndarray], weights: list[float], seed: int) -> np.ndarray:
@@ -114,9 +124,11 @@ def build_examples(
         if spec.max_samples is not None and spec.max_samples < len(rows):
             rows = np.sort(np.random.default_rng(seed + index).permutation(len(rows))[: spec.max_samples])
         kept = rows[table.data.column("length").to_numpy()[rows] <= config.max_length]
+        cropped = int((table.data.column("audio_samples").to_numpy()[kept] > int(config.max_audio_seconds * qo.SAMPLE_RATE)).sum())
         log(
             f"data: {spec.path}: {len(rows)} records, {len(rows) - len(kept)} dropped "
-            f"(over data.max_length={config.max_length} tokens), weight {spec.weight}"
+            f"(over data.max_length={config.max_length} tokens), {cropped} clips cropped to "
+            f"data.max_audio_seconds={config.max_audio_seconds:g} s (training only), weight {spec.weight}"
         )
         if not len(kept):
             raise DataError(f"{spec.path}: every record is longer than data.max_length={config.max_length} tokens")
@@ -124,14 +136,14 @@ def build_examples(
         pools.append(kept + first_row)
         weights.append(spec.weight)
         first_row += len(table)
-    examples = Examples(tables, [spec.path for spec in config.train], mix(pools, weights, seed), keep_alive)
+    examples = Examples(tables, [spec.path for spec in config.train], mix(pools, weights, seed), config.max_audio_seconds, keep_alive)
     shares: dict[str, int] = {}
     for pool, count in enumerate(np.bincount(examples.source_index(examples.rows), minlength=len(tables))):
         if count:
             shares[config.train[pool].path] = shares.get(config.train[pool].path, 0) + int(count)
     hours = examples.audio_samples.sum() / qo.SAMPLE_RATE / 3600
     log("data: mixture " + ", ".join(f"{src}: {n} ({100 * n / len(examples):.1f}%)" for src, n in shares.items())
-        + f"; {hours:,.1f} h of audio")
+        + f"; {hours:,.1f} h of whole clips")
     return examples
 
 

@@ -4,10 +4,9 @@
     table["length"] ...  # a `datasets.Dataset` over Arrow files on disk: rows are read, never all loaded
 
 What a row holds: the record's id, line, resolved audio path, question, choices, answer and thinking;
-the rendered prompt (`core.qwen_omni.render_prompt`); `audio_samples`, the clip's length at 16 kHz
-after `data.max_audio_seconds` (from the file header: what `Item.load_audio` will return); and
-`length`, the tokens of the prompt with its audio expanded plus the target, exactly as the collator
-tokenises them. Token ids are counted, never kept: the collator tokenises each batch itself.
+the rendered prompt (`core.qwen_omni.render_prompt`); `audio_samples`, the whole clip's length at
+16 kHz (from the file header: `Item.audio_samples`); and `length`, the tokens of the prompt with its
+audio (cut to `data.max_audio_seconds`) expanded plus the target, exactly as the collator tokenises them. Token ids are counted, never kept: the collator tokenises each batch itself.
 
 Key. One folder per data file, named after the hash of everything its rows depend on: the file's
 bytes (blake2b, ~1 GB/s), the audio root, the tokenizer (its full serialisation, special tokens and
@@ -39,7 +38,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import shutil
@@ -53,7 +51,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import pyarrow as pa
-import soundfile as sf
 
 from core import qwen_omni as qo
 from core.items import DataError, Item, check_item, parse_item, parse_line
@@ -70,16 +67,6 @@ BATCH_RECORDS = 1024  # records tokenised per call and per Arrow record batch
 MIN_RANGE_BYTES, MAX_RANGE_BYTES = 1 << 20, 32 << 20
 # clip lengths (samples at 16 kHz) whose audio token counts go into the key: around a hop, a second, 10 s and 30 s
 PROBE_SAMPLES = (1, 159, 160, 161, 1_599, 1_600, 15_999, 16_000, 16_001, 24_000, 159_999, 160_000, 480_000, 480_001)
-
-
-def audio_samples(item: Item, max_seconds: float) -> int:
-    """Samples that `Item.load_audio(max_seconds)` will return, read from the file header only."""
-    try:
-        info = sf.info(str(item.audio_path))
-    except (sf.LibsndfileError, RuntimeError) as err:
-        raise DataError(f"{item.where} (id={item.id}): audio_path: cannot read audio header ({err})") from None
-    samples = math.ceil(info.frames * qo.SAMPLE_RATE / info.samplerate)  # librosa's resampled length
-    return min(samples, int(max_seconds * qo.SAMPLE_RATE))
 
 
 def token_lengths(processor: qo.OmniProcessor, prompts: Sequence[str], targets: Sequence[str], samples: Sequence[int]) -> list[int]:
@@ -166,9 +153,9 @@ class RangeRenderer:
         path, start, end, first_line, out = task
         with open(path, "rb") as handle:
             handle.seek(start)
-            text = handle.read(end - start).decode("utf-8", errors="strict")
+            data = handle.read(end - start)
         items = []
-        for offset, line in enumerate(text.split("\n")):
+        for offset, line in enumerate(data.split(b"\n")):
             if line.strip():
                 where = f"{path}:{first_line + offset}"
                 item = parse_item(parse_line(line, where), where, self.audio_root)
@@ -180,17 +167,22 @@ class RangeRenderer:
         return len(items)
 
     def rows(self, items: list[Item]) -> pa.RecordBatch:
-        tokenizer = self.processor.tokenizer
-        prompts = [qo.render_prompt(tokenizer, item.question, item.choices, self.prompt_style) for item in items]
-        targets = [qo.render_target(prompt, item.thinking, item.answer) for prompt, item in zip(prompts, items)]
-        samples = [audio_samples(item, self.max_audio_seconds) for item in items]
+        prompts, _, samples, lengths = render(items, self.processor, self.prompt_style, self.max_audio_seconds)
         return pa.RecordBatch.from_pydict({
             "id": [item.id for item in items], "line": [int(item.where.rsplit(":", 1)[1]) for item in items],
             "audio_path": [str(item.audio_path) for item in items], "question": [item.question for item in items],
             "choices": [list(item.choices) for item in items], "answer": [item.answer for item in items],
-            "thinking": [item.thinking for item in items], "prompt": prompts, "audio_samples": samples,
-            "length": token_lengths(self.processor, prompts, targets, samples),
+            "thinking": [item.thinking for item in items], "prompt": prompts, "audio_samples": samples, "length": lengths,
         }, schema=SCHEMA)
+
+
+def render(items: Sequence[Item], processor: qo.OmniProcessor, prompt_style: str, max_audio_seconds: float):
+    """(prompts, targets, whole-clip samples at 16 kHz, token lengths) of SFT items: what the cache holds of each."""
+    prompts = [qo.render_prompt(processor.tokenizer, item.question, item.choices, prompt_style) for item in items]
+    targets = [qo.render_target(prompt, item.thinking, item.answer) for prompt, item in zip(prompts, items)]
+    samples = [item.audio_samples() for item in items]  # whole clips, from the headers
+    limit = int(max_audio_seconds * qo.SAMPLE_RATE)
+    return prompts, targets, samples, token_lengths(processor, prompts, targets, [min(n, limit) for n in samples])
 
 
 _worker_renderer: RangeRenderer | None = None
