@@ -95,6 +95,7 @@ bench: setup
 	$(PY) -m bench.audio_bench --json runs/bench/audio_bench.json
 	$(PY) -m bench.eval_bench --json runs/bench/eval_bench.json
 	$(PY) -m bench.load_bench --json runs/bench/load_bench.json
+	$(PY) -m bench.data_bench --json runs/bench/data_bench.json
 
 clean:
 	rm -rf artifacts runs
