@@ -26,6 +26,9 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 AUDIO_START, AUDIO_PAD, AUDIO_END = "<|audio_start|>", "<|audio_pad|>", "<|audio_end|>"
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# What a thinking budget appends when the thinking runs out of tokens: the same separator the
+# model writes between its thinking and its answer (see render_target).
+THINK_BUDGET_CLOSE = f"\n{THINK_CLOSE}\n\n"
 ENDOFTEXT = "<|endoftext|>"
 SPECIAL_TOKENS = [
     ENDOFTEXT, IM_START, IM_END, AUDIO_START, AUDIO_END, AUDIO_PAD,
@@ -194,9 +197,10 @@ class OmniProcessor:
     feature_extractor: object  # transformers.WhisperFeatureExtractor
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "OmniProcessor":
+    def from_pretrained(cls, path: str | Path, allow_hub: bool = False) -> "OmniProcessor":
         from transformers import WhisperFeatureExtractor
 
+        path = checkpoint_source(path, allow_hub)
         return cls(tokenizer=load_tokenizer(path), feature_extractor=WhisperFeatureExtractor.from_pretrained(str(path)))
 
     def token_id(self, token: str) -> int:
@@ -300,12 +304,31 @@ def pad_sequences(sequences: list[list[int]], labels: list[list[int]], pad_id: i
     return {"input_ids": input_ids, "attention_mask": attention, "labels": label_ids}
 
 
+class CheckpointNotFound(FileNotFoundError):
+    """A checkpoint path that is no local folder (and the hub is not allowed)."""
+
+
+def checkpoint_source(path: str | Path, allow_hub: bool = False) -> str:
+    """What to hand `from_pretrained`: a local folder, always looked for first; a hub id (owner/name) only
+    with `allow_hub` (recipe key model.allow_hub), since nothing should download at run time by surprise."""
+    local = Path(path)
+    if local.is_dir():
+        return str(local)
+    hub_id = not local.is_absolute() and len(local.parts) == 2 and not str(path).startswith(".")
+    if allow_hub and hub_id:
+        return str(path)
+    hint = (f"download it first (huggingface-cli download {path} --local-dir checkpoints/{local.name}) and point at "
+            "that folder, or set model.allow_hub=true to let transformers fetch it") if hub_id else "check the path"
+    raise CheckpointNotFound(f"{path}: no local checkpoint folder there; {hint}")
+
+
 def load_thinker(
     path: str | Path,
     dtype: str = "auto",
     device: str | None = None,
     attn_implementation: str | None = None,
     experts_implementation: str | None = None,
+    allow_hub: bool = False,
 ):
     """The thinker alone, from a thinker checkpoint or a full Qwen3-Omni checkpoint (talker skipped).
 
@@ -318,7 +341,7 @@ def load_thinker(
         kwargs["attn_implementation"] = attn_implementation
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
-    model = thinker_class().from_pretrained(str(path), **kwargs)
+    model = thinker_class().from_pretrained(checkpoint_source(path, allow_hub), **kwargs)
     if device:
         model = model.to(device)
     return model
@@ -450,3 +473,11 @@ def expert_parameter_names(model) -> list[str]:
         if re.search(r"\.experts\.(%s)$" % "|".join(EXPERT_PARAMETERS), name)
         and not any(part in NON_TEXT_MODULES for part in name.split("."))
     ]
+
+
+def context_length(config) -> int | None:
+    """Positions the text model takes (prompt + generation), from a thinker, composite or plain LM config."""
+    for cfg in (config, getattr(config, "text_config", None), getattr(getattr(config, "thinker_config", None), "text_config", None)):
+        if cfg is not None and getattr(cfg, "max_position_embeddings", None):
+            return int(cfg.max_position_embeddings)
+    return None

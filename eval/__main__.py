@@ -17,27 +17,37 @@ from eval.submission import SubmissionError
 
 
 def _score(argv: list[str]) -> int:
-    from core.recipe import RecipeError, load_recipe, split_cli
+    from core.recipe import RecipeError, recipe_cli
     from eval.judge import FatalJudgeError
     from eval.score import score
 
     try:
-        recipe = load_recipe(*split_cli(argv))
+        recipe = recipe_cli(argv, "python -m eval score", "Scores eval.submission against eval.meta under the "
+                            "challenge protocol; exit 3 when items are NOT EVALUATED (re-run to fill them).")
     except RecipeError as err:
         print(err, file=sys.stderr)
         return 2
     try:
-        report = score(recipe, progress=sys.stderr.isatty())
+        report = score(recipe)  # a bar on a terminal, progress lines in a log
     except FatalJudgeError as err:
         print(f"judge error: {err}\nFinished ratings are in the cache; re-run to resume.", file=sys.stderr)
         return 1
-    t = report["totals"]
-    rub = "not computed" if t["rubrics"] is None else f"{t['rubrics']:.2f}"
-    crs = "–" if t["crs"] is None else f"{t['crs']:.3f}"
-    print(f"Accuracy {t['accuracy']:.2f}  Rubrics {rub}  CRS {crs}  ({t['n']} items counted, "
-          f"{t['not_evaluated']} NOT EVALUATED, {len(report['missing_ids'])} missing)  "
-          f"-> {Path(recipe.eval.report_dir) / 'report.md'}")
+    print(headline(report, Path(recipe.eval.report_dir) / "report.md"))
     return 0 if not report["not_evaluated"] else 3
+
+
+def headline(report: dict, report_file: Path) -> str:
+    """The printed result: the official figures first, the all-items figures beside them, both labelled."""
+    def figures(t: dict) -> str:
+        rub = "not computed" if t["rubrics"] is None else f"{t['rubrics']:.2f}"
+        crs = "–" if t["crs"] is None else f"{t['crs']:.3f}"
+        acc = "–" if t["accuracy"] is None else f"{t['accuracy']:.2f}"
+        return f"Accuracy {acc}  Rubrics {rub}  CRS {crs}  over {t['n']} items"
+
+    official, every = report["official"], report["totals"]
+    return (f"official (submitted items): {figures(official)}\n"
+            f"all items ({len(report['missing_ids'])} missing count wrong): {figures(every)}  "
+            f"({every['not_evaluated']} NOT EVALUATED)  -> {report_file}")
 
 
 def _compare(argv: list[str]) -> int:
@@ -76,8 +86,9 @@ COMMANDS = {"score": _score, "compare": _compare, "convert": _convert}
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print(__doc__.strip(), file=sys.stderr)
-        return 2
+        wants_help = bool(argv) and argv[0] in ("-h", "--help")
+        print(__doc__.strip(), file=sys.stdout if wants_help else sys.stderr)
+        return 0 if wants_help else 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[argv[0]](argv[1:])

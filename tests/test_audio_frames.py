@@ -93,6 +93,33 @@ def test_stock_processor_batches_give_the_same_frames(processor):
     assert ours["feature_attention_mask"].sum(-1).tolist() == [qo.feature_frames(n) for n in LENGTHS]
 
 
+def test_omni_processor_equals_the_stock_processor_on_audio(processor):
+    """The stock Qwen3OmniMoeProcessor's own __call__, given the hop-aligned clips vLLM gives it, makes the
+    same token ids, masks and features as OmniProcessor. Its image/video processors need torchvision,
+    which does not import beside torch+cpu; with no images or videos it reads only their merge sizes."""
+    from types import SimpleNamespace
+
+    from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import Qwen3OmniMoeProcessor
+
+    stock = Qwen3OmniMoeProcessor.__new__(Qwen3OmniMoeProcessor)
+    stock.tokenizer, stock.feature_extractor = processor.tokenizer, processor.feature_extractor
+    stock.image_processor = stock.video_processor = SimpleNamespace(merge_size=2, temporal_patch_size=2)
+    for attribute in qo.TOKENIZER_TOKEN_ATTRIBUTES:
+        setattr(stock, attribute, getattr(processor.tokenizer, attribute))  # as its __init__ does
+
+    prompt = qo.render_prompt(processor.tokenizer, "How many beeps?", ["one", "two"])
+    waves = [qo.align_to_hop(clip(n)) for n in LENGTHS]
+    theirs = stock(text=[prompt] * len(waves), audio=waves, return_tensors="pt", padding=True)
+    ours = processor([prompt] * len(waves), waves)
+    for key in ("input_ids", "attention_mask", "feature_attention_mask"):
+        torch.testing.assert_close(theirs[key].long(), ours[key].long(), rtol=0, atol=0, msg=key)
+    # features: the stock extractor's depend on the rest of a padded batch (its log-mel floor is taken
+    # over the padded waveform); OmniProcessor extracts each clip alone, as the stock one does at batch 1
+    for row, wave in enumerate(waves):
+        alone = stock(text=[prompt], audio=[wave], return_tensors="pt")["input_features"][0]
+        torch.testing.assert_close(ours["input_features"][row, :, : alone.shape[-1]], alone)
+
+
 def test_inference_hears_whole_clips_by_default(tmp_path, processor):
     from infer.run import item_request
 

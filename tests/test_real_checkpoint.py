@@ -89,6 +89,10 @@ def test_template_is_read_from_chat_template_json(tiny_checkpoint, tmp_path):
     (bare / "chat_template.json").write_text('{"template": "x"}')
     with pytest.raises(ValueError, match=r"chat_template.json: chat_template"):
         qo.load_tokenizer(bare)
+    (bare / "chat_template.json").unlink()
+    template = json.loads((tiny_checkpoint / "chat_template.json").read_text())["chat_template"]
+    (bare / "chat_template.jinja").write_text(template)  # the transformers 5 file name
+    assert qo.load_tokenizer(bare).chat_template == template
 
 
 def test_a_thinker_only_config_is_wrapped_into_the_composite_one(tiny_checkpoint):

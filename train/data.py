@@ -8,13 +8,11 @@ and counted, and the lengths drive the length-grouped batching.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import soundfile as sf
 import torch
 
 from core import qwen_omni as qo
@@ -34,15 +32,6 @@ class Example:
     audio_cropped: bool  # the clip is longer than data.max_audio_seconds and is cut to it
 
 
-def audio_samples(item: Item) -> int:
-    """Samples that `Item.load_audio()` will return (the whole clip), read from the file header only."""
-    try:
-        info = sf.info(str(item.audio_path))
-    except (sf.LibsndfileError, RuntimeError) as err:
-        raise DataError(f"{item.where} (id={item.id}): audio_path: cannot read audio header ({err})") from None
-    return math.ceil(info.frames * qo.SAMPLE_RATE / info.samplerate)  # librosa's resampled length
-
-
 def render_examples(items: Sequence[Item], processor: qo.OmniProcessor, prompt_style: str, max_audio_seconds: float, source: str) -> list[Example]:
     tokenizer = processor.tokenizer
     prompts, targets = [], []
@@ -51,7 +40,7 @@ def render_examples(items: Sequence[Item], processor: qo.OmniProcessor, prompt_s
         prompts.append(prompt)
         targets.append(qo.render_target(prompt, item.thinking, item.answer))
     limit = int(max_audio_seconds * qo.SAMPLE_RATE)
-    samples = [audio_samples(item) for item in items]
+    samples = [item.audio_samples() for item in items]  # whole clips, from the headers
     expanded = [
         processor.expand_audio(prompt, qo.feature_frames(min(n, limit))) for prompt, n in zip(prompts, samples)
     ]
