@@ -136,6 +136,10 @@ class InferConfig(Section):
     # vllm: clips per prompt; image and video 0 so vLLM neither loads nor profiles the vision tower
     limit_mm_per_prompt: dict[Literal["audio", "image", "video"], int] = Field(
         default_factory=lambda: {"audio": 1, "image": 0, "video": 0})
+    # vllm: KV-cache size in GiB. Needed on a CPU, where vLLM otherwise takes gpu_memory_utilization of
+    # the machine's RAM; None on GPUs (vLLM sizes the cache from gpu_memory_utilization).
+    kv_cache_gib: float | None = Field(None, gt=0)
+    enforce_eager: bool = False  # vllm: skip torch.compile (and CUDA graphs); minutes less to load on a CPU
 
 
 class JudgeConfig(Section):
