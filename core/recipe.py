@@ -97,6 +97,10 @@ class InferConfig(Section):
     batch_size: int = Field(8, gt=0)
     max_new_tokens: int = Field(16384, gt=0)
     min_new_tokens: int = Field(0, ge=0)  # >0 suppresses end-of-turn until then (benchmarks, tests)
+    # Thinking tokens before "\n</think>\n\n" is appended and the model goes on to its answer (null: no
+    # budget). 2,000 = the 10,000-character thinking limit / 5 characters per token, a high figure
+    # for English under Qwen's tokenizer (~4 on average), so a budgeted thinking ends near 8,000.
+    thinking_budget: int | None = Field(2000, gt=0)
     do_sample: bool | None = None  # None: from the checkpoint's generation config
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -147,6 +151,9 @@ class SourceSpec(Section):
     root: str  # folder holding the dataset's official release layout (see the adapter's docstring)
     count: int | None = Field(None, gt=0)  # exactly this many clips (all of them if fewer exist)
     ratio: float | None = Field(None, gt=0, le=1)  # this share of data_prep.total
+    # The dataset's sample count in the mixture a recipe reproduces (e.g. Audio-Cogito Table 1); selects
+    # nothing, the data card shows it beside the achieved share.
+    reference_samples: int | None = Field(None, gt=0)
     options: dict[str, Any] = Field(default_factory=dict)  # adapter keyword arguments (splits, subset, ...)
     licence: str | None = None  # overrides the adapter's licence in the manifest and the data card
 
