@@ -24,7 +24,7 @@ from core import qwen_omni as qo
 from core.items import DataError, load_items
 
 CAPTION_PROMPT = "Describe the audio."
-STEPS = 150  # loss ~6.3 -> ~0.02 (batch 16, 960 clips)
+STEPS = 300  # base captions 97 % of held-out clips right (150 steps: 62 %, near chance on three tasks)
 BATCH_SIZE = 16
 LR = 3e-3
 WARMUP_STEPS = 10
