@@ -163,6 +163,7 @@ class Engine:
     tokenizer: Any  # for rendering prompts: qwen_omni.render_chat(engine.tokenizer, ...)
     sampling: SamplingConfig  # the recipe's settings; pass another to generate() to override
     batch_size: int
+    context_length: int | None = None  # the model's context in tokens (prompt + generation); None: unknown
 
     def _batches(
         self, requests: Sequence[Request], sampling: SamplingConfig, prefixes: dict[str, tuple[int, ...]]
@@ -254,6 +255,7 @@ class HFEngine(Engine):
         self.batch_size = batch_size
         self.device = device
         self.eos_ids = processor.eos_token_ids
+        self.context_length = qo.context_length(model.config)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": self.device, "batch_size": self.batch_size,
@@ -325,11 +327,12 @@ def vllm_sampling_kwargs(sampling: SamplingConfig, eos_ids: Sequence[int]) -> di
 
 def vllm_prompt(request: Request, continue_after: str = "") -> dict[str, Any]:
     """One offline vLLM prompt: the rendered text (followed by the text a generation continues
-    after, in the thinking budget's second phase), and the waveform as multi-modal data."""
+    after, in the thinking budget's second phase), and the waveform as multi-modal data, hop-aligned
+    as the hf engine and training align it (vLLM would pad it the same way itself)."""
     prompt = request.prompt + continue_after
     if request.audio is None:
         return {"prompt": prompt}
-    return {"prompt": prompt, "multi_modal_data": {"audio": (request.audio, qo.SAMPLE_RATE)}}
+    return {"prompt": prompt, "multi_modal_data": {"audio": (qo.align_to_hop(request.audio), qo.SAMPLE_RATE)}}
 
 
 def vllm_engine_kwargs(recipe: Recipe) -> dict[str, Any]:
@@ -346,7 +349,7 @@ def vllm_engine_kwargs(recipe: Recipe) -> dict[str, Any]:
         gpu_memory_utilization=recipe.infer.gpu_memory_utilization,
         dtype=recipe.model.dtype,
         seed=recipe.infer.seed,
-        limit_mm_per_prompt={"audio": 1},
+        limit_mm_per_prompt=dict(recipe.infer.limit_mm_per_prompt),
         trust_remote_code=False,
     )
     if recipe.infer.max_model_len is not None:
@@ -364,15 +367,14 @@ class VLLMEngine(Engine):
             import vllm
         except ImportError:
             raise ImportError("infer.backend=vllm needs vLLM: pip install -e '.[vllm]' (CUDA machines only)") from None
-        from transformers import AutoTokenizer
-
         self._vllm = vllm
         self.engine_kwargs = vllm_engine_kwargs(recipe)
         self.llm = vllm.LLM(**self.engine_kwargs)
-        self.tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
+        self.tokenizer = qo.load_tokenizer(recipe.model.path)
         self.eos_ids = qo.eos_token_ids(self.tokenizer)
         self.sampling = sampling
         self.batch_size = recipe.infer.batch_size
+        self.context_length = getattr(getattr(self.llm.llm_engine, "model_config", None), "max_model_len", None)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "vllm": self._vllm.__version__, "batch_size": self.batch_size,
@@ -411,15 +413,16 @@ def default_device() -> str:
 
 def load_engine(recipe: Recipe, device: str | None = None) -> Engine:
     """The backend named by `recipe.infer.backend`, with the recipe's model, adapter and sampling."""
+    allow_hub = recipe.model.allow_hub
+    source = qo.checkpoint_source(recipe.model.path, allow_hub)  # a local folder, or a hub id only when allowed
     sampling = SamplingConfig.resolve(recipe.infer, checkpoint_generation_defaults(recipe.model.path))
     if recipe.infer.backend == "vllm":
         return VLLMEngine(recipe, sampling)
     device = device or default_device()
-    model_path = Path(recipe.model.path)
-    if not (model_path / "config.json").is_file():
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
         raise FileNotFoundError(f"model.path={recipe.model.path}: no checkpoint there (config.json missing)")
-    model = qo.load_thinker(model_path, recipe.model.dtype, device, recipe.model.attn_implementation,
-                            recipe.model.experts_implementation)
+    model = qo.load_thinker(source, recipe.model.dtype, device, recipe.model.attn_implementation,
+                            recipe.model.experts_implementation, allow_hub=allow_hub)
     if recipe.infer.adapter:
         adapter = Path(recipe.infer.adapter)
         if not (adapter / "adapter_config.json").is_file():
@@ -431,4 +434,4 @@ def load_engine(recipe: Recipe, device: str | None = None) -> Engine:
 
         # Merged once at load: the same outputs as the adapter on top, without its per-step cost.
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    return HFEngine(model, qo.OmniProcessor.from_pretrained(model_path), sampling, recipe.infer.batch_size, device)
+    return HFEngine(model, qo.OmniProcessor.from_pretrained(source, allow_hub), sampling, recipe.infer.batch_size, device)
