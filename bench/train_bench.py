@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         plans = []
         if "tiny" in args.models:
             tiny = dict(model="tiny", dtype="float32", batch_size=4, steps=args.steps, warmup=1, passes=3, **common)
-            plans.append(("tiny thinker (0.27M parameters), float32", [
+            plans.append(("tiny thinker (0.9M parameters), float32", [
                 Row(**tiny, gradient_checkpointing=False, group_by_length=True),
                 Row(**tiny, gradient_checkpointing=True, group_by_length=True),
                 Row(**tiny, gradient_checkpointing=False, group_by_length=False),

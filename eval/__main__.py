@@ -2,6 +2,7 @@
 
     python -m eval score RECIPE.yaml [eval.submission=... eval.judge.backend=openai ...]
     python -m eval compare A B --meta META.jsonl [--out compare.json]
+    python -m eval side-by-side BASE TUNED --meta META.jsonl [--train-submission S --train-meta M] [--out F]
     python -m eval convert OLD.json NEW.jsonl
 """
 
@@ -68,6 +69,26 @@ def _compare(argv: list[str]) -> int:
     return 0
 
 
+def _side_by_side(argv: list[str]) -> int:
+    from eval.side_by_side import markdown, side_by_side, write_json
+
+    p = argparse.ArgumentParser(prog="python -m eval side-by-side",
+                                description="Base vs fine-tuned per task type: format rate, accuracy, paired test.")
+    p.add_argument("base", help="the base model's submission (its .raw.jsonl beside it)")
+    p.add_argument("tuned", help="the fine-tuned model's submission (its .raw.jsonl beside it)")
+    p.add_argument("--meta", required=True, help="the held-out benchmark both answered")
+    p.add_argument("--train-submission", help="the fine-tuned model's answers to training records")
+    p.add_argument("--train-meta", help="the training records it answered")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write the table and the comparison as JSON here")
+    args = p.parse_args(argv)
+    result = side_by_side(args.base, args.tuned, args.meta, args.train_submission, args.train_meta, args.seed)
+    print(markdown(result))
+    if args.out:
+        write_json(result, args.out)
+    return 0
+
+
 def _convert(argv: list[str]) -> int:
     from eval.submission import convert_json_list
 
@@ -80,7 +101,7 @@ def _convert(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"score": _score, "compare": _compare, "convert": _convert}
+COMMANDS = {"score": _score, "compare": _compare, "side-by-side": _side_by_side, "convert": _convert}
 
 
 def main(argv: list[str] | None = None) -> int:

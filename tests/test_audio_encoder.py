@@ -55,7 +55,7 @@ def load_entry_point(folder, name):
 
 
 def test_attributes(encoder):
-    assert encoder.output_dim == 64  # the tiny tower projects to the tiny thinker's hidden size
+    assert encoder.output_dim == 128  # the tiny tower projects to the tiny thinker's hidden size
     assert encoder.sampling_rate == SR
     assert encoder.frame_rate == 13.0 == qo.audio_token_count(100)  # 1 s = 100 mel frames
     assert isinstance(encoder, torch.nn.Module) and not encoder.training

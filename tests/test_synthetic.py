@@ -107,3 +107,32 @@ def test_melody_and_order_are_audible(items):
         spectrum = np.abs(np.fft.rfft(first)) ** 2
         tonal = spectrum.max() / spectrum.sum() > 0.2
         assert tonal == (item.answer == "a pure tone"), item.id
+
+
+def test_captions_say_what_is_heard_and_the_reasoning_rests_on_them(items):
+    for item in items:
+        facts, caption = item.meta["facts"], item.meta["caption"]
+        assert item.thinking == f"I hear {caption}, so the answer is {item.answer}."
+        task = item.id.rsplit("-", 1)[-1]
+        heard = {
+            "beep_count": lambda: caption.startswith(NUMBER_WORDS[facts["count"] - 1] + " short beep"),
+            "pitch_compare": lambda: caption.startswith("a higher") == (facts["freqs"][0] > facts["freqs"][1]),
+            "sound_order": lambda: caption.startswith("a pure tone") == facts["tone_first"],
+            "loudness_compare": lambda: ("louder" in caption) == (facts["gain_db"] > 0),
+            "melody_contour": lambda: caption == f"four notes moving {item.answer}",
+            "duration_compare": lambda: caption.startswith("a long") == (facts["durations"][0] > facts["durations"][1]),
+        }[task]
+        assert heard(), (item.id, caption, facts)
+
+
+def test_pretrain_split_has_its_own_clips_and_leaves_the_others_unchanged(tmp_path):
+    generate(tmp_path / "a", train=6, test=6, seed=0)
+    generate(tmp_path / "b", train=6, test=6, seed=0, pretrain=12)
+    for split in ("train", "test"):
+        assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (tmp_path / "b" / f"{split}.jsonl").read_bytes()
+    pretrain = load_items(tmp_path / "b" / "pretrain.jsonl")
+    others = load_items(tmp_path / "b" / "train.jsonl") + load_items(tmp_path / "b" / "test.jsonl")
+    hashes = lambda chosen: {hashlib.sha256(i.audio_path.read_bytes()).hexdigest() for i in chosen}
+    assert len(hashes(pretrain)) == 12 and not hashes(pretrain) & hashes(others)
+    # the tasks take turns: every split is balanced across them
+    assert sorted(i.meta["sub-category"] for i in pretrain) == sorted(2 * [t.sub_category for t in TASKS.values()])
