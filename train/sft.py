@@ -148,6 +148,13 @@ def resume(accelerator: Accelerator, output_dir: Path) -> int:
     return json.loads((latest / STATE_FILE).read_text())["step"]
 
 
+def reset_metrics(path: Path, start: int) -> None:
+    """Keep the JSONL lines of steps up to `start` (the resumed checkpoint): steps after it are redone."""
+    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start] \
+        if path.is_file() and start else []
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 def windows(dataset, collator, lengths, recipe: Recipe, rank: int, world: int, steps_per_epoch: int, start: int, total: int):
     """(step, epoch, micro-batches) for each optimizer step from `start` to `total`, for this rank."""
     cfg = recipe.train
@@ -272,9 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                               init_kwargs={"wandb": {"name": recipe.name, "dir": str(out)}})
     metrics_path = out / "metrics.jsonl"
     if accelerator.is_main_process:
-        keep = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start] \
-            if metrics_path.is_file() and start else []  # steps after the checkpoint are redone
-        metrics_path.write_text("".join(line + "\n" for line in keep))
+        reset_metrics(metrics_path, start)
     seen_path = out / "seen" / f"rank{rank}.jsonl"
     seen_path.parent.mkdir(parents=True, exist_ok=True)
 
