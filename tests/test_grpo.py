@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +19,12 @@ from core.items import Item
 from core.recipe import JudgeConfig, RecipeError, load_recipe
 from infer.parse import parse_output
 from train.grpo import group_advantages, grpo_loss
+from tests.test_train import adapter_weights, metrics, one_torch_thread  # noqa: F401 (one_torch_thread: autouse fixture)
 from train.rewards import (
     REASONING_RUBRIC, EmbeddingReward, JudgeReward, Rollout, TextEmbedder, answer_reward, format_reward, length_reward,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- advantages and loss
@@ -111,8 +109,9 @@ def test_answer_and_format_rewards():
     wrong = rollout("<think>\nfirst\n</think>\n\nthe first")
     unmatched = rollout("<think>\nhmm\n</think>\n\nno idea")
     unclosed = rollout("<think>\nit is the second")  # truncated: its last paragraph names a choice
-    assert answer_reward([right, wrong, unmatched, unclosed]) == [1.0, 0.0, 0.0, 1.0]
-    assert format_reward([right, wrong, unmatched, unclosed]) == [1.0, 1.0, 0.5, 0.0]
+    repeated = rollout("<think>\nhmm\n</think>\n</think>\n\nthe second")  # tag spam: the answer counts, the format half not
+    assert answer_reward([right, wrong, unmatched, unclosed, repeated]) == [1.0, 0.0, 0.0, 1.0, 1.0]
+    assert format_reward([right, wrong, unmatched, unclosed, repeated]) == [1.0, 1.0, 0.5, 0.0, 0.5]
 
 
 def test_length_reward_against_the_thinking_budget():
@@ -265,16 +264,6 @@ def run_grpo(recipe_file: Path, *overrides: str) -> Path:
     return Path(load_recipe(recipe_file, list(overrides)).train.output_dir)
 
 
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
-
-
 def test_resume_gives_the_uninterrupted_run(grpo_recipe, tmp_path):
     full = run_grpo(grpo_recipe, f"train.output_dir={tmp_path}/full")
     records = metrics(full)
@@ -336,6 +325,51 @@ def test_starts_from_the_sft_adapter(grpo_recipe, tmp_path, tiny_checkpoint):
         load_policy(load_recipe(grpo_recipe, [f"grpo.init_adapter={tmp_path}/none"]))
 
 
+def test_rollouts_never_sample_a_placeholder_token(grpo_recipe, synthetic_dir, processor):
+    from core import qwen_omni as qo
+    from core.items import load_items
+    from train.grpo import load_policy, roll_out, rollout_engine, sequence_batch
+
+    recipe = load_recipe(grpo_recipe)
+    policy, _ = load_policy(recipe)
+    audio_pad = processor.token_id(qo.AUDIO_PAD)
+    with torch.no_grad():  # make <|audio_pad|> the likeliest next token everywhere
+        policy.get_base_model().lm_head.weight[audio_pad] *= 50
+    engine = rollout_engine(policy, processor, recipe, "cpu")
+    samples, generated, _ = roll_out(engine, load_items(synthetic_dir / "train.jsonl")[:2], recipe, engine.sampling)
+    assert len(samples) == 2 * recipe.grpo.num_generations and generated > 0
+    assert all(audio_pad not in s.completion_ids for s in samples)
+    batch = sequence_batch(processor, samples)  # scoring sees exactly one audio span per row
+    assert (batch["labels"] != qo.IGNORE_INDEX).sum() == sum(len(s.completion_ids) for s in samples)
+    policy(**{k: v for k, v in batch.items() if k != "labels"})
+
+
 def test_group_size_must_divide_the_step(grpo_recipe):
     with pytest.raises(ValueError, match="multiple of grpo.num_generations"):
         run_grpo(grpo_recipe, "grpo.num_generations=3")
+
+
+@pytest.mark.slow
+def test_two_processes_zero2(grpo_recipe, tmp_path):
+    """Two gloo ranks under DeepSpeed ZeRO-2 (SFT's launch form): each rolls out its own prompts, the
+    step's statistics cover both ranks, checkpoints and the adapter are written once."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "recipes/accelerate/cpu_zero2_2proc.yaml"), str(REPO / "train/grpo.py"), str(grpo_recipe),
+           f"train.output_dir={two}"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    per_rank = [[json.loads(line) for line in (two / "rollouts" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    for step in range(1, 5):
+        prompts = [{r["id"].split("#")[0] for r in rank if r["step"] == step} for rank in per_rank]
+        assert len(prompts[0]) == len(prompts[1]) == 2 and not prompts[0] & prompts[1]
+    records = metrics(two)
+    assert [m["step"] for m in records] == [1, 2, 3, 4]
+    for m in records:  # gathered over both ranks
+        both = [r for rank in per_rank for r in rank if r["step"] == m["step"]]
+        assert m["completion_length"] == pytest.approx(np.mean([r["tokens"] for r in both]))
+        assert m["reward/total/mean"] == pytest.approx(np.mean([r["total"] for r in both]))
+        assert math.isfinite(m["loss"]) and m["kl"] >= 0
+    assert (two / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-2", "step-4"]

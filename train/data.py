@@ -81,16 +81,22 @@ def mix(pools: list[list[Example]], weights: list[float], seed: int) -> list[Exa
     return mixed
 
 
+def cap_samples(items: list, max_samples: int | None, seed: int) -> list:
+    """At most `max_samples` of `items` (a seeded random subset, in file order); all of them when None."""
+    if max_samples is None or max_samples >= len(items):
+        return items
+    keep = np.random.default_rng(seed).permutation(len(items))[:max_samples]
+    return [items[i] for i in sorted(keep)]
+
+
 def build_examples(config: DataConfig, processor: qo.OmniProcessor, prompt_style: str, seed: int, log=print) -> list[Example]:
     """Load, render, length-filter and mix every dataset of `data.train`."""
     if not config.train:
         raise DataError("recipe: data.train: no training datasets given")
     pools, weights = [], []
     for index, spec in enumerate(config.train):
-        items = load_items(spec.path, spec.audio_root, check_audio=True, require_thinking=True)
-        if spec.max_samples is not None and spec.max_samples < len(items):
-            keep = np.random.default_rng(seed + index).permutation(len(items))[: spec.max_samples]
-            items = [items[i] for i in sorted(keep)]
+        items = cap_samples(load_items(spec.path, spec.audio_root, check_audio=True, require_thinking=True),
+                            spec.max_samples, seed + index)
         examples = render_examples(items, processor, prompt_style, config.max_audio_seconds, spec.path)
         kept = [e for e in examples if e.length <= config.max_length]
         log(

@@ -47,12 +47,11 @@ from core.provenance import record_session  # noqa: E402
 from core.recipe import GRPOStage, Recipe, load_recipe, save_recipe, split_cli  # noqa: E402
 from infer.engine import HFEngine, Request, SamplingConfig  # noqa: E402
 from infer.parse import parse_output  # noqa: E402
-from train.data import epoch_batches, mix  # noqa: E402
+from train.data import cap_samples, epoch_batches, mix  # noqa: E402
 from train.lora import placement  # noqa: E402
 from train.rewards import Rollout, build_rewards  # noqa: E402
 from train.sft import (  # noqa: E402
-    CHECKPOINT_PREFIX, keep_trainable_weights, lr_factor, make_accelerator, peak_memory_gb, prepare_for_training,
-    reset_metrics, resume, save_adapter, save_checkpoint,
+    finish, log_and_save, lr_factor, make_accelerator, peak_memory_gb, prepare_for_training, reset_metrics, start_session,
 )
 
 
@@ -131,10 +130,7 @@ def stage_items(stage: GRPOStage, seed: int, needs_reference: bool) -> list[Item
     pools, weights = [], []
     for index, spec in enumerate(stage.data):
         items = load_items(spec.path, spec.audio_root, check_audio=True, require_thinking=needs_reference)
-        if spec.max_samples is not None and spec.max_samples < len(items):
-            keep = np.random.default_rng(seed + index).permutation(len(items))[: spec.max_samples]
-            items = [items[i] for i in sorted(keep)]
-        pools.append(items)
+        pools.append(cap_samples(items, spec.max_samples, seed + index))
         weights.append(spec.weight)
     return mix(pools, weights, seed)
 
@@ -196,6 +192,7 @@ def roll_out(engine: HFEngine, items: Sequence[Item], recipe: Recipe, sampling: 
     start = time.perf_counter()
     generations = engine.generate(requests, sampling)
     seconds = time.perf_counter() - start
+    features = [processor.clip_features(audio) for audio in audios]
     think_close = processor.token_id(qo.THINK_CLOSE)
     end_of_turn = processor.token_id(qo.IM_END)
     samples = []
@@ -205,9 +202,23 @@ def roll_out(engine: HFEngine, items: Sequence[Item], recipe: Recipe, sampling: 
         thinking_tokens = len(ids) - ids[::-1].index(think_close) - 1 if think_close in ids else len(ids)
         rollout = Rollout(generation.id, item, generation.text, parse_output(generation.text, item.choices),
                           thinking_tokens, generation.finished)
-        samples.append(Sample(rollout, prompts[item_index], processor.clip_features(audios[item_index]),
+        samples.append(Sample(rollout, prompts[item_index], features[item_index],
                               ids + [end_of_turn] * generation.finished))
     return samples, sum(g.n_generated_tokens for g in generations), seconds
+
+
+def rollout_engine(policy, processor: qo.OmniProcessor, recipe: Recipe, device: str) -> HFEngine:
+    """The inference engine on the policy being trained (its adapter active, unmerged), sampling as `grpo` says.
+
+    Multimodal placeholder tokens are never sampled: fed back for scoring, a completion's <|audio_pad|>
+    would be taken for an audio position and the forward would fail (a weak policy does emit them).
+    """
+    grpo = recipe.grpo
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    base.generation_config.suppress_tokens = [processor.token_id(t) for t in (qo.AUDIO_PAD, qo.IMAGE_PAD, qo.VIDEO_PAD)]
+    sampling = SamplingConfig(max_new_tokens=grpo.max_new_tokens, do_sample=True, temperature=grpo.temperature,
+                              top_p=grpo.top_p, top_k=grpo.top_k)
+    return HFEngine(policy, processor, sampling, grpo.rollout_batch_size, device)
 
 
 def sequence_batch(processor: qo.OmniProcessor, samples: Sequence[Sample]) -> dict:
@@ -271,7 +282,7 @@ def optimise(accelerator, model, optimizer, scheduler, params, processor, sample
             totals["clipped"] += parts.clipped
             totals["tokens"] += parts.tokens
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        totals["grad_norm"].append(float(grad_norm) if grad_norm is not None else float("nan"))
+        totals["grad_norm"].append(float(grad_norm) if grad_norm is not None else None)  # None: DeepSpeed keeps it
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
@@ -366,25 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         lr_factor, total=optimizer_steps, warmup=math.ceil(cfg.warmup_ratio * optimizer_steps),
         schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    accelerator.register_save_state_pre_hook(keep_trainable_weights)
+    model, optimizer, start, end, metrics_path = start_session(accelerator, model, optimizer, scheduler, recipe, total_steps, log)
     processor = qo.OmniProcessor.from_pretrained(recipe.model.path)
-    unwrapped = accelerator.unwrap_model(model)
-    # Rollouts through the inference engine, on the policy being trained (its adapter active, unmerged).
-    engine = HFEngine(unwrapped, processor, SamplingConfig(
-        max_new_tokens=grpo.max_new_tokens, do_sample=True, temperature=grpo.temperature, top_p=grpo.top_p,
-        top_k=grpo.top_k), grpo.rollout_batch_size, str(device))
-
-    start = resume(accelerator, out) if cfg.resume else 0
-    if start:
-        log(f"resume: from {out}/checkpoints/{CHECKPOINT_PREFIX}{start}")
-    end = min(total_steps, cfg.stop_after or total_steps)
-    accelerator.init_trackers(cfg.wandb_project, config=recipe.model_dump(mode="json"),
-                              init_kwargs={"wandb": {"name": recipe.name, "dir": str(out)}})
-    metrics_path = out / "metrics.jsonl"
-    if accelerator.is_main_process:
-        reset_metrics(metrics_path, start)
+    engine = rollout_engine(accelerator.unwrap_model(model), processor, recipe, str(device))
     rollouts_path = out / "rollouts" / f"rank{rank}.jsonl"
     rollouts_path.parent.mkdir(parents=True, exist_ok=True)
     reset_metrics(rollouts_path, start)
@@ -407,25 +402,14 @@ def main(argv: list[str] | None = None) -> int:
             for i, s in enumerate(samples):
                 handle.write(json.dumps({"step": step + 1, "id": s.rollout.id, "text": s.rollout.text,
                                          "answer": s.rollout.parsed.answer, "finished": s.rollout.finished,
+                                         "tokens": len(s.completion_ids),
                                          "rewards": {n: v[i] for n, v in parts.items()}, "total": total[i],
                                          "advantage": float(advantages[i])}) + "\n")
         progress.update(1)
         progress.set_postfix(answer=f"{record['reward/answer/mean']:.2f}", loss=f"{record['loss']:.4f}")
-        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
-            accelerator.log({k: v for k, v in record.items() if k not in ("step", "stage")}, step=step + 1)
-            if accelerator.is_main_process:
-                with metrics_path.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == end:
-            save_checkpoint(accelerator, model, out, step + 1, cfg.keep_last)
+        log_and_save(accelerator, model, recipe, record, metrics_path, end)
     progress.close()
-
-    if end < total_steps:
-        log(f"stopped after step {end} of {total_steps} (train.stop_after); run again to resume")
-    else:
-        save_adapter(accelerator, model, out / "adapter")
-        log(f"done: adapter in {out / 'adapter'}, metrics in {metrics_path}")
-    accelerator.end_training()
+    finish(accelerator, model, out, end, total_steps, metrics_path, log)
     return 0
 
 

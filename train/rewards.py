@@ -5,8 +5,8 @@ ones that call a model (judge, embedding) can batch. `build_rewards` turns the r
 {name: function}; the stage's weights (`grpo.stages[].rewards`) combine them.
 
 - answer: 1 when the parsed answer is right under the official rule (core.answer_rule), else 0.
-- format: 0.5 for closing </think>, 0.5 more when the answer after it maps to exactly one choice
-  (infer.parse, the inference parser).
+- format: 0.5 for closing the thinking with exactly one </think>, 0.5 more when the answer after the
+  last one maps to exactly one choice (infer.parse, the inference parser).
 - length: 1 up to `grpo.thinking_budget` thinking tokens, falling linearly to 0 at twice the
   budget; 0 for an output cut by max_new_tokens.
 - judge: an LLM evaluator rates the reasoning against the record's reference `thinking` on
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from core.answer_rule import is_correct
+from core.qwen_omni import THINK_CLOSE
 from core.items import Item
 from core.recipe import GRPOConfig
 from infer.parse import Parsed
@@ -47,7 +48,8 @@ def answer_reward(rollouts: Sequence[Rollout]) -> list[float]:
 
 
 def format_reward(rollouts: Sequence[Rollout]) -> list[float]:
-    return [0.0 if r.parsed.truncated else 0.5 + 0.5 * r.parsed.matched for r in rollouts]
+    # Exactly one </think>: a policy paid for "closes </think>" alone learns to repeat the tag.
+    return [0.5 * (r.text.count(THINK_CLOSE) == 1) + 0.5 * (r.parsed.matched and not r.parsed.truncated) for r in rollouts]
 
 
 def length_reward(budget: int) -> Reward:

@@ -213,6 +213,52 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: peak RSS (KiB on Linux)
 
 
+def start_session(accelerator: Accelerator, model, optimizer, scheduler, recipe: Recipe, total_steps: int, log):
+    """Prepare the model and optimizer, checkpoint the scheduler with them (adapter weights only), resume
+    from the newest checkpoint, start the trackers and the metrics file.
+
+    Returns (model, optimizer, first step to run, step to stop after in this session, metrics path).
+    """
+    cfg, out = recipe.train, Path(recipe.train.output_dir)
+    # The scheduler is stepped by hand once per optimizer step (Accelerate would step it once per rank).
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_save_state_pre_hook(keep_trainable_weights)
+    start = resume(accelerator, out) if cfg.resume else 0
+    if start:
+        log(f"resume: from {out}/checkpoints/{CHECKPOINT_PREFIX}{start}")
+    end = min(total_steps, cfg.stop_after or total_steps)
+    accelerator.init_trackers(cfg.wandb_project, config=recipe.model_dump(mode="json"),
+                              init_kwargs={"wandb": {"name": recipe.name, "dir": str(out)}})
+    metrics_path = out / "metrics.jsonl"
+    if accelerator.is_main_process:
+        reset_metrics(metrics_path, start)
+    return model, optimizer, start, end, metrics_path
+
+
+def log_and_save(accelerator: Accelerator, model, recipe: Recipe, record: dict, metrics_path: Path, end: int) -> None:
+    """After optimizer step `record["step"]`: its metrics every `train.log_every` steps, a checkpoint every
+    `train.save_every` steps, and both after the last step of this session (`end`)."""
+    cfg, step = recipe.train, record["step"]
+    if step % cfg.log_every == 0 or step == end:
+        accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
+        if accelerator.is_main_process:
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+    if step % cfg.save_every == 0 or step == end:
+        save_checkpoint(accelerator, model, Path(cfg.output_dir), step, cfg.keep_last)
+
+
+def finish(accelerator: Accelerator, model, out: Path, end: int, total_steps: int, metrics_path: Path, log) -> None:
+    """The final adapter when the schedule is done; otherwise a note that a rerun resumes."""
+    if end < total_steps:
+        log(f"stopped after step {end} of {total_steps} (train.stop_after); run again to resume")
+    else:
+        save_adapter(accelerator, model, out / "adapter")
+        log(f"done: adapter in {out / 'adapter'}, metrics in {metrics_path}")
+    accelerator.end_training()
+
+
 def prepare_for_training(model, recipe: Recipe):
     """Gradient checkpointing as the recipe says, then LoRA; returns (model, adapters per group)."""
     if recipe.train.gradient_checkpointing:
@@ -266,20 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, total=total_steps, warmup=warmup, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
     )
-    # The scheduler is stepped by hand once per optimizer step (Accelerate would step it once per rank).
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    accelerator.register_save_state_pre_hook(keep_trainable_weights)
-
-    start = resume(accelerator, out) if cfg.resume else 0
-    if start:
-        log(f"resume: from {out}/checkpoints/{CHECKPOINT_PREFIX}{start}")
-    end = min(total_steps, cfg.stop_after or total_steps)
-    accelerator.init_trackers(cfg.wandb_project, config=recipe.model_dump(mode="json"),
-                              init_kwargs={"wandb": {"name": recipe.name, "dir": str(out)}})
-    metrics_path = out / "metrics.jsonl"
-    if accelerator.is_main_process:
-        reset_metrics(metrics_path, start)
+    model, optimizer, start, end, metrics_path = start_session(accelerator, model, optimizer, scheduler, recipe, total_steps, log)
     seen_path = out / "seen" / f"rank{rank}.jsonl"
     seen_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -300,21 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         progress.update(1)
         progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
-        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
-            accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step + 1)
-            if accelerator.is_main_process:
-                with metrics_path.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == end:
-            save_checkpoint(accelerator, model, out, step + 1, cfg.keep_last)
+        log_and_save(accelerator, model, recipe, record, metrics_path, end)
     progress.close()
-
-    if end < total_steps:
-        log(f"stopped after step {end} of {total_steps} (train.stop_after); run again to resume")
-    else:
-        save_adapter(accelerator, model, out / "adapter")
-        log(f"done: adapter in {out / 'adapter'}, metrics in {metrics_path}")
-    accelerator.end_training()
+    finish(accelerator, model, out, end, total_steps, metrics_path, log)
     return 0
 
 
