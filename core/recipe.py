@@ -147,6 +147,9 @@ class SourceSpec(Section):
     root: str  # folder holding the dataset's official release layout (see the adapter's docstring)
     count: int | None = Field(None, gt=0)  # exactly this many clips (all of them if fewer exist)
     ratio: float | None = Field(None, gt=0, le=1)  # this share of data_prep.total
+    # The dataset's sample count in the mixture a recipe reproduces (e.g. Audio-Cogito Table 1); selects
+    # nothing, the data card shows it beside the achieved share.
+    reference_samples: int | None = Field(None, gt=0)
     options: dict[str, Any] = Field(default_factory=dict)  # adapter keyword arguments (splits, subset, ...)
     licence: str | None = None  # overrides the adapter's licence in the manifest and the data card
 

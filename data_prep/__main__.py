@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             args = list(rest)
             data_file = _pop_option(args, "--data", "runs/x/sft.jsonl")  # default: the newest stage output
             recipe = _recipe(args)
-            card = write_card(recipe.data_prep.work_dir, data_file)
+            card = write_card(recipe.data_prep.work_dir, data_file, recipe.data_prep)
             print(f"data card: {card['records']} records, {card['hours']:.2f} h -> {recipe.data_prep.work_dir}/data_card.md")
             return 0
         if command == "guard":

@@ -7,6 +7,10 @@ exists: the verified SFT file once stage 4 has run, else the questions, else the
 records, clips and hours per source dataset and per domain with their proportions, licences, and
 for every stage report found in the work dir its counts in/out, rejections by reason and event
 counts (retries, dropped questions).
+Given the recipe's `data_prep` section, it also sets each source's achieved share (of the clips
+collect selected, and of the described records) against the share the recipe asks for and the
+reference mixture it reproduces (`reference_samples`, e.g. Audio-Cogito Table 1), and shows the
+QA stage's few-shot sampling (seed-pool size, examples per call).
 Records are read for `source`, `domain`, `licence`, `duration` and `audio_path`: later stages
 carry these manifest fields forward so the card can describe their output too.
 """
@@ -18,6 +22,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from core.items import DataError, read_jsonl
+from core.recipe import DataPrepConfig
 from data_prep.stage import read_reports
 
 PIPELINE = ("collect", "qa", "cot", "verify")  # stage order
@@ -49,7 +54,38 @@ def _table(records: list[dict], key: str) -> dict[str, dict]:
     }
 
 
-def build_card(work_dir: str | Path, data_file: str | Path | None = None) -> dict:
+def target_shares(config: DataPrepConfig) -> dict[str, float]:
+    """Each source's share of the clips the recipe asks for (count, or ratio x total); sources that
+    take everything they have set no target."""
+    wanted = {s.name: s.count if s.ratio is None else s.ratio * config.total
+              for s in config.sources if s.count is not None or s.ratio is not None}
+    total = sum(wanted.values())
+    return {name: n / total for name, n in wanted.items()} if total else {}
+
+
+def mixture_against_targets(config: DataPrepConfig, collect_mixture: dict, by_source: dict) -> dict[str, dict]:
+    targets = target_shares(config)
+    references = {s.name: s.reference_samples for s in config.sources if s.reference_samples is not None}
+    selected = {name: row["selected"] for name, row in collect_mixture.items()}
+
+    def share(counts: dict[str, int], name: str) -> float | None:
+        total = sum(counts.values())
+        return round(counts[name] / total, 4) if total and name in counts else None
+
+    records = {name: row["records"] for name, row in by_source.items()}
+    return {
+        spec.name: {
+            "target_share": round(targets[spec.name], 4) if spec.name in targets else None,
+            "reference_samples": references.get(spec.name),
+            "reference_share": share(references, spec.name),
+            "selected_share": share(selected, spec.name),
+            "records_share": share(records, spec.name) if spec.name in records else (0.0 if records else None),
+        }
+        for spec in config.sources
+    }
+
+
+def build_card(work_dir: str | Path, data_file: str | Path | None = None, config: DataPrepConfig | None = None) -> dict:
     work = Path(work_dir)
     path = Path(data_file) if data_file is not None else newest_output(work)
     records = [record for _, record in read_jsonl(path)]
@@ -57,13 +93,21 @@ def build_card(work_dir: str | Path, data_file: str | Path | None = None) -> dic
     reports = read_reports(work)
     order = [s for s in PIPELINE if s in reports] + sorted(s for s in reports if s not in PIPELINE)
     collect = reports.get("collect", {})
+    by_source = _table(records, "source")
+    qa = reports.get("qa", {})
     return {
         "data_file": str(path), "records": len(records), "clips": len(clips), "hours": round(sum(clips.values()) / 3600, 4),
-        "by_source": _table(records, "source"), "by_domain": _table(records, "domain"),
+        "by_source": by_source, "by_domain": _table(records, "domain"),
         "mixture": collect.get("mixture", {}), "seed": collect.get("seed"), "scan": collect.get("scan", {}),
+        "targets": mixture_against_targets(config, collect.get("mixture", {}), by_source) if config is not None else {},
+        "seed_pool": {k: qa[k] for k in ("seed_questions", "seed_pool_size", "n_shots", "max_questions") if k in qa},
         "stages": {s: {k: reports[s].get(k) for k in ("in", "out", "rejected", "seconds")} | {"counts": reports[s].get("counts") or {}}
                    for s in order},
     }
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.2f} %"
 
 
 def render_markdown(card: dict) -> str:
@@ -87,6 +131,21 @@ def render_markdown(card: dict) -> str:
             skipped = card["scan"].get(name, {}).get("skipped", {})
             lines.append(f"| {name} | {row['available']} | {row['wanted']} | {row['selected']} | {row['shortfall']} | "
                          f"{', '.join(f'{k}: {v}' for k, v in skipped.items()) or '-'} |")
+    if card["targets"]:
+        lines += ["", "## Mixture against the recipe", "",
+                  "Shares of the recipe's request (count, or ratio of `total`), of the reference mixture it reproduces "
+                  "(`reference_samples`), of the clips collect selected and of the records above.", "",
+                  "| source | recipe share | reference samples | reference share | selected share | records share |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, row in card["targets"].items():
+            reference = "-" if row["reference_samples"] is None else f"{row['reference_samples']:,}"
+            lines.append(f"| {name} | {_percent(row['target_share'])} | {reference} | {_percent(row['reference_share'])} | "
+                         f"{_percent(row['selected_share'])} | {_percent(row['records_share'])} |")
+    if pool := card["seed_pool"]:
+        lines += ["", "## QA few-shot sampling", "",
+                  f"Seed pool `{pool.get('seed_questions')}`: **{pool.get('seed_pool_size', '?')} questions**; each QA call shows "
+                  f"{pool.get('n_shots', '?')} of them, drawn seeded per clip and attempt, and asks for 1 to "
+                  f"{pool.get('max_questions', '?')} questions."]
     lines += ["", "## Stages", "", "| stage | in | out | rejected | seconds |", "|---|---:|---:|---|---:|"]
     for name, row in card["stages"].items():
         rejected = ", ".join(f"{k}: {v}" for k, v in (row["rejected"] or {}).items()) or "-"
@@ -100,8 +159,8 @@ def render_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_card(work_dir: str | Path, data_file: str | Path | None = None) -> dict:
-    card = build_card(work_dir, data_file)
+def write_card(work_dir: str | Path, data_file: str | Path | None = None, config: DataPrepConfig | None = None) -> dict:
+    card = build_card(work_dir, data_file, config)
     work = Path(work_dir)
     (work / "data_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     (work / "data_card.md").write_text(render_markdown(card))

@@ -205,7 +205,7 @@ def qa(recipe: Recipe, engine: Engine | None = None, show_progress: bool = True)
     writer = QuestionWriter(recipe, slot, guard)
     extra = {
         "model": config.model, "prompt": config.prompt, "prompt_sha256": writer.prompt_sha,
-        "seed_questions": recipe.data_prep.seed_questions, "n_shots": config.n_shots,
+        "seed_questions": recipe.data_prep.seed_questions, "seed_pool_size": len(writer.pool), "n_shots": config.n_shots,
         "max_questions": config.max_questions, "max_attempts": config.max_attempts,
         "sampling": sampling_of(config).to_dict(), "guard": guard.checks if guard else [],
     }

@@ -86,3 +86,63 @@ def test_card_of_a_given_training_file_declares_its_sources(tmp_path, synthetic_
     assert card["by_domain"].keys() == {"sound", "music"}
     assert card["hours"] == pytest.approx(sum(r["duration"] for r in records) / 3600, abs=1e-4)
     assert cli(["card", str(REPO / "recipes" / "tiny.yaml"), "--data"]) == 2  # the flag needs its value
+
+
+# Audio-Cogito (arXiv 2604.12527) Table 1, stated here on its own: adapter name -> (ratio %, samples).
+TABLE_1 = {
+    "audioset": (32.53, 179_000), "clotho": (1.14, 6_000), "audiocaps": (7.20, 40_000), "complexaudio": (6.66, 37_000),
+    "meld": (4.50, 24_000), "covost2": (10.10, 56_000), "dailytalk": (1.64, 9_000),
+    "musicbench": (16.04, 88_000), "fma": (13.81, 76_000), "medley_solos": (6.38, 35_000),
+}
+PAPER_NAMES = {"AudioSet": "audioset", "Clotho": "clotho", "AudioCaps": "audiocaps", "ComplexAudio (from Audio-Reasoner)": "complexaudio",
+               "MELD": "meld", "CoVoST 2": "covost2", "DailyTalk": "dailytalk", "MusicBench": "musicbench", "FMA": "fma",
+               "Medley-solos-DB": "medley_solos"}
+
+
+def test_cogito_recipe_mixture_is_table_1():
+    from core.recipe import load_recipe
+    from data_prep.collect import allocate
+
+    config = load_recipe(REPO / "recipes" / "cogito_data.yaml").data_prep
+    assert {s.name: (round(100 * s.ratio, 4), s.reference_samples) for s in config.sources} == TABLE_1
+    # The ratios ask for exactly `total` clips, each source its share to within one clip.
+    wanted = allocate(config.sources, {}, config.total)
+    assert sum(wanted.values()) == config.total == 545_000
+    assert all(abs(wanted[name] - pct / 100 * config.total) < 1 for name, (pct, _) in TABLE_1.items())
+
+    shared = REPO.parent / "shared" / "AUDIO_COGITO.md"
+    if shared.is_file():  # the team's copy of the paper's facts must say the same
+        rows = [line.split("|")[1:-1] for line in shared.read_text().splitlines() if line.startswith("| ") and "k |" in line]
+        from_shared = {PAPER_NAMES[r[1].strip()]: (float(r[4]), int(r[3].strip()[:-1]) * 1000) for r in rows}
+        assert from_shared == TABLE_1
+
+
+def test_card_sets_the_mixture_against_the_recipe_and_shows_the_seed_pool(tmp_path):
+    from core.recipe import DataPrepConfig
+
+    config = DataPrepConfig(total=100, sources=[
+        {"name": "clotho", "root": "x", "ratio": 0.75, "reference_samples": 6000},
+        {"name": "meld", "root": "y", "ratio": 0.25, "reference_samples": 2000},
+        {"name": "fma", "root": "z"},  # takes what it has: no target
+    ])
+    write_jsonl(tmp_path / "verify.jsonl", [{"id": f"c{i}", "source": "clotho"} for i in range(3)] + [{"id": "m", "source": "meld"}])
+    (tmp_path / "collect.report.json").write_text(json.dumps({"stage": "collect", "mixture": {
+        "clotho": {"available": 90, "wanted": 75, "selected": 60, "shortfall": 15},
+        "meld": {"available": 30, "wanted": 25, "selected": 25, "shortfall": 0},
+        "fma": {"available": 15, "wanted": 15, "selected": 15, "shortfall": 0}}}))
+    (tmp_path / "qa.report.json").write_text(json.dumps({"stage": "qa", "seed_questions": "pool.jsonl", "seed_pool_size": 40,
+                                                         "n_shots": 20, "max_questions": 3}))
+    card = write_card(tmp_path, config=config)
+    assert card["targets"] == {
+        "clotho": {"target_share": 0.75, "reference_samples": 6000, "reference_share": 0.75, "selected_share": 0.6,
+                   "records_share": 0.75},
+        "meld": {"target_share": 0.25, "reference_samples": 2000, "reference_share": 0.25, "selected_share": 0.25,
+                 "records_share": 0.25},
+        "fma": {"target_share": None, "reference_samples": None, "reference_share": None, "selected_share": 0.15,
+                "records_share": 0.0},
+    }
+    markdown = (tmp_path / "data_card.md").read_text()
+    assert "| clotho | 75.00 % | 6,000 | 75.00 % | 60.00 % | 75.00 % |" in markdown
+    assert "| fma | - | - | - | 15.00 % | 0.00 % |" in markdown
+    assert "Seed pool `pool.jsonl`: **40 questions**; each QA call shows 20 of them" in markdown
+    assert "up to 3" not in markdown and "1 to 3 questions" in markdown
