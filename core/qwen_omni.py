@@ -24,6 +24,9 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 AUDIO_START, AUDIO_PAD, AUDIO_END = "<|audio_start|>", "<|audio_pad|>", "<|audio_end|>"
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# What a thinking budget appends when the thinking runs out of tokens: the same separator the
+# model writes between its thinking and its answer (see render_target).
+THINK_BUDGET_CLOSE = f"\n{THINK_CLOSE}\n\n"
 ENDOFTEXT = "<|endoftext|>"
 SPECIAL_TOKENS = [
     ENDOFTEXT, IM_START, IM_END, AUDIO_START, AUDIO_END, AUDIO_PAD,

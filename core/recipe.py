@@ -97,6 +97,10 @@ class InferConfig(Section):
     batch_size: int = Field(8, gt=0)
     max_new_tokens: int = Field(16384, gt=0)
     min_new_tokens: int = Field(0, ge=0)  # >0 suppresses end-of-turn until then (benchmarks, tests)
+    # Thinking tokens before "\n</think>\n\n" is appended and the model goes on to its answer (null: no
+    # budget). 2,000 = the 10,000-character thinking limit / 5 characters per token, a high figure
+    # for English under Qwen's tokenizer (~4 on average), so a budgeted thinking ends near 8,000.
+    thinking_budget: int | None = Field(2000, gt=0)
     do_sample: bool | None = None  # None: from the checkpoint's generation config
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)

@@ -52,7 +52,7 @@ def consistency(record: dict) -> tuple[Parsed, str | None]:
         return parsed, "cot_truncated"
     if not parsed.thinking:
         return parsed, "thinking_empty"
-    if parsed.thinking_clipped:
+    if parsed.thinking_cut:
         return parsed, "thinking_too_long"
     if not parsed.matched:
         return parsed, "answer_unmatched"

@@ -31,13 +31,22 @@ def _score(argv: list[str]) -> int:
     except FatalJudgeError as err:
         print(f"judge error: {err}\nFinished ratings are in the cache; re-run to resume.", file=sys.stderr)
         return 1
-    t = report["totals"]
-    rub = "not computed" if t["rubrics"] is None else f"{t['rubrics']:.2f}"
-    crs = "–" if t["crs"] is None else f"{t['crs']:.3f}"
-    print(f"Accuracy {t['accuracy']:.2f}  Rubrics {rub}  CRS {crs}  ({t['n']} items counted, "
-          f"{t['not_evaluated']} NOT EVALUATED, {len(report['missing_ids'])} missing)  "
-          f"-> {Path(recipe.eval.report_dir) / 'report.md'}")
+    print(headline(report, Path(recipe.eval.report_dir) / "report.md"))
     return 0 if not report["not_evaluated"] else 3
+
+
+def headline(report: dict, report_file: Path) -> str:
+    """The printed result: the official figures first, the all-items figures beside them, both labelled."""
+    def figures(t: dict) -> str:
+        rub = "not computed" if t["rubrics"] is None else f"{t['rubrics']:.2f}"
+        crs = "–" if t["crs"] is None else f"{t['crs']:.3f}"
+        acc = "–" if t["accuracy"] is None else f"{t['accuracy']:.2f}"
+        return f"Accuracy {acc}  Rubrics {rub}  CRS {crs}  over {t['n']} items"
+
+    official, every = report["official"], report["totals"]
+    return (f"official (submitted items): {figures(official)}\n"
+            f"all items ({len(report['missing_ids'])} missing count wrong): {figures(every)}  "
+            f"({every['not_evaluated']} NOT EVALUATED)  -> {report_file}")
 
 
 def _compare(argv: list[str]) -> int:

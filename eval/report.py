@@ -1,7 +1,9 @@
 """Totals, tables, confidence intervals, the cue-recall diagnostic, and the report files.
 
 Counting rules (PROTOCOL.md): Accuracy = 100 * mean(correct); Rubrics = 100 * mean(item score),
-wrong answers counting 0; CRS = Rubrics / Accuracy. Items the submission lacks count as wrong.
+wrong answers counting 0; CRS = Rubrics / Accuracy. The headline gives two sets of totals: the
+official ones over the submitted items (as the challenge's scripts count), and ours over all items,
+where items the submission lacks count as wrong.
 Items whose judge calls all failed are NOT EVALUATED: like the official script, they are left out
 of every denominator, but unlike it they are listed, and the totals say how many.
 """
@@ -111,19 +113,23 @@ def _table_md(rows: list[dict], first: str, judged: bool) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    judged, t, ci = report["judged"], report["totals"], report["confidence"]
+    judged, t, o, ci = report["judged"], report["totals"], report["official"], report["confidence"]
     acc_ci = ci.get("accuracy")
     rub_ci = ci.get("rubrics")
     lines = [f"# Evaluation: {report['submission']}", "",
-             f"Benchmark `{report['meta']}`, {report['items_total']} items; judge: {report['judge_name']}.", ""]
-    lines += ["| metric | value | 95% CI (bootstrap) |", "|---|---:|---|"]
-    lines.append(f"| Accuracy | {_fmt(t['accuracy'])} | {_fmt(acc_ci[0]) + '–' + _fmt(acc_ci[1]) if acc_ci else '–'} |")
+             f"Benchmark `{report['meta']}`, {report['items_total']} items; judge: {report['judge_name']}.", "",
+             f"- **official**: {o['label']}; {o['n']} items.",
+             f"- **all items**: {t['label']}; {t['n']} items.", ""]
+    lines += ["| metric | official | all items | 95% CI, all items (bootstrap) |", "|---|---:|---:|---|"]
+    lines.append(f"| Accuracy | {_fmt(o['accuracy'])} | {_fmt(t['accuracy'])} "
+                 f"| {_fmt(acc_ci[0]) + '–' + _fmt(acc_ci[1]) if acc_ci else '–'} |")
     if judged:
-        lines.append(f"| Rubrics | {_fmt(t['rubrics'])} | {_fmt(rub_ci[0]) + '–' + _fmt(rub_ci[1]) if rub_ci else '–'} |")
-        lines.append(f"| CRS | {_fmt(t['crs'], 3)} | |")
+        lines.append(f"| Rubrics | {_fmt(o['rubrics'])} | {_fmt(t['rubrics'])} "
+                     f"| {_fmt(rub_ci[0]) + '–' + _fmt(rub_ci[1]) if rub_ci else '–'} |")
+        lines.append(f"| CRS | {_fmt(o['crs'], 3)} | {_fmt(t['crs'], 3)} | |")
     else:
-        lines.append("| Rubrics | not computed (judge backend `none`) | |")
-    lines.append(f"| audio-cue recall (diagnostic) | {_fmt(t['cue_recall'], 1)} | |")
+        lines.append("| Rubrics | not computed (judge backend `none`) | | |")
+    lines.append(f"| audio-cue recall (diagnostic) | {_fmt(o['cue_recall'], 1)} | {_fmt(t['cue_recall'], 1)} | |")
     lines += ["", f"**How the totals count:** {report['counting']}", ""]
     if report["not_evaluated"]:
         lines += [f"## NOT EVALUATED ({len(report['not_evaluated'])} items)", "",

@@ -19,6 +19,10 @@ from eval.submission import SubmissionError, load_meta, load_submission, match
 
 log = logging.getLogger(__name__)
 
+OFFICIAL_LABEL = ("official: the submitted benchmark items, as the challenge's scripts count them "
+                  "(ids the submission lacks are not in the denominator)")
+ALL_ITEMS_LABEL = "all benchmark items: ids the submission lacks count as wrong"
+
 
 def score(recipe, progress: bool = True, backend=None) -> dict:
     """Score `recipe.eval.submission` against `recipe.eval.meta`; returns the report (also written).
@@ -73,12 +77,15 @@ def score(recipe, progress: bool = True, backend=None) -> dict:
     report = {
         "submission": str(cfg.submission),
         "submission_format": sub.format,
+        "submission_schema": sub.schema,
         "meta": str(cfg.meta),
         "items_total": len(items),
         "judged": judged,
         "judge_name": (backend.identity if backend is not None else f"{jcfg.backend}:{jcfg.model}") if judged
         else "none (Rubrics not computed)",
-        "totals": summarize(items, judged),
+        # The headline: what the official scripts report, over the submitted items only.
+        "official": {**summarize([it for it in items if it.status != "missing"], judged), "label": OFFICIAL_LABEL},
+        "totals": {**summarize(items, judged), "label": ALL_ITEMS_LABEL},
         "confidence": confidence_intervals(items, judged, cfg.bootstrap, cfg.bootstrap_seed),
         "counting": _counting_note(len(items), len(sub.missing_ids), len(not_evaluated), judged),
         "tables": tables(items, judged),
@@ -108,8 +115,8 @@ def _judge(jobs, jcfg, backend, progress):
 def _counting_note(total: int, missing: int, not_evaluated: int, judged: bool) -> str:
     parts = [f"{total - not_evaluated} of {total} benchmark items counted"]
     if missing:
-        parts.append(f"{missing} ids missing from the submission count as wrong (the official script would "
-                     f"divide by the submitted items only)")
+        parts.append(f"{missing} ids missing from the submission: the official figures leave them out (the "
+                     f"challenge's scripts divide by the submitted items only), the all-items figures count them wrong")
     if not_evaluated:
         parts.append(f"{not_evaluated} NOT EVALUATED items (correct answers without a complete set of judge "
                      f"ratings) are left out of every denominator, as the official script leaves them out; "

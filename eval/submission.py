@@ -3,6 +3,10 @@
 Scoring must stay light (seconds for 1,000 items), so this module reads JSONL itself instead of
 going through `core.items`, which pulls in torch via the audio decoder. Errors name the file,
 the line, the id and the field.
+
+A submission is JSONL or a JSON list (the official scorer reads both); which keys it uses is
+decided by its first record: `thinking_prediction`/`answer_prediction` (the challenge schema) or
+`thinking`/`answer` (an earlier draft of the rules). Every record must then use the same keys.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any, Iterator
 from eval.protocol import THINKING_LENGTH_LIMIT
 
 THINK_TAGS = ("<think>", "</think>")
+# (thinking key, answer key) of each submission schema, tried in this order on the first record.
+SCHEMAS = {"official": ("thinking_prediction", "answer_prediction"), "older-draft": ("thinking", "answer")}
 
 
 class SubmissionError(ValueError):
@@ -33,7 +39,8 @@ class Prediction:
 class Submission:
     predictions: dict[str, Prediction]
     path: str
-    format: str  # "jsonl" or "json-list" (the older draft format, read as is)
+    format: str  # "jsonl" or "json-list"
+    schema: str = "official"  # "official" ({id, thinking_prediction, answer_prediction}) or "older-draft"
     unknown_ids: list[str] = field(default_factory=list)  # filled by `match`
     missing_ids: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -62,6 +69,8 @@ def _records(path: Path) -> tuple[str, Iterator[tuple[str, Any]]]:
             records = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise SubmissionError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        if not isinstance(records, list):
+            raise SubmissionError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
         return "json-list", ((f"{path}[{i}]", r) for i, r in enumerate(records))
     return "jsonl", _json_lines(path)
 
@@ -114,13 +123,23 @@ def _prediction(rec: Any, where: str, thinking_key: str, answer_key: str) -> Pre
     return Prediction(id=rid, thinking=rec[thinking_key], answer=rec[answer_key], where=where)
 
 
+def submission_schema(rec: Any, where: str) -> str:
+    """The schema whose keys the first record carries most of (the challenge one on a tie)."""
+    if not isinstance(rec, dict):
+        raise SubmissionError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    return max(SCHEMAS, key=lambda name: sum(key in rec for key in SCHEMAS[name]))
+
+
 def load_submission(path: str | Path) -> Submission:
-    """Read a JSONL submission (or, as a courtesy, the older JSON list of {id, thinking, answer})."""
+    """Read a submission: JSONL or a JSON list, in the challenge schema or the older draft one."""
     path = Path(path)
     fmt, records = _records(path)
-    keys = ("thinking_prediction", "answer_prediction") if fmt == "jsonl" else ("thinking", "answer")
     sub = Submission(predictions={}, path=str(path), format=fmt)
+    keys = None
     for where, rec in records:
+        if keys is None:
+            sub.schema = submission_schema(rec, where)
+            keys = SCHEMAS[sub.schema]
         pred = _prediction(rec, where, *keys)
         if pred.id in sub.predictions:
             raise SubmissionError(f"{where} (id={pred.id}): id: duplicate of {sub.predictions[pred.id].where}")
@@ -144,21 +163,16 @@ def match(sub: Submission, meta: list[dict]) -> Submission:
 
 
 def convert_json_list(src: str | Path, dst: str | Path) -> int:
-    """Older `[{"id", "thinking", "answer"}]` JSON list -> current JSONL; returns the record count."""
+    """A submission in the older draft schema (`[{"id", "thinking", "answer"}]`) -> challenge JSONL;
+    returns the record count."""
     src, dst = Path(src), Path(dst)
-    fmt, records = _records(src)
-    if fmt != "json-list":
-        raise SubmissionError(f"{src}: expected a JSON list of {{id, thinking, answer}} objects")
-    preds, seen = [], set()
-    for where, rec in records:
-        pred = _prediction(rec, where, "thinking", "answer")
-        if pred.id in seen:
-            raise SubmissionError(f"{where} (id={pred.id}): id: duplicate")
-        seen.add(pred.id)
-        preds.append(pred)
+    sub = load_submission(src)
+    if sub.schema != "older-draft":
+        raise SubmissionError(f"{src}: expected records of {{id, thinking, answer}} (the older draft schema); "
+                              "this file already uses the challenge schema")
     dst.parent.mkdir(parents=True, exist_ok=True)
     with dst.open("w", encoding="utf-8") as out:
-        for p in preds:
+        for p in sub.predictions.values():
             out.write(json.dumps({"id": p.id, "thinking_prediction": p.thinking, "answer_prediction": p.answer},
                                  ensure_ascii=False) + "\n")
-    return len(preds)
+    return len(sub.predictions)

@@ -57,6 +57,7 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k filtering
     seed: int = 0
+    thinking_budget: int | None = None  # thinking tokens before the thinking is closed for it (see ThinkingBudget)
 
     @classmethod
     def resolve(cls, infer: InferConfig, checkpoint_defaults: dict[str, Any] | None = None) -> "SamplingConfig":
@@ -67,7 +68,8 @@ class SamplingConfig:
         picked = {k: getattr(infer, k) if getattr(infer, k) is not None else defaults[k] for k in defaults}
         if not picked["do_sample"]:  # greedy: record neutral values, not settings that play no part
             picked.update({k: v for k, v in LIBRARY_SAMPLING_DEFAULTS.items() if k != "do_sample"})
-        return cls(max_new_tokens=infer.max_new_tokens, min_new_tokens=infer.min_new_tokens, seed=infer.seed, **picked)
+        return cls(max_new_tokens=infer.max_new_tokens, min_new_tokens=infer.min_new_tokens, seed=infer.seed,
+                   thinking_budget=infer.thinking_budget, **picked)
 
     @classmethod
     def greedy(cls, max_new_tokens: int, **kwargs) -> "SamplingConfig":
@@ -89,24 +91,104 @@ class Generation:
     n_generated_tokens: int  # including the end-of-turn token when there is one
     finished: bool  # True: hit an end-of-turn token; False: cut by max_new_tokens
     seconds: float  # this request's share of its batch's wall time
+    budget_fired: bool = False  # the thinking budget closed the thinking (its closing text is in `text`)
 
     @property
     def truncated(self) -> bool:
         return not self.finished
 
 
+@dataclass(frozen=True)
+class ThinkingBudget:
+    """Budget forcing, the same for every backend: two generation phases.
+
+    Phase 1 generates at most `budget` tokens. An output that ended there is final. One that is
+    still going continues in phase 2 from the prompt + its tokens: as they are when it already
+    wrote </think> (the thinking closed within the budget), else + the tokens of
+    `qwen_omni.THINK_BUDGET_CLOSE` (the budget fired), so the model writes its answer after a
+    closed thinking. Phase 2 gets what is left of max_new_tokens after the budget and the closing
+    tokens. The text is the model's own under a fixed decoding policy; nothing is edited after.
+    """
+
+    budget: int
+    think_close_id: int
+    close_ids: tuple[int, ...]  # THINK_BUDGET_CLOSE tokenised
+
+    @classmethod
+    def plan(cls, sampling: SamplingConfig, tokenizer) -> "ThinkingBudget | None":
+        """The budget of `sampling`, or None when it cannot fire (none set, or no room left for an answer)."""
+        if sampling.thinking_budget is None:
+            return None
+        close_ids = tuple(tokenizer(qo.THINK_BUDGET_CLOSE, add_special_tokens=False)["input_ids"])
+        if sampling.thinking_budget + len(close_ids) >= sampling.max_new_tokens:
+            return None
+        return cls(sampling.thinking_budget, tokenizer.convert_tokens_to_ids(qo.THINK_CLOSE), close_ids)
+
+    def thinking_phase(self, sampling: SamplingConfig) -> SamplingConfig:
+        return sampling.replace(max_new_tokens=self.budget, min_new_tokens=min(sampling.min_new_tokens, self.budget))
+
+    def answer_phase(self, sampling: SamplingConfig) -> SamplingConfig:
+        spent = self.budget + len(self.close_ids)
+        return sampling.replace(max_new_tokens=sampling.max_new_tokens - spent,
+                                min_new_tokens=max(0, sampling.min_new_tokens - spent))
+
+    def continuation(self, first: Generation) -> tuple[tuple[int, ...], bool] | None:
+        """(the tokens phase 2 continues after, whether the budget fired), or None: `first` is final."""
+        if first.finished:
+            return None
+        if self.think_close_id in first.token_ids:
+            return first.token_ids, False
+        return first.token_ids + self.close_ids, True
+
+    @staticmethod
+    def join(first: Generation, prefix: tuple[int, ...], fired: bool, second: Generation, tokenizer) -> Generation:
+        """One generation from phase 1's tokens (+ the closing ones) and phase 2's continuation."""
+        ids = prefix + second.token_ids
+        return Generation(
+            id=first.id, text=tokenizer.decode(list(ids), skip_special_tokens=False), token_ids=ids,
+            n_prompt_tokens=first.n_prompt_tokens, n_generated_tokens=len(prefix) + second.n_generated_tokens,
+            finished=second.finished, seconds=first.seconds + second.seconds, budget_fired=fired,
+        )
+
+
 class Engine:
-    """What every backend offers. Request ids must be unique within one call."""
+    """What every backend offers. Request ids must be unique within one call.
+
+    A backend implements `_batches`: one generation phase, each request continuing after the
+    token ids `prefixes` gives for its id (none: after its prompt). The thinking budget is built
+    on top of it here, so every backend forces it the same way.
+    """
 
     name: str
     tokenizer: Any  # for rendering prompts: qwen_omni.render_chat(engine.tokenizer, ...)
     sampling: SamplingConfig  # the recipe's settings; pass another to generate() to override
     batch_size: int
 
+    def _batches(
+        self, requests: Sequence[Request], sampling: SamplingConfig, prefixes: dict[str, tuple[int, ...]]
+    ) -> Iterator[list[Generation]]:
+        raise NotImplementedError
+
     def generate_batches(
         self, requests: Sequence[Request], sampling: SamplingConfig | None = None
     ) -> Iterator[list[Generation]]:
-        raise NotImplementedError
+        """Generations batch by batch as each is done, under the thinking budget when one is set."""
+        sampling = sampling or self.sampling
+        budget = ThinkingBudget.plan(sampling, self.tokenizer)
+        if budget is None:
+            yield from self._batches(requests, sampling, {})
+            return
+        by_id = {r.id: r for r in requests}
+        for batch in self._batches(requests, budget.thinking_phase(sampling), {}):
+            going_on = {g.id: c for g in batch if (c := budget.continuation(g)) is not None}
+            if not going_on:
+                yield batch
+                continue
+            prefixes = {rid: prefix for rid, (prefix, _) in going_on.items()}
+            second = {g.id: g for phase in self._batches([by_id[rid] for rid in going_on], budget.answer_phase(sampling),
+                                                         prefixes) for g in phase}
+            yield [budget.join(g, *going_on[g.id], second[g.id], self.tokenizer) if g.id in going_on else g
+                   for g in batch]
 
     def describe(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -187,12 +269,11 @@ class HFEngine(Engine):
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         return kwargs
 
-    def generate_batches(
-        self, requests: Sequence[Request], sampling: SamplingConfig | None = None
+    def _batches(
+        self, requests: Sequence[Request], sampling: SamplingConfig, prefixes: dict[str, tuple[int, ...]]
     ) -> Iterator[list[Generation]]:
         import torch
 
-        sampling = sampling or self.sampling
         kwargs = self.generate_kwargs(sampling)
         # One seed per call: sampled outputs repeat for the same requests, batch size and order.
         torch.manual_seed(sampling.seed)
@@ -201,6 +282,8 @@ class HFEngine(Engine):
             start = time.perf_counter()
             audios = None if batch_requests[0].audio is None else [r.audio for r in batch_requests]
             inputs = self.processor([r.prompt for r in batch_requests], audios, padding_side="left")
+            if prefixes:
+                inputs = self._continue_after(inputs, [prefixes.get(r.id, ()) for r in batch_requests])
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             with torch.inference_mode():
                 output = self.model.generate(**inputs, **kwargs)
@@ -216,6 +299,13 @@ class HFEngine(Engine):
                     n_generated_tokens=len(ids) + int(finished), finished=finished, seconds=seconds,
                 ))
             yield batch
+
+    def _continue_after(self, inputs: dict, prefixes: list[tuple[int, ...]]) -> dict:
+        """`inputs` with each row's prompt followed by its prefix ids, left-padded again."""
+        rows = [ids[mask.bool()].tolist() + list(prefix)
+                for ids, mask, prefix in zip(inputs["input_ids"], inputs["attention_mask"], prefixes)]
+        padded = qo.pad_sequences(rows, rows, self.tokenizer.pad_token_id, "left")
+        return {**inputs, "input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
 
 
 def vllm_sampling_kwargs(sampling: SamplingConfig, eos_ids: Sequence[int]) -> dict[str, Any]:
@@ -233,11 +323,13 @@ def vllm_sampling_kwargs(sampling: SamplingConfig, eos_ids: Sequence[int]) -> di
     )
 
 
-def vllm_prompt(request: Request) -> dict[str, Any]:
-    """One offline vLLM prompt: the rendered text, and the waveform as multi-modal data."""
+def vllm_prompt(request: Request, continue_after: str = "") -> dict[str, Any]:
+    """One offline vLLM prompt: the rendered text (followed by the text a generation continues
+    after, in the thinking budget's second phase), and the waveform as multi-modal data."""
+    prompt = request.prompt + continue_after
     if request.audio is None:
-        return {"prompt": request.prompt}
-    return {"prompt": request.prompt, "multi_modal_data": {"audio": (request.audio, qo.SAMPLE_RATE)}}
+        return {"prompt": prompt}
+    return {"prompt": prompt, "multi_modal_data": {"audio": (request.audio, qo.SAMPLE_RATE)}}
 
 
 def vllm_engine_kwargs(recipe: Recipe) -> dict[str, Any]:
@@ -286,14 +378,17 @@ class VLLMEngine(Engine):
         return {"backend": self.name, "vllm": self._vllm.__version__, "batch_size": self.batch_size,
                 **{k: v for k, v in self.engine_kwargs.items() if k != "model"}}
 
-    def generate_batches(
-        self, requests: Sequence[Request], sampling: SamplingConfig | None = None
+    def _batches(
+        self, requests: Sequence[Request], sampling: SamplingConfig, prefixes: dict[str, tuple[int, ...]]
     ) -> Iterator[list[Generation]]:
-        params = self._vllm.SamplingParams(**vllm_sampling_kwargs(sampling or self.sampling, self.eos_ids))
+        params = self._vllm.SamplingParams(**vllm_sampling_kwargs(sampling, self.eos_ids))
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start:start + self.batch_size]
             began = time.perf_counter()
-            outputs = self.llm.generate([vllm_prompt(r) for r in chunk], params, use_tqdm=False)
+            # A continuation goes in as text: vLLM expands the audio placeholder of text prompts.
+            prompts = [vllm_prompt(r, self.tokenizer.decode(list(prefixes.get(r.id, ())), skip_special_tokens=False))
+                       for r in chunk]
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
             seconds = (time.perf_counter() - began) / len(chunk)
             batch = []
             for request, out in zip(chunk, outputs):

@@ -6,15 +6,20 @@ plain string processing, shared by inference and by data_prep's verification.
 Policies (recorded in every run's JSON, see `POLICY`):
 - Split at the LAST `</think>`: the thinking is what comes before it, the answer what comes after.
   Every `<think>`/`</think>` tag is removed from both parts.
-- Truncated output (no `</think>`: the budget ran out mid-thought): the whole text is the thinking;
-  the answer is searched for only in the last paragraph of the thought, with the containment
-  rules (a thought that stopped mid-way names several choices, so looser rules would guess), and
-  the rule name is prefixed `truncated:`. Nothing found: the answer is empty.
+- Truncated output (no `</think>`: the budget ran out mid-thought): the whole text is the thinking.
+  When the official rule accepts the whole text for a choice, that choice is the answer; else the
+  answer is searched for only in the last paragraph of the thought, with the containment rules (a
+  thought that stopped mid-way names several choices, so looser rules would guess). The rule name
+  is prefixed `truncated:`. Nothing found: the answer is empty.
 - The answer text is mapped to exactly one choice, verbatim, by the first rule of `RULES` that
   gives exactly one choice. When none does, the answer is the stripped answer text as written
   (rule `unmatched`, or `empty`).
-- The thinking is kept under 10,000 characters: a longer one keeps its head and its tail (the
-  tail holds the conclusion a rubric judge looks for) around a marker saying how much was cut.
+- Never worse than the text as written: when the official rule scores the answer text right for
+  a choice, a rule that picks another choice is skipped (tests/test_parse_property.py checks this
+  on every MMAR item under many output templates).
+- The thinking is kept under 10,000 characters without adding a character: a longer one (the
+  thinking budget at generation time keeps that rare) is cut after its last sentence end under
+  the limit (else its last space, else at the limit), and `thinking_cut` records it.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from core.answer_rule import answer_tokens, is_correct
 from core.qwen_omni import THINK_CLOSE, THINK_OPEN
 
 MAX_THINKING_CHARS = 10_000  # the rule: thinking_prediction must be UNDER this many characters
-HEAD_SHARE = 0.6  # share of the kept thinking taken from the head when clipping
-CLIP_MARKER = "\n\n[... {n} characters omitted ...]\n\n"
+# A sentence end: terminal punctuation (and closing quotes or brackets) before a space or the end.
+_SENTENCE_END = re.compile(r"[.!?。！？…]+[\"'”’)\]]*(?=\s|$)")
 
 # Tried in this order; the first that maps the answer text to exactly one choice wins.
 RULES = (
@@ -44,12 +49,14 @@ POLICY = {
     "rules": list(RULES),
     "unmatched": "answer_prediction = stripped answer text as written",
     "truncated": "thinking = whole output; answer from the last paragraph by containment rules, else empty",
-    "thinking_limit": f"< {MAX_THINKING_CHARS} chars: head {HEAD_SHARE:.0%} + marker + tail",
+    "thinking_limit": f"< {MAX_THINKING_CHARS} chars: cut after the last sentence end under it; nothing inserted",
 }
 
 LETTERS = "ABCDEFGHIJ"
 _TAGS = re.compile(re.escape(THINK_OPEN) + "|" + re.escape(THINK_CLOSE))
-_MARKDOWN = re.compile(r"[*_`#>]+")
+# Markdown marks: headings and quotes at a line's start, emphasis and code marks at a word's edge
+# (a "#" or "_" inside a word is text: "F#m11", "snake_case").
+_MARKDOWN = re.compile(r"^\s*(?:#+|>+)\s*|(?<!\w)[*_`]+|[*_`]+(?!\w)", re.MULTILINE)
 # Lead-ins a model writes before its answer; removed repeatedly from the start.
 _LEAD_IN = re.compile(
     r"^\s*(?:(?:so|thus|therefore|hence)\s*,?\s*)?(?:(?:the|my)\s+)?(?:final\s+|correct\s+|best\s+)?"
@@ -63,12 +70,12 @@ _WORDS = re.compile(r"\w+")
 
 @dataclass(frozen=True)
 class Parsed:
-    thinking: str  # tags removed, clipped under MAX_THINKING_CHARS
+    thinking: str  # tags removed, cut under MAX_THINKING_CHARS
     answer: str  # the matched choice verbatim, else the stripped answer text
     answer_text: str  # what the model wrote as its answer (after the last </think>), stripped
     rule: str  # the rule of RULES that fired (prefixed "truncated:" for truncated outputs), "unmatched" or "empty"
     truncated: bool  # no </think> in the output
-    thinking_clipped: bool
+    thinking_cut: bool  # the thinking was cut to stay under MAX_THINKING_CHARS
 
     @property
     def matched(self) -> bool:
@@ -87,15 +94,16 @@ def split_output(text: str) -> tuple[str, str, bool]:
     return strip_tags(head), strip_tags(tail), False
 
 
-def clip_thinking(thinking: str, limit: int = MAX_THINKING_CHARS) -> tuple[str, bool]:
-    """Head + marker + tail, strictly shorter than `limit` characters."""
+def cut_thinking(thinking: str, limit: int = MAX_THINKING_CHARS) -> tuple[str, bool]:
+    """(the thinking, whether it was cut): a prefix strictly shorter than `limit`, ending after the last
+    sentence end that fits, else the last space, else at the limit. No character is added."""
     if len(thinking) < limit:
         return thinking, False
-    budget = limit - 1 - len(CLIP_MARKER.format(n=len(thinking)))
-    head = int(budget * HEAD_SHARE)
-    tail = budget - head
-    omitted = len(thinking) - head - tail
-    return thinking[:head] + CLIP_MARKER.format(n=omitted) + thinking[len(thinking) - tail:], True
+    ends = [m.end() for m in _SENTENCE_END.finditer(thinking, 0, limit) if m.end() < limit]
+    if not ends:
+        space = thinking.rfind(" ", 0, limit)
+        ends = [space if space > 0 else limit - 1]
+    return thinking[:ends[-1]].rstrip(), True
 
 
 def _clean(text: str) -> str:
@@ -134,7 +142,9 @@ def _letter(text: str, choices: Sequence[str]) -> str | None:
     match = _LETTER_LABEL.match(text)
     if match:
         index = LETTERS.index(match.group(1).upper())
-        # "B. <text>" counts only when <text> is that choice: a letter with another choice is a conflict.
+        # "B. <text>" counts here only when <text> is that choice. With another choice's text the text
+        # wins (through the later rules): the prompt lists the choices without letters, so a letter
+        # is the model's own numbering and the text is what it names.
         if index < len(choices) and _norm(match.group(2)) == _norm(choices[index]):
             return choices[index]
     return None
@@ -159,12 +169,23 @@ def _tokens(text: str, choices: Sequence[str]) -> str | None:
     return _one([i for i, c in enumerate(choices) if answer_tokens(c) and is_correct(text, c, choices)], choices)
 
 
+def official_choices(text: str, choices: Sequence[str]) -> list[int]:
+    """Indices of the choices the official scorer accepts `text` for (choices with the same words count
+    as one: the rule accepts a text for at most one such group)."""
+    return [i for i, c in enumerate(choices) if answer_tokens(c) and is_correct(text, c, choices)]
+
+
 def match_choice(answer_text: str, choices: Sequence[str], rules: Sequence[str] = RULES) -> tuple[str | None, str]:
-    """(the one choice the answer names, the rule that found it), or (None, "unmatched"/"empty")."""
+    """(the one choice the answer names, the rule that found it), or (None, "unmatched"/"empty").
+
+    A rule's pick that the official scorer would score wrong while it scores the text as written
+    right is refused: parsing never turns an answer the challenge counts correct into a wrong one.
+    """
     raw = answer_text.strip()
     cleaned = _clean(raw)
     if not cleaned:
         return None, "empty"
+    accepted = official_choices(raw, choices)
     for rule in rules:
         if rule == "exact":
             hit = raw if raw in choices else None
@@ -177,10 +198,10 @@ def match_choice(answer_text: str, choices: Sequence[str], rules: Sequence[str] 
         elif rule == "within_choice":
             hit = _within_choice(cleaned, choices)
         elif rule == "tokens":
-            hit = _tokens(cleaned, choices)
+            hit = choices[accepted[0]] if accepted else _tokens(cleaned, choices)
         else:
             raise ValueError(f"unknown answer rule {rule!r}; known: {RULES}")
-        if hit is not None:
+        if hit is not None and (not accepted or choices.index(hit) in accepted):
             return hit, rule
     return None, "unmatched"
 
@@ -194,10 +215,14 @@ def parse_output(text: str, choices: Sequence[str]) -> Parsed:
     """Thinking and answer of one raw output, under the policies of this module's docstring."""
     thinking, answer_text, truncated = split_output(text)
     if truncated:
-        hit, rule = match_choice(last_paragraph(thinking), choices, rules=("contains_choice", "tokens"))
+        # Without </think> the whole output is what a plain split would submit: when the official
+        # rule accepts it for a choice, that choice is the answer.
+        accepted = official_choices(thinking, choices)
+        hit, rule = (choices[accepted[0]], "tokens") if accepted else match_choice(
+            last_paragraph(thinking), choices, rules=("contains_choice", "tokens"))
         answer, rule = (hit, f"truncated:{rule}") if hit is not None else ("", "empty")
     else:
         hit, rule = match_choice(answer_text, choices)
         answer = hit if hit is not None else answer_text
-    clipped, was_clipped = clip_thinking(thinking)
-    return Parsed(clipped, answer, answer_text, rule, truncated, was_clipped)
+    kept, was_cut = cut_thinking(thinking)
+    return Parsed(kept, answer, answer_text, rule, truncated, was_cut)

@@ -3,7 +3,8 @@
 Outputs, beside `infer.output` (say `runs/x/submission.jsonl`):
 - `submission.jsonl`: `{"id", "thinking_prediction", "answer_prediction"}` per line, the challenge format;
 - `submission.raw.jsonl`: per item the raw output, the answer text, the rule that matched it,
-  truncation/clipping flags, token counts and seconds;
+  truncation flags, whether the thinking budget fired and whether the thinking was cut, token
+  counts and seconds;
 - `submission.run.json`: decoding settings, backend, parsing policy and totals;
 - `submission.recipe.yaml`: the resolved recipe.
 
@@ -69,7 +70,8 @@ def records_for(item: Item, generation: Generation, backend: str) -> tuple[dict,
     raw = {
         "id": item.id, "raw_output": generation.text, "answer_text": parsed.answer_text, "rule": parsed.rule,
         "matched": parsed.matched, "truncated": parsed.truncated, "finished": generation.finished,
-        "thinking_clipped": parsed.thinking_clipped, "n_prompt_tokens": generation.n_prompt_tokens,
+        "thinking_budget_fired": generation.budget_fired, "thinking_cut": parsed.thinking_cut,
+        "thinking_chars": len(parsed.thinking), "n_prompt_tokens": generation.n_prompt_tokens,
         "n_generated_tokens": generation.n_generated_tokens, "seconds": round(generation.seconds, 4),
         "backend": backend,
     }
@@ -109,7 +111,9 @@ def totals(raw_records: list[dict], n_items: int) -> dict:
         "truncated": sum(r["truncated"] for r in raw_records),  # no </think>
         "cut_by_budget": sum(not r["finished"] for r in raw_records),  # max_new_tokens reached
         "unmatched": sum(not r["matched"] for r in raw_records),
-        "thinking_clipped": sum(r["thinking_clipped"] for r in raw_records),
+        # records from before the thinking budget lack the two keys
+        "thinking_budget_fired": sum(r.get("thinking_budget_fired", False) for r in raw_records),
+        "thinking_cut": sum(r.get("thinking_cut", False) for r in raw_records),
         "rules": dict(sorted(rules.items())),
         "prompt_tokens": sum(r["n_prompt_tokens"] for r in raw_records),
         "generated_tokens": generated,
@@ -195,7 +199,8 @@ def finish(recipe: Recipe, paths: RunPaths, every: list[Item], items: list[Item]
         paths.run.write_text(json.dumps(summary, indent=2) + "\n")
     t = summary["totals"]
     print(f"infer: {t['done']}/{t['items']} done -> {paths.submission} | truncated {t['truncated']}, "
-          f"unmatched {t['unmatched']}, {t['generated_tokens_per_s']} generated tok/s")
+          f"unmatched {t['unmatched']}, thinking budget fired {t['thinking_budget_fired']}, thinking cut "
+          f"{t['thinking_cut']}, {t['generated_tokens_per_s']} generated tok/s")
     return summary
 
 

@@ -122,7 +122,8 @@ def test_sampled_generation_is_seeded(engine, requests):
 def test_sampling_defaults_come_from_the_checkpoint_unless_the_recipe_sets_them():
     checkpoint = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 64}
     resolved = SamplingConfig.resolve(InferConfig(max_new_tokens=100), checkpoint)
-    assert resolved == SamplingConfig(max_new_tokens=100, do_sample=True, temperature=0.6, top_p=0.95, top_k=20)
+    assert resolved == SamplingConfig(max_new_tokens=100, do_sample=True, temperature=0.6, top_p=0.95, top_k=20,
+                                      thinking_budget=2000)  # the recipe's default budget travels with the sampling
     assert SamplingConfig.resolve(InferConfig(temperature=0.3, seed=7), checkpoint).temperature == 0.3
     greedy = SamplingConfig.resolve(InferConfig(do_sample=False), checkpoint)
     assert (greedy.do_sample, greedy.temperature, greedy.top_k) == (False, 1.0, 0)

@@ -115,7 +115,7 @@ def test_totals_and_tables_match_a_hand_computed_example(setup):
     assert items["i1"]["score"] == pytest.approx(I1) and sorted(items["i1"]["ratings"]) == [0.2, 0.6, 0.8, 1.0, 1.0]
     assert items["i3"]["status"] == "wrong" and items["i4"]["status"] == "missing"
     md = (tmp / "report" / "report.md").read_text()
-    assert "| Accuracy | 50.00 |" in md and "## By sub-category" in md and "`i4`" in md
+    assert "| Accuracy | 66.67 | 50.00 |" in md and "## By sub-category" in md and "`i4`" in md
     for png in ("by_modality.png", "by_category.png"):
         assert (tmp / "report" / png).read_bytes()[:4] == b"\x89PNG"
     assert load_recipe(tmp / "report" / "recipe.yaml").eval.judge.max_attempts == 3  # the config used, saved
@@ -234,7 +234,9 @@ def test_cli_score_with_overrides(setup, capsys):
     argv = ["score", f"eval.meta={r.eval.meta}", f"eval.submission={r.eval.submission}",
             f"eval.report_dir={tmp / 'cli'}"]
     assert main(argv) == 0
-    assert "Accuracy 50.00  Rubrics not computed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "official (submitted items): Accuracy 66.67  Rubrics not computed  CRS –  over 3 items" in out
+    assert "all items (1 missing count wrong): Accuracy 50.00  Rubrics not computed  CRS –  over 4 items" in out
     assert (tmp / "cli" / "report.md").is_file()
     assert main(["score", f"eval.meta={r.eval.meta}", "eval.submission=/nonexistent.jsonl",
                  f"eval.report_dir={tmp / 'cli2'}"]) == 2

@@ -1,6 +1,6 @@
 import pytest
 
-from infer.parse import MAX_THINKING_CHARS, clip_thinking, match_choice, parse_output, split_output
+from infer.parse import MAX_THINKING_CHARS, cut_thinking, match_choice, parse_output, split_output
 
 CHOICES = ["the first tone", "the second tone", "both are equal"]
 
@@ -78,15 +78,19 @@ def test_empty_choice_never_matches_by_containment():
     assert match_choice("nothing at all", ["", "a cat"]) == (None, "unmatched")
 
 
-def test_long_thinking_keeps_head_and_tail_under_the_limit():
-    thinking = "H" * 8000 + "M" * 8000 + "T" * 8000
-    clipped, was_clipped = clip_thinking(thinking)
-    assert was_clipped and len(clipped) == MAX_THINKING_CHARS - 1
-    assert clipped.startswith("H" * 5000) and clipped.endswith("T" * 3000)
-    assert "characters omitted" in clipped
-    omitted = int(clipped.split("[... ")[1].split(" ")[0])
-    assert omitted + clipped.count("H") + clipped.count("M") + clipped.count("T") == len(thinking)
-    short, was_clipped = clip_thinking("x" * (MAX_THINKING_CHARS - 1))
-    assert not was_clipped and len(short) == MAX_THINKING_CHARS - 1
+def test_long_thinking_is_cut_at_the_last_sentence_end_without_inserting_text():
+    sentence = "The second tone is higher (about 880 Hz). "  # 42 characters
+    thinking = sentence * 300  # 12,600 characters
+    kept, was_cut = cut_thinking(thinking)
+    assert was_cut and len(kept) < MAX_THINKING_CHARS
+    assert thinking.startswith(kept) and kept.endswith("(about 880 Hz).")  # a prefix: nothing inserted
+    assert len(kept) == 238 * 42 - 1  # the last whole sentence that fits: 238 x 42 = 9,996 characters
+    # A period inside a word ("880.5") or at the very limit is no sentence end; a question mark with a quote is.
+    tricky = "x" * 9_000 + ' Is it "higher?" ' + "y" * 900 + " 880.5 Hz " + "z" * 200
+    assert cut_thinking(tricky)[0] == tricky[:9_000] + ' Is it "higher?"'
+    # No sentence end: the last space; no space either: the limit.
+    assert cut_thinking("w" * 9_995 + " " + "v" * 10)[0] == "w" * 9_995
+    assert cut_thinking("u" * 12_000)[0] == "u" * (MAX_THINKING_CHARS - 1)
+    assert cut_thinking("x" * (MAX_THINKING_CHARS - 1)) == ("x" * (MAX_THINKING_CHARS - 1), False)
     parsed = parse_output("<think>" + thinking + "</think>the first tone", CHOICES)
-    assert parsed.thinking_clipped and len(parsed.thinking) < MAX_THINKING_CHARS
+    assert parsed.thinking_cut and parsed.thinking == kept.strip() and parsed.answer == "the first tone"
