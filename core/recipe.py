@@ -275,7 +275,6 @@ class GRPOConfig(Section):
     beta: float = Field(0.0, ge=0)  # KL(policy || base) coefficient; 0: no reference forward
     iterations: int = Field(1, ge=1)  # optimizer steps on each batch of rollouts (PPO epochs)
     scale_rewards: Literal["group", "none"] = "group"  # divide by the group's std, or only centre
-    thinking_budget: int = Field(4096, gt=0)  # tokens of thinking the length reward allows in full
     embedding_model: str | None = None  # local sentence-embedding folder (transformers; mean pooling)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)  # the reasoning judge of the `judge` reward
     stages: list[GRPOStage] = Field(default_factory=list)
@@ -300,6 +299,12 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     data_prep: DataPrepConfig = Field(default_factory=DataPrepConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+
+    @model_validator(mode="after")
+    def _length_reward_has_a_budget(self) -> "Recipe":
+        if any(stage.rewards.get("length") for stage in self.grpo.stages) and self.infer.thinking_budget is None:
+            raise ValueError("the GRPO length reward scores against infer.thinking_budget, which is null")
+        return self
 
     @model_validator(mode="after")
     def _precision_matches_dtype(self) -> "Recipe":

@@ -212,6 +212,8 @@ def test_grpo_recipe_section_validates(tmp_path):
         load_recipe(None, [f"grpo.stages={json.dumps([{**stage, 'rewards': {'judge': 1}}])}"])
     with pytest.raises(RecipeError, match="embedding reward needs grpo.embedding_model"):
         load_recipe(None, [f"grpo.stages={json.dumps([{**stage, 'rewards': {'embedding': 1}}])}"])
+    with pytest.raises(RecipeError, match="length reward scores against infer.thinking_budget"):
+        load_recipe(None, [f"grpo.stages={json.dumps([{**stage, 'rewards': {'length': 1}}])}", "infer.thinking_budget=null"])
     with pytest.raises(RecipeError, match="grpo.num_generations"):
         load_recipe(None, ["grpo.num_generations=1"])
     for shipped in ("recipes/grpo_tiny.yaml", "recipes/grpo_qwen3_omni.yaml"):
@@ -231,7 +233,7 @@ def grpo_recipe(tmp_path, tiny_checkpoint, synthetic_dir):
         "train": {"output_dir": str(tmp_path / "run"), "seed": 0, "lr": 1e-2, "warmup_ratio": 0.0,
                   "batch_size": 2, "grad_accum": 2, "save_every": 2},
         "grpo": {"num_generations": 2, "max_new_tokens": 12, "temperature": 1.0, "rollout_batch_size": 4,
-                 "beta": 0.1, "iterations": 2, "clip_low": 0.05, "clip_high": 0.05, "thinking_budget": 8,
+                 "beta": 0.1, "iterations": 2, "clip_low": 0.05, "clip_high": 0.05,
                  "stages": [{"name": "one", "data": [{"path": str(synthetic_dir / "train.jsonl")}], "steps": 2,
                              "rewards": {"answer": 1.0, "length": 1.0}},
                             {"name": "two", "data": [{"path": str(synthetic_dir / "train.jsonl"), "max_samples": 6}],
@@ -256,7 +258,7 @@ def run_grpo(recipe_file: Path, *overrides: str) -> Path:
 
     AcceleratorState._reset_state(True)
     build = train.grpo.build_rewards
-    train.grpo.build_rewards = lambda config, names, device: {**build(config, names, device), "length": letter_share}
+    train.grpo.build_rewards = lambda config, names, budget, device: {**build(config, names, budget, device), "length": letter_share}
     try:
         assert main([str(recipe_file), *overrides]) == 0
     finally:

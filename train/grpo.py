@@ -212,6 +212,8 @@ def rollout_engine(policy, processor: qo.OmniProcessor, recipe: Recipe, device: 
 
     Multimodal placeholder tokens are never sampled: fed back for scoring, a completion's <|audio_pad|>
     would be taken for an audio position and the forward would fail (a weak policy does emit them).
+    No thinking budget is forced: its closing tokens would not be the policy's samples; the length
+    reward teaches the budget instead.
     """
     grpo = recipe.grpo
     base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
@@ -364,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     schedule = Schedule(grpo.stages, [stage_items(s, cfg.seed, needs_reference) for s in grpo.stages],
                         per_rank // grpo.num_generations, world, rank, cfg.seed)
     total_steps = schedule.total_steps
-    rewards = build_rewards(grpo, names, "cuda" if torch.cuda.is_available() else "cpu")
+    rewards = build_rewards(grpo, names, recipe.infer.thinking_budget, "cuda" if torch.cuda.is_available() else "cpu")
     log(f"grpo: {len(grpo.stages)} stage(s) " + ", ".join(f"{s.name}: {s.steps} steps, {len(i)} records, rewards {s.rewards}"
                                                      for s, i in zip(grpo.stages, schedule.items))
         + f"; {schedule.prompts_per_rank} prompts x {grpo.num_generations} completions per rank, {world} rank(s)")

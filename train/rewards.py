@@ -7,8 +7,8 @@ ones that call a model (judge, embedding) can batch. `build_rewards` turns the r
 - answer: 1 when the parsed answer is right under the official rule (core.answer_rule), else 0.
 - format: 0.5 for closing the thinking with exactly one </think>, 0.5 more when the answer after the
   last one maps to exactly one choice (infer.parse, the inference parser).
-- length: 1 up to `grpo.thinking_budget` thinking tokens, falling linearly to 0 at twice the
-  budget; 0 for an output cut by max_new_tokens.
+- length: 1 up to `infer.thinking_budget` thinking tokens (the budget inference holds the model to),
+  falling linearly to 0 at twice the budget; 0 for an output cut by max_new_tokens.
 - judge: an LLM evaluator rates the reasoning against the record's reference `thinking` on
   logical-path alignment, key-step coverage and analytical depth (Audio-DeepThinker's hybrid
   reward), through eval's judge backends, ask-again loop and SQLite cache.
@@ -134,7 +134,7 @@ class EmbeddingReward:
         return [max(0.0, float(x)) for x in (ours * reference).sum(-1)]
 
 
-def build_rewards(config: GRPOConfig, names: Sequence[str], device: str = "cpu") -> dict[str, Reward]:
+def build_rewards(config: GRPOConfig, names: Sequence[str], thinking_budget: int | None, device: str = "cpu") -> dict[str, Reward]:
     """The reward functions `names` (those with a weight in some stage), built once for the run."""
     unknown = set(names) - set(REWARDS)
     if unknown:
@@ -142,7 +142,7 @@ def build_rewards(config: GRPOConfig, names: Sequence[str], device: str = "cpu")
     makers = {
         "answer": lambda: answer_reward,
         "format": lambda: format_reward,
-        "length": lambda: length_reward(config.thinking_budget),
+        "length": lambda: length_reward(thinking_budget),
         "judge": lambda: JudgeReward(config.judge),
         "embedding": lambda: EmbeddingReward(TextEmbedder(config.embedding_model, device)),
     }
