@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from audit import compliance
 from core import provenance
+from core.redact import redact
 from core.items import DataError, load_items
 from core.recipe import Recipe, load_recipe
 from infer.run import RunPaths
@@ -126,6 +127,20 @@ def artifact_checksums(src: BundleSources, train: Recipe, infer: Recipe, card: P
         groups["data_card"] = hash_group(None, [p for p in (card.with_suffix(".json"), card.with_suffix(".md")) if p.is_file()],
                                          "data card")
     return groups
+
+
+def redact_files(staging: Path) -> None:
+    """Blank anything that looks like a credential in the bundle's text files (provenance written by an
+    older version, environment, recipes); the submission files hold only what the model wrote and stay as is."""
+    for path in files_under(staging):
+        if path.parent.name == "submission":
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        if (clean := redact(text)) != text:
+            path.write_text(clean, encoding="utf-8")
 
 
 def training_commits(train_run: Path) -> list[dict]:
@@ -256,6 +271,7 @@ def build_bundle(src: BundleSources) -> tuple[Path, list[compliance.Check]]:
         "compliance": {c.name: c.status for c in checks},
     }
     (staging / "audit.json").write_text(json.dumps(summary, indent=2) + "\n")
+    redact_files(staging)
     write_manifest(staging)
 
     shutil.rmtree(out, ignore_errors=True)

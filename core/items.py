@@ -13,9 +13,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from core.audio import AudioError, load_audio
+from core.audio import AudioError, audio_samples, load_audio
+from core.records import record_problem
 
-REQUIRED_FIELDS = ("id", "audio_path", "question", "choices", "answer")
 MODALITIES = (
     "speech", "sound", "music", "mix-sound-speech", "mix-music-speech", "mix-sound-music", "mix-sound-music-speech",
 )
@@ -44,6 +44,13 @@ class Item:
         except AudioError as err:
             raise DataError(f"{self.where} (id={self.id}): audio_path: {err}") from None
 
+    def audio_samples(self, max_seconds: float | None = None) -> int:
+        """Samples that `load_audio(max_seconds)` will return, read from the file header only (fast)."""
+        try:
+            return audio_samples(self.audio_path, max_seconds)
+        except AudioError as err:
+            raise DataError(f"{self.where} (id={self.id}): audio_path: {err}") from None
+
     @property
     def modality(self) -> str | None:
         return self.meta.get("modality")
@@ -62,8 +69,13 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                                "re-save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -76,28 +88,15 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
 
 
 def parse_item(obj: dict, where: str, audio_root: Path) -> Item:
-    rid = obj.get("id")
-    label = f"{where} (id={rid})"
-    for name in REQUIRED_FIELDS:
-        if name not in obj or obj[name] in (None, ""):
-            raise DataError(f"{label}: {name}: missing")
-    for name in ("id", "audio_path", "question", "answer"):
-        if not isinstance(obj[name], str):
-            raise DataError(f"{label}: {name}: expected a string, got {type(obj[name]).__name__}")
-    choices = obj["choices"]
-    # Strings, not necessarily non-empty: one real MMAR record carries an empty fifth choice.
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-        raise DataError(f"{label}: choices: expected a list of at least 2 strings, got {choices!r}")
-    if len(set(choices)) != len(choices):
-        raise DataError(f"{label}: choices: duplicate choice in {choices!r}")
-    if obj["answer"] not in choices:
-        raise DataError(f"{label}: answer: {obj['answer']!r} is not one of its choices {choices!r}")
+    label = f"{where} (id={obj.get('id')})"
+    if (problem := record_problem(obj)) is not None:
+        raise DataError(f"{label}: {problem}")
     thinking = obj.get("thinking")
     if thinking is not None and not isinstance(thinking, str):
         raise DataError(f"{label}: thinking: expected a string, got {type(thinking).__name__}")
     return Item(
         id=obj["id"], audio_path=(audio_root / obj["audio_path"]).resolve(), question=obj["question"],
-        choices=tuple(choices), answer=obj["answer"], thinking=thinking, meta=obj, where=where,
+        choices=tuple(obj["choices"]), answer=obj["answer"], thinking=thinking, meta=obj, where=where,
     )
 
 

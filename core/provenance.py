@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -12,11 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+from core.redact import is_secret_file, redact
+
 REPO = Path(__file__).resolve().parents[1]
 # Libraries whose version changes numerics or behaviour of training and inference.
 KEY_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "accelerate", "deepspeed", "vllm", "numpy",
                 "librosa", "soundfile", "safetensors")
-UNTRACKED_MAX_BYTES = 10 * 2**20  # larger untracked files are named in the git state, not put in the patch
 
 
 def _run(command: list[str], cwd: Path | None = None) -> str | None:
@@ -28,19 +30,23 @@ def _run(command: list[str], cwd: Path | None = None) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
-def _untracked_patch(repo: Path, path: str) -> str | None:
-    """A patch creating one untracked file (`git diff --no-index` exits 1 when there is a difference)."""
-    done = subprocess.run(["git", "diff", "--no-index", "--binary", "--", "/dev/null", path], cwd=repo,
-                          capture_output=True, text=True, timeout=120)
-    return done.stdout if done.returncode in (0, 1) else None
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def git_state(repo: Path = REPO) -> tuple[dict, str | None]:
-    """({commit, branch, dirty, status}, a patch from HEAD to the working tree when it is dirty).
+def git_state(repo: Path | None = None) -> tuple[dict, str | None]:
+    """({commit, branch, dirty, status, untracked}, a patch of the tracked changes when the tree is dirty).
 
-    The patch covers tracked changes and untracked, not ignored files up to UNTRACKED_MAX_BYTES each,
-    so `git apply` on a checkout of the commit rebuilds the code that ran.
+    `git apply` of the patch on a checkout of the commit rebuilds the tracked code that ran. Untracked
+    files are recorded by name, size and sha256 only, never their contents (they are where `.env`
+    files and keys lie); tracked files that hold credentials by name (`.env`, `*.pem`, ...) are left
+    out of the patch, and the patch is redacted (`core.redact`).
     """
+    repo = REPO if repo is None else repo
     commit = _run(["git", "rev-parse", "HEAD"], repo)
     if commit is None:
         return {"commit": None, "note": f"{repo} is not a git checkout (or git is missing)"}, None
@@ -51,24 +57,29 @@ def git_state(repo: Path = REPO) -> tuple[dict, str | None]:
         "branch": (_run(["git", "rev-parse", "--abbrev-ref", "HEAD"], repo) or "").strip(),
         "dirty": dirty,
         "status": status.splitlines(),
-        "untracked_left_out": [],
+        "untracked": [],
+        "secret_files_left_out": [],
     }
     if not dirty:
         return state, None
-    patch = _run(["git", "diff", "HEAD", "--binary"], repo) or ""
     for path in (_run(["git", "ls-files", "--others", "--exclude-standard"], repo) or "").splitlines():
-        if (repo / path).stat().st_size > UNTRACKED_MAX_BYTES:
-            state["untracked_left_out"].append(path)
-        elif (part := _untracked_patch(repo, path)) is not None:
-            patch += part
-    return state, patch
+        if is_secret_file(path):
+            state["secret_files_left_out"].append(path)
+        else:
+            file = repo / path
+            state["untracked"].append({"path": path, "bytes": file.stat().st_size, "sha256": _sha256(file)})
+    changed = (_run(["git", "diff", "HEAD", "--name-only"], repo) or "").splitlines()
+    secret = [path for path in changed if is_secret_file(path)]
+    state["secret_files_left_out"] += secret
+    patch = _run(["git", "diff", "HEAD", "--binary", "--", ".", *[f":(exclude){path}" for path in secret]], repo) or ""
+    return state, redact(patch)
 
 
 def pip_freeze() -> str:
     """`pip freeze` of this interpreter; the installed distributions when pip is absent."""
     frozen = _run([sys.executable, "-m", "pip", "freeze", "--all"])
     if frozen is not None:
-        return frozen
+        return redact(frozen)  # a requirement URL may carry a token
     dists = sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
     return "# pip not available: installed distributions from importlib.metadata\n" + "\n".join(dists) + "\n"
 
@@ -145,7 +156,7 @@ def record_session(out_dir: str | Path) -> dict:
     log = out / "provenance.jsonl"
     session = sum(1 for _ in log.open()) if log.is_file() else 0
     git, patch = git_state()
-    entry = {"session": session, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
+    entry = {"session": session, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": [redact(a) for a in sys.argv],
              "git": git, "system": system(), "patch": None}
     if patch is not None:
         entry["patch"] = f"provenance/session-{session}.patch"

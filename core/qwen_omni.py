@@ -155,9 +155,10 @@ class OmniProcessor:
     feature_extractor: object  # transformers.WhisperFeatureExtractor
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "OmniProcessor":
+    def from_pretrained(cls, path: str | Path, allow_hub: bool = False) -> "OmniProcessor":
         from transformers import AutoTokenizer, WhisperFeatureExtractor
 
+        path = checkpoint_source(path, allow_hub)
         return cls(
             tokenizer=AutoTokenizer.from_pretrained(str(path)),
             feature_extractor=WhisperFeatureExtractor.from_pretrained(str(path)),
@@ -264,12 +265,31 @@ def pad_sequences(sequences: list[list[int]], labels: list[list[int]], pad_id: i
     return {"input_ids": input_ids, "attention_mask": attention, "labels": label_ids}
 
 
+class CheckpointNotFound(FileNotFoundError):
+    """A checkpoint path that is no local folder (and the hub is not allowed)."""
+
+
+def checkpoint_source(path: str | Path, allow_hub: bool = False) -> str:
+    """What to hand `from_pretrained`: a local folder, always looked for first; a hub id (owner/name) only
+    with `allow_hub` (recipe key model.allow_hub), since nothing should download at run time by surprise."""
+    local = Path(path)
+    if local.is_dir():
+        return str(local)
+    hub_id = not local.is_absolute() and len(local.parts) == 2 and not str(path).startswith(".")
+    if allow_hub and hub_id:
+        return str(path)
+    hint = (f"download it first (huggingface-cli download {path} --local-dir checkpoints/{local.name}) and point at "
+            "that folder, or set model.allow_hub=true to let transformers fetch it") if hub_id else "check the path"
+    raise CheckpointNotFound(f"{path}: no local checkpoint folder there; {hint}")
+
+
 def load_thinker(
     path: str | Path,
     dtype: str = "auto",
     device: str | None = None,
     attn_implementation: str | None = None,
     experts_implementation: str | None = None,
+    allow_hub: bool = False,
 ):
     """The thinker alone, from a thinker checkpoint or a full Qwen3-Omni checkpoint (talker skipped).
 
@@ -282,7 +302,7 @@ def load_thinker(
         kwargs["attn_implementation"] = attn_implementation
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
-    model = thinker_class().from_pretrained(str(path), **kwargs)
+    model = thinker_class().from_pretrained(checkpoint_source(path, allow_hub), **kwargs)
     if device:
         model = model.to(device)
     return model
@@ -323,3 +343,11 @@ def expert_parameter_names(model) -> list[str]:
         if re.search(r"\.experts\.(%s)$" % "|".join(EXPERT_PARAMETERS), name)
         and not any(part in NON_TEXT_MODULES for part in name.split("."))
     ]
+
+
+def context_length(config) -> int | None:
+    """Positions the text model takes (prompt + generation), from a thinker, composite or plain LM config."""
+    for cfg in (config, getattr(config, "text_config", None), getattr(getattr(config, "thinker_config", None), "text_config", None)):
+        if cfg is not None and getattr(cfg, "max_position_embeddings", None):
+            return int(cfg.max_position_embeddings)
+    return None

@@ -8,6 +8,7 @@ its resolved recipe beside its outputs (`save_recipe`), so a result can always b
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,11 +26,12 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     path: str = "artifacts/tiny-omni"  # local checkpoint folder (thinker-only or full Qwen3-Omni)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights dtype; auto: the checkpoint's (bf16 for Qwen3-Omni)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None  # attention kernel; None: transformers' default (sdpa)
     # MoE experts: grouped GEMM, batched GEMM or the per-expert loop; None: transformers' default (grouped_mm)
     experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = None
-    prompt_style: Literal["baseline", "qwen"] = "baseline"
+    prompt_style: Literal["baseline", "qwen"] = "baseline"  # baseline: the challenge's system prompt; qwen: no system prompt, Qwen's advice
+    allow_hub: bool = False  # let a model.path that is no local folder be fetched from the Hugging Face hub
 
 
 class DatasetSpec(Section):
@@ -40,21 +42,21 @@ class DatasetSpec(Section):
 
 
 class DataConfig(Section):
-    train: list[DatasetSpec] = Field(default_factory=list)
-    max_audio_seconds: float = Field(30.0, gt=0)
+    train: list[DatasetSpec] = Field(default_factory=list)  # training datasets: [{path, audio_root, weight, max_samples}]
+    max_audio_seconds: float = Field(30.0, gt=0)  # clips are cut to this length (training and inference)
     max_length: int = Field(4096, gt=0)  # tokens; longer samples are dropped and counted
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0)  # DataLoader worker processes (same batches as 0)
     # folder of core.feature_cache: per-clip features computed once, read every epoch; None: from the waveforms
     feature_cache: str | None = None
 
 
 class LoraConfig(Section):
-    r: int = Field(16, gt=0)
-    alpha: int = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    r: int = Field(16, gt=0)  # LoRA rank
+    alpha: int = Field(32, gt=0)  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = Field(0.05, ge=0, lt=1)  # dropout on the LoRA input
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # module names adapted (exact text-attention names; lm_head allowed)
     experts: bool = False  # also adapt the fused MoE experts (target_parameters)
-    include_audio_tower: bool = False
+    include_audio_tower: bool = False  # allow targets inside the audio tower (frozen otherwise)
 
     @model_validator(mode="after")
     def _no_dropout_on_experts(self) -> "LoraConfig":
@@ -64,49 +66,54 @@ class LoraConfig(Section):
 
 
 class TrainConfig(Section):
-    output_dir: str = "runs/tiny"
-    seed: int = 42
-    epochs: float = Field(1.0, gt=0)
+    output_dir: str = "runs/tiny"  # recipe, metrics, checkpoints and the adapter go here
+    seed: int = 42  # data order, LoRA init and dropout
+    epochs: float = Field(1.0, gt=0)  # passes over the data (whole optimizer steps only)
     max_steps: int | None = Field(None, gt=0)  # overrides epochs when set
-    lr: float = Field(1e-5, gt=0)
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(1e-5, gt=0)  # peak learning rate (AdamW)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # the schedule decays to lr x this
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)  # share of the steps with linear warmup
+    weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
     batch_size: int = Field(1, gt=0)  # per device
-    grad_accum: int = Field(1, gt=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    gradient_checkpointing: bool = False
-    group_by_length: bool = True
+    grad_accum: int = Field(1, gt=0)  # micro-batches per optimizer step
+    max_grad_norm: float = Field(1.0, gt=0)  # gradient clipping
+    # steps with a non-finite loss or gradient norm that are skipped (no update, counted) before training
+    # stops with an error; 0: stop at the first. Not with DeepSpeed, whose engine steps inside backward.
+    max_nonfinite_steps: int = Field(0, ge=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # Accelerate mixed precision
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~13% slower
+    group_by_length: bool = True  # batches of similar length (less padding)
     save_every: int = Field(100, gt=0)  # optimizer steps
-    keep_last: int = Field(2, gt=0)
+    keep_last: int = Field(2, gt=0)  # checkpoints kept (older ones deleted)
     resume: bool = True  # pick up the latest checkpoint in output_dir
     stop_after: int | None = Field(None, gt=0)  # stop (with a checkpoint) after this step; the schedule is unchanged
-    log_every: int = Field(1, gt=0)
-    report_to: Literal["none", "wandb", "tensorboard"] = "none"
-    wandb_project: str = "audio-reasoning"
+    log_every: int = Field(1, gt=0)  # optimizer steps between metrics lines
+    report_to: Literal["none", "wandb", "tensorboard"] = "none"  # experiment tracker besides metrics.jsonl
+    wandb_project: str = "audio-reasoning"  # wandb project name
 
 
 class InferConfig(Section):
-    backend: Literal["hf", "vllm"] = "hf"
-    meta: str = "artifacts/synthetic/test.jsonl"
-    audio_root: str | None = None
-    output: str = "runs/tiny/submission.jsonl"
+    backend: Literal["hf", "vllm"] = "hf"  # hf: transformers; vllm: GPUs
+    meta: str = "artifacts/synthetic/test.jsonl"  # benchmark metadata JSONL (MMAR schema)
+    audio_root: str | None = None  # folder audio_path is relative to; default: the metadata's folder
+    output: str = "runs/tiny/submission.jsonl"  # the submission JSONL; its sidecars are written beside it
     adapter: str | None = None  # LoRA adapter folder applied on top of model.path (hf backend)
-    batch_size: int = Field(8, gt=0)
-    max_new_tokens: int = Field(16384, gt=0)
+    batch_size: int = Field(8, gt=0)  # requests per generate call
+    max_new_tokens: int = Field(16384, gt=0)  # generation budget (thinking + answer)
     min_new_tokens: int = Field(0, ge=0)  # >0 suppresses end-of-turn until then (benchmarks, tests)
     # Thinking tokens before "\n</think>\n\n" is appended and the model goes on to its answer (null: no
     # budget). 2,000 = the 10,000-character thinking limit / 5 characters per token, a high figure
     # for English under Qwen's tokenizer (~4 on average), so a budgeted thinking ends near 8,000.
     thinking_budget: int | None = Field(2000, gt=0)
     do_sample: bool | None = None  # None: from the checkpoint's generation config
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    seed: int = 0
+    temperature: float | None = Field(None, ge=0)  # None: from the checkpoint's generation config
+    top_p: float | None = Field(None, gt=0, le=1)  # None: from the checkpoint's generation config
+    top_k: int | None = Field(None, ge=0)  # None: from the checkpoint's generation config; 0: off
+    seed: int = 0  # sampling seed
     limit: int | None = Field(None, gt=0)  # first N items only
+    # stop at the first unreadable clip or over-long prompt; false: list them, record them as failed, answer the rest
+    fail_fast: bool = False
     tensor_parallel_size: int = Field(1, gt=0)  # vllm
     data_parallel_size: int = Field(1, gt=0)  # worker processes, each on its own tensor_parallel_size GPUs
     data_parallel_rank: int | None = Field(None, ge=0)  # set by `infer run` for its workers, not by hand
@@ -119,28 +126,28 @@ class JudgeConfig(Section):
     model: str = "gpt-4o-2024-11-20"  # endpoint model name; for backend local, the checkpoint folder
     base_url: str = "https://api.openai.com/v1"  # any OpenAI-compatible server (e.g. vLLM)
     api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key
-    temperature: float = 0.0
-    seed: int | None = 42
+    temperature: float = 0.0  # judge sampling temperature (official: 0)
+    seed: int | None = 42  # judge seed (official: 42)
     max_tokens: int | None = None  # openai: not sent when None (as officially); local: default 1024
-    ratings: int = Field(5, gt=0)
+    ratings: int = Field(5, gt=0)  # ratings per item; the middle 3 are averaged
     max_attempts: int = Field(20, gt=0)  # requests per rating until a reply parses (official: 20)
-    concurrency: int = Field(8, gt=0)
-    requests_per_minute: float | None = Field(None, gt=0)
-    timeout_s: float = Field(120.0, gt=0)
+    concurrency: int = Field(8, gt=0)  # requests in flight
+    requests_per_minute: float | None = Field(None, gt=0)  # rate limit; None: none
+    timeout_s: float = Field(120.0, gt=0)  # per-request timeout
     backoff_s: float = Field(1.0, ge=0)  # first pause after 429/5xx/timeout, doubling up to backoff_max_s
-    backoff_max_s: float = Field(60.0, ge=0)
+    backoff_max_s: float = Field(60.0, ge=0)  # longest pause between retries
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # local backend
     device: str | None = None  # local backend
-    cache: str = "runs/judge_cache.sqlite"
+    cache: str = "runs/judge_cache.sqlite"  # SQLite cache of parsed replies (resume, no repeated calls)
 
 
 class EvalConfig(Section):
-    meta: str = "artifacts/synthetic/test.jsonl"
-    submission: str = "runs/tiny/submission.jsonl"
-    report_dir: str = "runs/tiny/eval"
+    meta: str = "artifacts/synthetic/test.jsonl"  # benchmark metadata JSONL with answers and rubrics
+    submission: str = "runs/tiny/submission.jsonl"  # the submission to score
+    report_dir: str = "runs/tiny/eval"  # report.md, report.json and charts go here
     bootstrap: int = Field(1000, ge=0)  # resamples for the 95% confidence intervals (0: none)
-    bootstrap_seed: int = 0
-    charts: bool = True
+    bootstrap_seed: int = 0  # seed of the bootstrap resampling
+    charts: bool = True  # write the per-modality/category PNG charts
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
 
@@ -167,21 +174,21 @@ class SourceSpec(Section):
 class PrepGeneration(Section):
     """How one Cogito-Pipe stage decodes; `batch_size` requests are generated and journaled together."""
 
-    max_new_tokens: int = Field(1024, gt=0)
-    min_new_tokens: int = Field(0, ge=0)
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    seed: int = 0
-    batch_size: int = Field(8, gt=0)
+    max_new_tokens: int = Field(1024, gt=0)  # generation budget
+    min_new_tokens: int = Field(0, ge=0)  # >0 suppresses end-of-turn until then
+    do_sample: bool = False  # false: greedy
+    temperature: float = Field(1.0, gt=0)  # sampling temperature
+    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling
+    top_k: int = Field(0, ge=0)  # 0: off
+    seed: int = 0  # sampling seed
+    batch_size: int = Field(8, gt=0)  # requests per engine call and per journal flush
 
 
 class PrepQAConfig(PrepGeneration):
     """Stage 2: an instruction model writes multiple-choice questions about each clip."""
 
-    model: str = "checkpoints/Qwen3-Omni-30B-A3B-Instruct"
-    prompt: str = "data_prep/prompts/qa.txt"
+    model: str = "checkpoints/Qwen3-Omni-30B-A3B-Instruct"  # the instruction model that writes the questions
+    prompt: str = "data_prep/prompts/qa.txt"  # prompt template file
     n_shots: int = Field(20, ge=0)  # few-shot questions drawn from data_prep.seed_questions per clip
     max_questions: int = Field(3, ge=1)  # per clip; a reply with more is malformed
     max_attempts: int = Field(3, ge=1)  # a malformed reply is retried with other shots and seed, then dropped
@@ -205,8 +212,8 @@ class PrepCoTConfig(PrepGeneration):
 class PrepJudgeConfig(PrepGeneration):
     """Stage 4: a text-only judge checks each reasoning for hallucination and logic."""
 
-    model: str = "checkpoints/Qwen3-Omni-30B-A3B-Instruct"
-    prompt: str = "data_prep/prompts/judge.txt"
+    model: str = "checkpoints/Qwen3-Omni-30B-A3B-Instruct"  # the text-only judge model
+    prompt: str = "data_prep/prompts/judge.txt"  # prompt template file
     max_new_tokens: int = Field(512, gt=0)
 
 
@@ -214,7 +221,7 @@ class DataPrepConfig(Section):
     work_dir: str = "runs/tiny/data_prep"  # every stage's output, parts, report and the data card
     seed: int = 0  # mixture sampling (and later stages' few-shot sampling)
     total: int | None = Field(None, gt=0)  # clips in the mixture; sources with a ratio share it
-    sources: list[SourceSpec] = Field(default_factory=list)
+    sources: list[SourceSpec] = Field(default_factory=list)  # raw datasets of the mixture: [{name, root, count | ratio, options, licence}]
     shard: str = Field("0/1", pattern=r"^\d+/[1-9]\d*$")  # "i/n": this process handles shard i of n
     min_seconds: float = Field(0.5, ge=0)  # shorter clips are rejected (too_short)
     max_seconds: float | None = Field(None, gt=0)  # longer clips are rejected (too_long)
@@ -290,7 +297,7 @@ class GRPOConfig(Section):
 
 
 class Recipe(Section):
-    name: str = "unnamed"
+    name: str = "unnamed"  # the run's name (trackers, reports)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -370,6 +377,127 @@ def save_recipe(recipe: Recipe, path: str | Path) -> Path:
     return out
 
 
+def _lookup(tree: dict, key: str, default: Any = None) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def dotted_keys(tree: dict, prefix: str = "") -> list[str]:
+    """Every leaf of a nested dict as a dotted key (lists are leaves)."""
+    keys = []
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        keys += dotted_keys(value, key + ".") if isinstance(value, dict) else [key]
+    return keys
+
+
+def changed_settings(saved: str | Path, recipe: Recipe, keys: list[str]) -> list[str]:
+    """`key: saved -> now` for each of `keys` whose value in `recipe` differs from the resolved recipe saved
+    at `saved` (a key the saved file lacks counts as its default: it was written by an older version)."""
+    tree = yaml.safe_load(Path(saved).read_text()) or {}
+    defaults, now = Recipe().model_dump(mode="json"), recipe.model_dump(mode="json")
+    changed = []
+    for key in keys:
+        old, new = _lookup(tree, key, _lookup(defaults, key)), _lookup(now, key)
+        if old != new:
+            changed.append(f"{key}: {old!r} -> {new!r}")
+    return changed
+
+
+def _comments() -> dict[str, dict[str, str]]:
+    """{class: {field: its comment}} from this file's source: the comment on a field's line, else the
+    comment lines right above it. The comments are the one place a key is documented."""
+    import ast
+    import io
+    import tokenize
+
+    source = Path(__file__).read_text()
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    found: dict[str, dict[str, str]] = {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        fields = found.setdefault(node.name, {})
+        for stmt in node.body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                text, above = comments.get(stmt.lineno), []
+                line = stmt.lineno - 1
+                while line >= 1 and lines[line - 1].strip().startswith("#"):
+                    above.insert(0, comments[line])
+                    line -= 1
+                fields[stmt.target.id] = " ".join(above + ([text] if text else []))
+    return found
+
+
+def describe(recipe: Recipe) -> list[tuple[str, Any, Any, str]]:
+    """(dotted key, value, default, description) for every key of a resolved recipe, in recipe order."""
+    comments = _comments()
+    rows = []
+
+    def walk(section: BaseModel, default: BaseModel, prefix: str) -> None:
+        for name, field in type(section).model_fields.items():
+            value, base = getattr(section, name), getattr(default, name)
+            if isinstance(value, Section):
+                walk(value, base, f"{prefix}{name}.")
+                continue
+            dump = lambda v: v.model_dump(mode="json") if isinstance(v, BaseModel) else (  # noqa: E731
+                [dump(x) for x in v] if isinstance(v, list) else v)
+            note = comments.get(type(section).__name__, {}).get(name, "")
+            for cls in type(section).__mro__[1:]:  # a field of a base section (PrepGeneration) is documented there
+                note = note or comments.get(cls.__name__, {}).get(name, "")
+            rows.append((f"{prefix}{name}", dump(value), dump(base), note))
+
+    walk(recipe, Recipe(), "")
+    return rows
+
+
+def show(recipe: Recipe) -> str:
+    """The resolved recipe, one line a key: `key = value  # description [default: X when different]`."""
+    rows = [(f"{key} = {json.dumps(value)}", note + ("" if value == default else f" [default: {json.dumps(default)}]"))
+            for key, value, default, note in describe(recipe)]
+    width = max(len(left) for left, _ in rows if len(left) <= 60)
+    return "\n".join(f"{left:<{width}}  # {note}" for left, note in rows)
+
+
+RECIPE_USAGE = """RECIPE.yaml [dotted.key=value ...]
+
+  RECIPE.yaml        a recipe (recipes/tiny.yaml, recipes/cogito.yaml); without one, the defaults
+  dotted.key=value   overrides, values parsed as YAML: train.lr=2e-5 "data.train=[{path: a.jsonl}]"
+
+Every key with its value, default and meaning: python -m core.recipe show RECIPE.yaml [dotted.key=value ...]"""
+
+
+def recipe_cli(argv: list[str], prog: str, description: str) -> Recipe:
+    """The recipe of a command line `[RECIPE.yaml] [dotted.key=value ...]`; -h/--help prints the usage and exits 0."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(f"usage: {prog} {RECIPE_USAGE}\n\n{description}")
+        raise SystemExit(0)
+    return load_recipe(*split_cli(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "show":
+        print(f"usage: python -m core.recipe show {RECIPE_USAGE}", file=sys.stderr if not argv or argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        recipe = recipe_cli(argv[1:], "python -m core.recipe show", "Prints the fully resolved recipe: every key, "
+                            "its value, its default when different, and a one-line description.")
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(show(recipe))
+    return 0
+
+
 def split_cli(argv: list[str]) -> tuple[str | None, list[str]]:
     """`[recipe.yaml] [a.b=c ...]` -> (recipe path, overrides)."""
     path, overrides = None, []
@@ -381,3 +509,7 @@ def split_cli(argv: list[str]) -> tuple[str | None, list[str]]:
         else:
             raise RecipeError(f"unexpected argument {arg!r}: expected RECIPE.yaml, then dotted.key=value overrides")
     return path, overrides
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

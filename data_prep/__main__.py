@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from core.items import DataError
-from core.recipe import Recipe, RecipeError, load_recipe, save_recipe, split_cli
+from core.recipe import Recipe, RecipeError, recipe_cli, save_recipe, split_cli
 
 USAGE = __doc__.split("\n\n")[1]
 REPORT_KEYS = ("stage", "in", "out", "rejected", "counts", "seconds", "complete")
@@ -41,10 +41,9 @@ def _recipe(argv: list[str]) -> Recipe:
     shard = _pop_option(args, "--shard", "0/4")
     if shard is not None:
         args.append(f"data_prep.shard={shard}")
-    path, overrides = split_cli(args)
-    if path is None:
+    if "-h" not in args and "--help" not in args and split_cli(args)[0] is None:
         raise RecipeError("expected a recipe: python -m data_prep COMMAND RECIPE.yaml [dotted.key=value ...]")
-    recipe = load_recipe(path, overrides)
+    recipe = recipe_cli(args, "python -m data_prep COMMAND [--shard i/n]", USAGE)
     save_recipe(recipe, Path(recipe.data_prep.work_dir) / "resolved_recipe.yaml")
     return recipe
 

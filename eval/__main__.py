@@ -17,17 +17,18 @@ from eval.submission import SubmissionError
 
 
 def _score(argv: list[str]) -> int:
-    from core.recipe import RecipeError, load_recipe, split_cli
+    from core.recipe import RecipeError, recipe_cli
     from eval.judge import FatalJudgeError
     from eval.score import score
 
     try:
-        recipe = load_recipe(*split_cli(argv))
+        recipe = recipe_cli(argv, "python -m eval score", "Scores eval.submission against eval.meta under the "
+                            "challenge protocol; exit 3 when items are NOT EVALUATED (re-run to fill them).")
     except RecipeError as err:
         print(err, file=sys.stderr)
         return 2
     try:
-        report = score(recipe, progress=sys.stderr.isatty())
+        report = score(recipe)  # a bar on a terminal, progress lines in a log
     except FatalJudgeError as err:
         print(f"judge error: {err}\nFinished ratings are in the cache; re-run to resume.", file=sys.stderr)
         return 1
@@ -85,8 +86,9 @@ COMMANDS = {"score": _score, "compare": _compare, "convert": _convert}
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print(__doc__.strip(), file=sys.stderr)
-        return 2
+        wants_help = bool(argv) and argv[0] in ("-h", "--help")
+        print(__doc__.strip(), file=sys.stdout if wants_help else sys.stderr)
+        return 0 if wants_help else 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[argv[0]](argv[1:])

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from core.redact import redact
 from eval.cache import JudgeCache, cache_key
 from eval.protocol import JUDGE_SYSTEM_PROMPT, ReplyError, parse_judge_reply
 
@@ -70,6 +71,7 @@ class OpenAIJudge:
             self.sampling["max_tokens"] = max_tokens
         self.identity = f"openai:{model}"
         self.max_workers = concurrency
+        self.reached = False  # whether the server ever answered: until then, a refused connection is fatal
 
     def complete(self, system: str, user: str) -> str | None:
         body = {"model": self.model, "messages": [{"role": "system", "content": system},
@@ -81,8 +83,10 @@ class OpenAIJudge:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 raw = response.read()
+            self.reached = True
         except urllib.error.HTTPError as err:
-            detail = err.read(300).decode("utf-8", "replace")
+            self.reached = True
+            detail = redact(err.read(300).decode("utf-8", "replace"))  # servers echo the key they refused
             if err.code == 429 or err.code == 408 or err.code >= 500:
                 raise TransientError(f"HTTP {err.code}: {detail}", _retry_after(err.headers.get("Retry-After")))
             if err.code in (401, 403, 404):
@@ -90,6 +94,11 @@ class OpenAIJudge:
                                       f"eval.judge.model and the API key") from None
             raise RequestError(f"HTTP {err.code}: {detail}") from None
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError) as err:
+            reason = getattr(err, "reason", err)
+            if not self.reached and isinstance(reason, (ConnectionRefusedError, socket.gaierror)):
+                # nothing listens there (or no such host): waiting out the retries would only hide it
+                what = "connection refused" if isinstance(reason, ConnectionRefusedError) else f"unknown host ({reason})"
+                raise FatalJudgeError(f"{self.url}: {what}; is the judge server running? check eval.judge.base_url") from None
             raise TransientError(f"{type(err).__name__}: {err}") from None
         try:
             return json.loads(raw)["choices"][0]["message"]["content"]
@@ -126,7 +135,7 @@ class LocalJudge:
         else:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device or "cpu")
         self.model.eval()
-        self.context = _max_positions(self.model.config)
+        self.context = qwen_omni.context_length(self.model.config)
         self.temperature, self.seed, self.max_new_tokens = temperature, seed, max_new_tokens
         self.identity = f"local:{Path(path).resolve()}"
 
@@ -152,13 +161,6 @@ class LocalJudge:
         if close_id in new:
             new = new[len(new) - new[::-1].index(close_id):]
         return self.tokenizer.decode(new, skip_special_tokens=True)
-
-
-def _max_positions(config) -> int | None:
-    for cfg in (config, getattr(config, "text_config", None)):
-        if cfg is not None and getattr(cfg, "max_position_embeddings", None):
-            return int(cfg.max_position_embeddings)
-    return None
 
 
 # ---------------------------------------------------------------- the ask-again loop
@@ -216,7 +218,13 @@ def ask(backend: JudgeBackend, user: str, rubric: Sequence[dict], outcome: Rater
         except TransientError as err:
             outcome.transient_errors.append(str(err))
             if outcome.attempts < max_attempts:
-                time.sleep(backoff.delay(streak, err.retry_after))
+                pause = backoff.delay(streak, err.retry_after)
+                log.warning("judge: %s rater %d, attempt %d of %d: %s; retrying in %.1f s", outcome.item_id,
+                            outcome.rater, outcome.attempts, max_attempts, err, pause)
+                time.sleep(pause)
+            else:
+                log.warning("judge: %s rater %d, attempt %d of %d: %s; no attempt left", outcome.item_id,
+                            outcome.rater, outcome.attempts, max_attempts, err)
             streak += 1
             continue
         except RequestError as err:
@@ -301,6 +309,7 @@ def run_judge(jobs: Sequence[JudgeJob], backend: JudgeBackend, cache: JudgeCache
             pending.add(pool.submit(ask, backend, job.user, job.rubric, outcome, max_attempts, limiter, backoff))
             return True
 
+        error: Exception | None = None  # the first FatalJudgeError (or bug): raised once finished work is stored
         try:
             # Keep only a window of jobs in flight, so an abort leaves little queued work behind.
             while len(pending) < 2 * workers and submit_next():
@@ -309,7 +318,13 @@ def run_judge(jobs: Sequence[JudgeJob], backend: JudgeBackend, cache: JudgeCache
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     pending.discard(future)
-                    outcome: RaterOutcome = future.result()  # a FatalJudgeError surfaces here
+                    if future.cancelled():
+                        continue
+                    try:
+                        outcome: RaterOutcome = future.result()
+                    except Exception as err:  # noqa: BLE001 - kept, raised after the others are stored
+                        error = error or err
+                        continue
                     _account(outcome, stats)
                     if outcome.reply is not None:
                         cache.put(outcome.key, backend.identity, outcome.item_id, outcome.rater, settings,
@@ -318,7 +333,13 @@ def run_judge(jobs: Sequence[JudgeJob], backend: JudgeBackend, cache: JudgeCache
                     else:
                         failures.setdefault(outcome.item_id, f"rater {outcome.rater}: {outcome.error}")
                     bar.update(1)
-                    submit_next()
+                    if error is None:
+                        submit_next()
+                if error is not None:  # queued jobs never start; the running ones finish and are stored
+                    for future in pending:
+                        future.cancel()
+            if error is not None:
+                raise error
         finally:
             for future in pending:
                 future.cancel()
@@ -346,9 +367,9 @@ def _account(outcome: RaterOutcome, stats: JudgeStats) -> None:
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
+    from core.progress import progress
 
-    return tqdm(total=total, desc="judge", unit="rating", disable=not enabled, dynamic_ncols=True)
+    return progress(total, "judge", unit="rating", disable=not enabled)
 
 
 def make_backend(cfg, env: dict | None = None) -> JudgeBackend:

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
+from core.redact import redact
+
 GROUPS = (("modality", "modality"), ("category", "category"), ("sub-category", "sub_category"))
 
 
@@ -193,6 +195,7 @@ def write(report: dict, out_dir: Path, items: Sequence[ItemResult], with_charts:
     report["charts"] = charts(report, out_dir) if with_charts else []
     paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md"}
     payload = {**report, "items": [asdict(it) for it in items]}
-    paths["json"].write_text(json.dumps(payload, indent=1, ensure_ascii=False))
-    paths["markdown"].write_text(markdown(report))
+    # judge error messages end up here: a server may echo the key it refused
+    paths["json"].write_text(redact(json.dumps(payload, indent=1, ensure_ascii=False)))
+    paths["markdown"].write_text(redact(markdown(report)))
     return paths

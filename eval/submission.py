@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from core.records import record_problem
 from eval.protocol import THINKING_LENGTH_LIMIT
 
 THINK_TAGS = ("<think>", "</think>")
@@ -47,11 +48,15 @@ class Submission:
 
 
 def _json_lines(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise SubmissionError(f"{where}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as err:
@@ -62,11 +67,13 @@ def _records(path: Path) -> tuple[str, Iterator[tuple[str, Any]]]:
     """("jsonl" | "json-list", (where, record) pairs). A file starting with `[` is a JSON list."""
     if not path.is_file():
         raise SubmissionError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as handle:
+    with path.open("rb") as handle:
         head = handle.read(4096).lstrip()
-    if head.startswith("["):
+    if head.startswith(b"["):
         try:
             records = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise SubmissionError(f"{path}: not UTF-8 (byte offset {err.start})") from None
         except json.JSONDecodeError as err:
             raise SubmissionError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
         if not isinstance(records, list):
@@ -85,11 +92,9 @@ def load_meta(path: str | Path) -> list[dict]:
             raise SubmissionError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         rid = rec.get("id")
         label = f"{where} (id={rid})"
-        for name in ("id", "question", "answer"):
-            if not isinstance(rec.get(name), str) or not rec[name]:
-                raise SubmissionError(f"{label}: {name}: missing or not a string")
-        if not isinstance(rec.get("choices"), list) or rec["answer"] not in rec["choices"]:
-            raise SubmissionError(f"{label}: choices: must be a list holding the answer {rec['answer']!r}")
+        # the same rule inference applies (core.records), so a file one accepts the other does too
+        if (problem := record_problem(rec, ("id", "question", "choices", "answer"))) is not None:
+            raise SubmissionError(f"{label}: {problem}")
         rubric = rec.get("rubric")
         if rubric is not None:
             for i, criterion in enumerate(rubric):

@@ -9,14 +9,15 @@ import argparse
 import sys
 
 from core.items import DataError
-from core.recipe import RecipeError, load_recipe, split_cli
+from core.recipe import RecipeError, recipe_cli
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="infer", description="Batched reasoning + answer in the challenge submission format.")
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="answer the benchmark of a recipe (resumes an interrupted run)")
-    run_parser.add_argument("args", nargs=argparse.REMAINDER, metavar="RECIPE [dotted.key=value ...]")
+    run_parser.add_argument("args", nargs=argparse.REMAINDER, metavar="RECIPE [dotted.key=value ...]",
+                            help="a recipe and dotted overrides; every key: python -m core.recipe show RECIPE")
     check = commands.add_parser("validate", help="check a submission JSONL against the benchmark metadata")
     check.add_argument("file")
     check.add_argument("--meta", required=True, help="benchmark metadata JSONL (MMAR schema)")
@@ -25,10 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
-            from infer.run import run
+            from infer.run import OutputBusy, run
 
-            path, overrides = split_cli(args.args)
-            run(load_recipe(path, overrides))
+            recipe = recipe_cli(args.args, "infer run", "Answers every item of infer.meta into infer.output; "
+                                "re-running the same command resumes.")
+            try:
+                run(recipe)
+            except OutputBusy as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
             return 0
         from infer.submission import validate_submission
 

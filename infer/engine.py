@@ -163,6 +163,7 @@ class Engine:
     tokenizer: Any  # for rendering prompts: qwen_omni.render_chat(engine.tokenizer, ...)
     sampling: SamplingConfig  # the recipe's settings; pass another to generate() to override
     batch_size: int
+    context_length: int | None = None  # the model's context in tokens (prompt + generation); None: unknown
 
     def _batches(
         self, requests: Sequence[Request], sampling: SamplingConfig, prefixes: dict[str, tuple[int, ...]]
@@ -254,6 +255,7 @@ class HFEngine(Engine):
         self.batch_size = batch_size
         self.device = device
         self.eos_ids = processor.eos_token_ids
+        self.context_length = qo.context_length(model.config)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": self.device, "batch_size": self.batch_size,
@@ -373,6 +375,7 @@ class VLLMEngine(Engine):
         self.eos_ids = qo.eos_token_ids(self.tokenizer)
         self.sampling = sampling
         self.batch_size = recipe.infer.batch_size
+        self.context_length = getattr(getattr(self.llm.llm_engine, "model_config", None), "max_model_len", None)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "vllm": self._vllm.__version__, "batch_size": self.batch_size,
@@ -411,15 +414,16 @@ def default_device() -> str:
 
 def load_engine(recipe: Recipe, device: str | None = None) -> Engine:
     """The backend named by `recipe.infer.backend`, with the recipe's model, adapter and sampling."""
+    allow_hub = recipe.model.allow_hub
+    source = qo.checkpoint_source(recipe.model.path, allow_hub)  # a local folder, or a hub id only when allowed
     sampling = SamplingConfig.resolve(recipe.infer, checkpoint_generation_defaults(recipe.model.path))
     if recipe.infer.backend == "vllm":
         return VLLMEngine(recipe, sampling)
     device = device or default_device()
-    model_path = Path(recipe.model.path)
-    if not (model_path / "config.json").is_file():
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
         raise FileNotFoundError(f"model.path={recipe.model.path}: no checkpoint there (config.json missing)")
-    model = qo.load_thinker(model_path, recipe.model.dtype, device, recipe.model.attn_implementation,
-                            recipe.model.experts_implementation)
+    model = qo.load_thinker(source, recipe.model.dtype, device, recipe.model.attn_implementation,
+                            recipe.model.experts_implementation, allow_hub=allow_hub)
     if recipe.infer.adapter:
         adapter = Path(recipe.infer.adapter)
         if not (adapter / "adapter_config.json").is_file():
@@ -431,4 +435,4 @@ def load_engine(recipe: Recipe, device: str | None = None) -> Engine:
 
         # Merged once at load: the same outputs as the adapter on top, without its per-step cost.
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    return HFEngine(model, qo.OmniProcessor.from_pretrained(model_path), sampling, recipe.infer.batch_size, device)
+    return HFEngine(model, qo.OmniProcessor.from_pretrained(source, allow_hub), sampling, recipe.infer.batch_size, device)

@@ -21,26 +21,80 @@ main files (also what a re-run does first after a kill), so resuming works the s
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tqdm import tqdm
-
 from core import qwen_omni as qo
 from core.items import DataError, Item, load_items
-from core.recipe import Recipe, save_recipe
-from infer.engine import Engine, Generation, Request, SamplingConfig, checkpoint_generation_defaults, load_engine
+from core.progress import library_bars_off_a_terminal, progress
+from core.recipe import Recipe, changed_settings, save_recipe
+from infer.engine import (Engine, Generation, Request, SamplingConfig, checkpoint_generation_defaults, load_engine,
+                          request_length)
 from infer.parse import POLICY, parse_output
 from infer.submission import append_records, read_records, write_records
 
 # Audio is decoded per chunk of this many items, so a large benchmark never sits in memory at once.
 AUDIO_CHUNK = 512
+PARENT_PID_ENV = "INFER_PARENT_PID"  # set for data-parallel workers: they exit when this process dies
+
+
+class OutputBusy(RuntimeError):
+    """Another process is writing the same inference output."""
+
+
+@contextmanager
+def output_lock(output: Path):
+    """Hold an exclusive lock on `output` (a `.lock` file beside it) or fail at once naming the holder.
+
+    The kernel releases the lock when its process dies, so a killed run never leaves a stale lock.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    handle = output.with_name(f"{output.name}.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that has not written its name yet"
+        handle.close()
+        raise OutputBusy(f"{output}: another `infer run` is writing it ({holder}); wait for it to finish, "
+                         "or choose another infer.output") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                 + " ".join(sys.argv) + "\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.truncate(0)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def exit_with_parent(poll_s: float = 0.5) -> None:
+    """In a data-parallel worker: exit as soon as the parent that started it is gone (killed), instead of
+    writing on as an orphan beside a new run. Finished batches are on disk already."""
+    parent = int(os.environ[PARENT_PID_ENV])
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        print(f"infer worker {os.getpid()}: parent {parent} is gone, exiting (finished work is kept)",
+              file=sys.stderr, flush=True)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 @dataclass(frozen=True)
@@ -124,9 +178,41 @@ def totals(raw_records: list[dict], n_items: int) -> dict:
 
 
 def benchmark_items(recipe: Recipe) -> tuple[list[Item], list[Item]]:
-    """(every item of the metadata, the ones this run answers: the first `infer.limit`)."""
-    items = load_items(recipe.infer.meta, recipe.infer.audio_root, check_audio=True)
+    """(every item of the metadata, the ones this run answers: the first `infer.limit`).
+
+    Clips are not opened here: `check_clips` does that for the items still pending."""
+    items = load_items(recipe.infer.meta, recipe.infer.audio_root, check_audio=False)
     return items, items[: recipe.infer.limit] if recipe.infer.limit is not None else items
+
+
+# What decides an inference output: resuming with other values would mix two runs in one file.
+OUTPUT_SETTINGS = ("model.path", "model.dtype", "model.prompt_style", "infer.backend", "infer.adapter", "infer.meta",
+                   "infer.max_new_tokens", "infer.min_new_tokens", "infer.do_sample", "infer.temperature",
+                   "infer.top_p", "infer.top_k", "infer.seed", "infer.thinking_budget", "data.max_audio_seconds")
+
+
+def check_resumable(paths: RunPaths, recipe: Recipe) -> None:
+    """An output that holds answers may only be continued with the settings that wrote them."""
+    if not paths.recipe.is_file() or not read_records(paths.submission):
+        return
+    changed = changed_settings(paths.recipe, recipe, list(OUTPUT_SETTINGS))
+    if changed:
+        raise DataError(f"{paths.submission}: holds answers written with other settings ({paths.recipe}); resuming "
+                        "would mix two runs in one file. Differing: " + "; ".join(changed)
+                        + ". Restore them, or choose another infer.output")
+
+
+def check_clips(items: list[Item], fail_fast: bool) -> dict[str, str]:
+    """{id: why} for the items whose clip is missing or unreadable, from file headers only (fast)."""
+    failed = {}
+    for item in items:
+        try:
+            item.audio_samples()
+        except DataError as err:
+            if fail_fast:
+                raise
+            failed[item.id] = str(err)
+    return failed
 
 
 def run(recipe: Recipe, engine: Engine | None = None, on_batch: Callable[[int], None] | None = None) -> dict:
@@ -140,47 +226,100 @@ def run(recipe: Recipe, engine: Engine | None = None, on_batch: Callable[[int], 
         return run_data_parallel(recipe)
     every, items = benchmark_items(recipe)
     paths = RunPaths.beside(cfg.output)
-    paths.submission.parent.mkdir(parents=True, exist_ok=True)
     if cfg.data_parallel_rank is not None:  # a worker: its share of what the main output lacks
+        if PARENT_PID_ENV in os.environ:
+            exit_with_parent()
         rank, size = cfg.data_parallel_rank, cfg.data_parallel_size
         in_main = {r["id"] for r in read_records(paths.submission)}
         items = [item for n, item in enumerate(items) if n % size == rank and item.id not in in_main]
         paths = RunPaths.beside(shard_output(cfg.output, rank))
-    save_recipe(recipe, paths.recipe)
-    done = resume_state(paths, {item.id for item in every})
-    pending = [item for item in items if item.id not in done]
-    print(f"infer: {len(items)} items, {len(done)} already in {paths.submission}, {len(pending)} to answer")
-    engine = engine or (load_engine(recipe) if pending else None)
-    started = time.perf_counter()
-    written = answer(recipe, engine, pending, paths, on_batch) if pending else 0
-    return finish(recipe, paths, every, items, engine.describe() if engine else None,
-                  engine.sampling.to_dict() if engine else None, written, time.perf_counter() - started)
+    with output_lock(paths.submission):
+        check_resumable(paths, recipe)
+        save_recipe(recipe, paths.recipe)
+        done = resume_state(paths, {item.id for item in every})
+        pending = [item for item in items if item.id not in done]
+        failed = check_clips(pending, cfg.fail_fast)
+        pending = [item for item in pending if item.id not in failed]
+        print(f"infer: {len(items)} items, {len(done)} already in {paths.submission}, {len(pending)} to answer"
+              + (f", {len(failed)} with an unreadable clip: {', '.join(failed)}" if failed else ""))
+        library_bars_off_a_terminal()
+        engine = engine or (load_engine(recipe) if pending else None)
+        started = time.perf_counter()
+        written = answer(recipe, engine, pending, paths, on_batch, failed) if pending else 0
+        return finish(recipe, paths, every, items, engine.describe() if engine else None,
+                      engine.sampling.to_dict() if engine else None, written, time.perf_counter() - started, failed)
+
+
+def prompt_too_long(request: Request, tokenizer, context: int | None, max_token_chars: int) -> str | None:
+    """Why a request cannot fit the model's context, or None. A prompt whose characters could not fit
+    even at the longest token of the vocabulary is refused without tokenizing it (megabytes take minutes)."""
+    if context is None:
+        return None
+    if len(request.prompt) > context * max_token_chars:
+        return f"prompt: {len(request.prompt):,} characters cannot fit the model's context of {context:,} tokens"
+    n = request_length(request, tokenizer)
+    if n >= context:
+        return f"prompt: {n:,} tokens (audio included) exceed the model's context of {context:,} tokens"
+    return None
+
+
+def build_requests(recipe: Recipe, engine: Engine, chunk: list[Item], failed: dict[str, str]) -> list[Request]:
+    """Decode a chunk's clips into requests; a clip that fails to decode is recorded in `failed`
+    (or raised with infer.fail_fast)."""
+    requests = []
+    for item in chunk:
+        try:
+            requests.append(item_request(item, engine.tokenizer, recipe.model.prompt_style, recipe.data.max_audio_seconds))
+        except DataError as err:
+            if recipe.infer.fail_fast:
+                raise
+            failed[item.id] = str(err)
+    return requests
 
 
 def answer(recipe: Recipe, engine: Engine, pending: list[Item], paths: RunPaths,
-           on_batch: Callable[[int], None] | None) -> int:
+           on_batch: Callable[[int], None] | None, failed: dict[str, str]) -> int:
     by_id = {item.id: item for item in pending}
+    context = engine.context_length
+    max_token_chars = max(map(len, engine.tokenizer.get_vocab())) if context else 0
+    chunks = [pending[start:start + AUDIO_CHUNK] for start in range(0, len(pending), AUDIO_CHUNK)]
     written = 0
-    with tqdm(total=len(pending), desc="infer", unit="item") as progress:
-        for start in range(0, len(pending), AUDIO_CHUNK):
-            chunk = pending[start:start + AUDIO_CHUNK]
-            requests = [item_request(i, engine.tokenizer, recipe.model.prompt_style, recipe.data.max_audio_seconds)
-                        for i in chunk]
-            for batch in engine.generate_batches(requests):
+    # The next chunk's clips decode in a thread while this chunk generates.
+    with progress(len(pending), "infer", unit="item") as bar, ThreadPoolExecutor(1) as decoder:
+        ahead = decoder.submit(build_requests, recipe, engine, chunks[0], failed)
+        for n in range(len(chunks)):
+            requests = ahead.result()
+            if n + 1 < len(chunks):
+                ahead = decoder.submit(build_requests, recipe, engine, chunks[n + 1], failed)
+            fitting = []
+            for request in requests:
+                reason = prompt_too_long(request, engine.tokenizer, context, max_token_chars)
+                if reason is None:
+                    fitting.append(request)
+                elif recipe.infer.fail_fast:
+                    raise DataError(f"{by_id[request.id].where} (id={request.id}): {reason}")
+                else:
+                    failed[request.id] = f"{by_id[request.id].where} (id={request.id}): {reason}"
+            bar.update(len(chunks[n]) - len(fitting))  # failed items are done with too
+            for batch in engine.generate_batches(fitting) if fitting else ():
                 pairs = [records_for(by_id[g.id], g, engine.name) for g in batch]
                 append_records(paths.raw, [raw for _, raw in pairs])  # raw first: resume trusts the submission
                 append_records(paths.submission, [sub for sub, _ in pairs])
                 written += len(batch)
-                progress.update(len(batch))
                 tokens = sum(g.n_generated_tokens for g in batch)
-                progress.set_postfix(tok_s=f"{tokens / max(sum(g.seconds for g in batch), 1e-9):.1f}")
+                bar.set_postfix(tok_s=f"{tokens / max(sum(g.seconds for g in batch), 1e-9):.1f}")
+                bar.update(len(batch))
                 if on_batch is not None:
                     on_batch(written)
+    if failed:
+        print(f"infer: {len(failed)} item(s) failed and were not answered (re-run to retry them):", file=sys.stderr)
+        for reason in failed.values():
+            print(f"  {reason}", file=sys.stderr)
     return written
 
 
 def finish(recipe: Recipe, paths: RunPaths, every: list[Item], items: list[Item], engine: dict | None,
-           sampling: dict | None, written: int, seconds: float) -> dict:
+           sampling: dict | None, written: int, seconds: float, failed: dict[str, str]) -> dict:
     """Order the files once `items` are all done; write and return the run summary."""
     raw_records = read_records(paths.raw)
     complete = {item.id for item in items} <= {r["id"] for r in raw_records}
@@ -193,13 +332,14 @@ def finish(recipe: Recipe, paths: RunPaths, every: list[Item], items: list[Item]
         "adapter": recipe.infer.adapter, "prompt_style": recipe.model.prompt_style, "complete": complete,
         "engine": engine, "sampling": sampling, "parse_policy": POLICY,
         "this_invocation": {"answered": written, "wall_seconds": round(seconds, 3)},
-        "totals": totals(raw_records, len(items)),
+        "totals": {**totals(raw_records, len(items)), "failed": len(failed)},
+        "failed": [{"id": rid, "error": reason} for rid, reason in failed.items()],
     }
-    if engine is not None or not paths.run.is_file():  # a run with nothing left to do keeps the last settings
+    if engine is not None or failed or not paths.run.is_file():  # nothing left to do: keep the last settings
         paths.run.write_text(json.dumps(summary, indent=2) + "\n")
     t = summary["totals"]
     print(f"infer: {t['done']}/{t['items']} done -> {paths.submission} | truncated {t['truncated']}, "
-          f"unmatched {t['unmatched']}, thinking budget fired {t['thinking_budget_fired']}, thinking cut "
+          f"unmatched {t['unmatched']}, failed {t['failed']}, thinking budget fired {t['thinking_budget_fired']}, thinking cut "
           f"{t['thinking_cut']}, {t['generated_tokens_per_s']} generated tok/s")
     return summary
 
@@ -209,18 +349,25 @@ def shard_output(output: str | Path, rank: int) -> Path:
     return out.with_name(f"{out.name.removesuffix('.jsonl')}.dp{rank}.jsonl")
 
 
-def fold_shards(paths: RunPaths, known: set[str], size: int) -> None:
-    """Move the workers' finished records into the main files, then delete the workers' files."""
+def fold_shards(paths: RunPaths, known: set[str], size: int) -> dict[str, str]:
+    """Move the workers' finished records into the main files, then delete the workers' files; returns
+    the items the workers recorded as failed. A worker still writing its files (an orphan of a killed
+    run that has not noticed yet) holds their lock: that is an error naming it."""
     done = resume_state(paths, known)
+    failed: dict[str, str] = {}
     for rank in range(size):
         shard = RunPaths.beside(shard_output(paths.submission, rank))
-        subs = [r for r in read_records(shard.submission) if r["id"] not in done]
-        ids = {r["id"] for r in subs}
-        append_records(paths.raw, [r for r in read_records(shard.raw) if r["id"] in ids])
-        append_records(paths.submission, subs)
-        done |= ids
-        for path in (shard.submission, shard.raw, shard.run, shard.recipe):
-            path.unlink(missing_ok=True)
+        with output_lock(shard.submission):
+            subs = [r for r in read_records(shard.submission) if r["id"] not in done]
+            ids = {r["id"] for r in subs}
+            append_records(paths.raw, [r for r in read_records(shard.raw) if r["id"] in ids])
+            append_records(paths.submission, subs)
+            done |= ids
+            if shard.run.is_file():
+                failed |= {f["id"]: f["error"] for f in json.loads(shard.run.read_text()).get("failed", [])}
+            for path in (shard.submission, shard.raw, shard.run, shard.recipe):
+                path.unlink(missing_ok=True)
+    return failed
 
 
 def worker_devices(rank: int, per_worker: int) -> str | None:
@@ -246,30 +393,31 @@ def run_data_parallel(recipe: Recipe) -> dict:
     every, items = benchmark_items(recipe)
     known = {item.id for item in every}
     paths = RunPaths.beside(cfg.output)
-    paths.submission.parent.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, paths.recipe)
-    fold_shards(paths, known, cfg.data_parallel_size)  # leftovers of an interrupted run
-    started = time.perf_counter()
-    before = len(read_records(paths.submission))
-    workers = []
-    for rank in range(cfg.data_parallel_size):
-        env = dict(os.environ)
-        devices = worker_devices(rank, cfg.tensor_parallel_size)
-        if devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = devices
-        log = shard_output(cfg.output, rank).with_suffix(".log")
-        command = [sys.executable, "-m", "infer", "run", str(paths.recipe), f"infer.data_parallel_rank={rank}"]
-        with log.open("w") as handle:
-            workers.append((rank, log, subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)))
-    print(f"infer: {len(workers)} data-parallel workers, logs in {paths.submission.parent}/*.dp*.log")
-    failed = [(rank, log) for rank, log, process in workers if process.wait() != 0]
-    fold_shards(paths, known, cfg.data_parallel_size)
-    written = len(read_records(paths.submission)) - before
-    sampling = SamplingConfig.resolve(cfg, checkpoint_generation_defaults(recipe.model.path)).to_dict()
-    engine = {"backend": cfg.backend, "data_parallel_size": cfg.data_parallel_size,
-              "tensor_parallel_size": cfg.tensor_parallel_size, "batch_size": cfg.batch_size}
-    summary = finish(recipe, paths, every, items, engine, sampling, written, time.perf_counter() - started)
-    if failed:
+    with output_lock(paths.submission):
+        check_resumable(paths, recipe)
+        save_recipe(recipe, paths.recipe)
+        fold_shards(paths, known, cfg.data_parallel_size)  # leftovers of an interrupted run
+        started = time.perf_counter()
+        before = len(read_records(paths.submission))
+        workers = []
+        for rank in range(cfg.data_parallel_size):
+            env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+            devices = worker_devices(rank, cfg.tensor_parallel_size)
+            if devices is not None:
+                env["CUDA_VISIBLE_DEVICES"] = devices
+            log = shard_output(cfg.output, rank).with_suffix(".log")
+            command = [sys.executable, "-m", "infer", "run", str(paths.recipe), f"infer.data_parallel_rank={rank}"]
+            with log.open("w") as handle:
+                workers.append((rank, log, subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)))
+        print(f"infer: {len(workers)} data-parallel workers, logs in {paths.submission.parent}/*.dp*.log")
+        crashed = [(rank, log) for rank, log, process in workers if process.wait() != 0]
+        failed = fold_shards(paths, known, cfg.data_parallel_size)
+        written = len(read_records(paths.submission)) - before
+        sampling = SamplingConfig.resolve(cfg, checkpoint_generation_defaults(recipe.model.path)).to_dict()
+        engine = {"backend": cfg.backend, "data_parallel_size": cfg.data_parallel_size,
+                  "tensor_parallel_size": cfg.tensor_parallel_size, "batch_size": cfg.batch_size}
+        summary = finish(recipe, paths, every, items, engine, sampling, written, time.perf_counter() - started, failed)
+    if crashed:
         raise RuntimeError("data-parallel workers failed (finished work is kept; re-run to resume): "
-                           + ", ".join(f"rank {rank}, see {log}" for rank, log in failed))
+                           + ", ".join(f"rank {rank}, see {log}" for rank, log in crashed))
     return summary

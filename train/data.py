@@ -8,13 +8,11 @@ and counted, and the lengths drive the length-grouped batching.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import soundfile as sf
 import torch
 
 from core import qwen_omni as qo
@@ -33,16 +31,6 @@ class Example:
     source: str  # dataset path, for the mixing report
 
 
-def audio_samples(item: Item, max_seconds: float) -> int:
-    """Samples that `Item.load_audio(max_seconds)` will return, read from the file header only."""
-    try:
-        info = sf.info(str(item.audio_path))
-    except (sf.LibsndfileError, RuntimeError) as err:
-        raise DataError(f"{item.where} (id={item.id}): audio_path: cannot read audio header ({err})") from None
-    samples = math.ceil(info.frames * qo.SAMPLE_RATE / info.samplerate)  # librosa's resampled length
-    return min(samples, int(max_seconds * qo.SAMPLE_RATE))
-
-
 def render_examples(items: Sequence[Item], processor: qo.OmniProcessor, prompt_style: str, max_audio_seconds: float, source: str) -> list[Example]:
     tokenizer = processor.tokenizer
     prompts, targets = [], []
@@ -51,7 +39,7 @@ def render_examples(items: Sequence[Item], processor: qo.OmniProcessor, prompt_s
         prompts.append(prompt)
         targets.append(qo.render_target(prompt, item.thinking, item.answer))
     expanded = [
-        processor.expand_audio(prompt, qo.feature_frames(audio_samples(item, max_audio_seconds)))
+        processor.expand_audio(prompt, qo.feature_frames(item.audio_samples(max_audio_seconds)))
         for prompt, item in zip(prompts, items)
     ]
     # One batched call each: the fast tokenizer parallelises lists, which matters at 10^5 records.

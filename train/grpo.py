@@ -43,15 +43,17 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from core import qwen_omni as qo  # noqa: E402
 from core.items import DataError, Item, load_items  # noqa: E402
+from core.progress import library_bars_off_a_terminal, progress  # noqa: E402
 from core.provenance import record_session  # noqa: E402
-from core.recipe import GRPOStage, Recipe, load_recipe, save_recipe, split_cli  # noqa: E402
+from core.recipe import GRPOStage, Recipe, recipe_cli, save_recipe  # noqa: E402
 from infer.engine import HFEngine, Request, SamplingConfig  # noqa: E402
 from infer.parse import parse_output  # noqa: E402
 from train.data import cap_samples, epoch_batches, mix  # noqa: E402
 from train.lora import placement  # noqa: E402
 from train.rewards import Rollout, build_rewards  # noqa: E402
 from train.sft import (  # noqa: E402
-    finish, log_and_save, lr_factor, make_accelerator, peak_memory_gb, prepare_for_training, reset_metrics, start_session,
+    check_resumable, finish, log_and_save, lr_factor, make_accelerator, peak_memory_gb, prepare_for_training, reset_metrics,
+    start_session,
 )
 
 
@@ -327,7 +329,7 @@ def step_record(accelerator, step: int, stage: str, lr: float, parts: dict, tota
 def load_policy(recipe: Recipe):
     """The thinker with its trainable adapter: the SFT adapter (grpo.init_adapter) or a fresh one placed as in SFT."""
     model = qo.load_thinker(recipe.model.path, recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
-                            experts_implementation=recipe.model.experts_implementation)
+                            experts_implementation=recipe.model.experts_implementation, allow_hub=recipe.model.allow_hub)
     if recipe.grpo.init_adapter is None:
         return prepare_for_training(model, recipe)
     adapter = Path(recipe.grpo.init_adapter)
@@ -343,12 +345,14 @@ def load_policy(recipe: Recipe):
 
 
 def main(argv: list[str] | None = None) -> int:
-    path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
-    recipe = load_recipe(path, overrides)
+    recipe = recipe_cli(sys.argv[1:] if argv is None else argv, "python train/grpo.py",
+                        "GRPO after SFT on audio (see the module docstring for what it writes).")
     cfg, grpo = recipe.train, recipe.grpo
     if not grpo.stages:
-        raise DataError(f"{path}: grpo.stages: no curriculum stage given")
+        raise DataError(f"recipe {recipe.name}: grpo.stages: no curriculum stage given")
     out = Path(cfg.output_dir)
+    check_resumable(recipe, out)  # every rank, before any of them writes
+    library_bars_off_a_terminal()
     accelerator = make_accelerator(recipe)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     log = partial(tqdm.write) if accelerator.is_main_process else (lambda *_: None)
@@ -379,14 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         lr_factor, total=optimizer_steps, warmup=math.ceil(cfg.warmup_ratio * optimizer_steps),
         schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio))
-    model, optimizer, start, end, metrics_path = start_session(accelerator, model, optimizer, scheduler, recipe, total_steps, log)
+    model, optimizer, state, end, metrics_path = start_session(accelerator, model, optimizer, scheduler, recipe, total_steps, log)
+    start = state["step"]
     processor = qo.OmniProcessor.from_pretrained(recipe.model.path)
     engine = rollout_engine(accelerator.unwrap_model(model), processor, recipe, str(device))
     rollouts_path = out / "rollouts" / f"rank{rank}.jsonl"
     rollouts_path.parent.mkdir(parents=True, exist_ok=True)
     reset_metrics(rollouts_path, start)
 
-    progress = tqdm(total=total_steps, initial=start, desc="grpo", disable=not accelerator.is_main_process)
+    bar = progress(total_steps, "grpo", unit="step", initial=start, disable=not accelerator.is_main_process)
     for step in range(start, end):
         tick = time.perf_counter()
         stage_index, items = schedule.prompts(step)
@@ -407,10 +412,10 @@ def main(argv: list[str] | None = None) -> int:
                                          "tokens": len(s.completion_ids),
                                          "rewards": {n: v[i] for n, v in parts.items()}, "total": total[i],
                                          "advantage": float(advantages[i])}) + "\n")
-        progress.update(1)
-        progress.set_postfix(answer=f"{record['reward/answer/mean']:.2f}", loss=f"{record['loss']:.4f}")
+        bar.set_postfix(answer=f"{record['reward/answer/mean']:.2f}", loss=f"{record['loss']:.4f}")
+        bar.update(1)
         log_and_save(accelerator, model, recipe, record, metrics_path, end)
-    progress.close()
+    bar.close()
     finish(accelerator, model, out, end, total_steps, metrics_path, log)
     return 0
 

@@ -40,13 +40,19 @@ from accelerate.utils import DistributedType, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from core import qwen_omni as qo  # noqa: E402
+from core.items import DataError  # noqa: E402
+from core.progress import library_bars_off_a_terminal, progress  # noqa: E402
 from core.provenance import record_session  # noqa: E402
-from core.recipe import Recipe, load_recipe, save_recipe, split_cli  # noqa: E402
+from core.recipe import Recipe, RecipeError, changed_settings, dotted_keys, recipe_cli, save_recipe  # noqa: E402
 from train.data import SFTCollator, SFTDataset, build_examples, epoch_batches, feature_cache_for  # noqa: E402
 from train.lora import apply_lora  # noqa: E402
 
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete and ignored
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, settings that contradict the run on disk); the message says why."""
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -122,30 +128,30 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def save_checkpoint(accelerator: Accelerator, model, output_dir: Path, step: int, keep_last: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, model, output_dir: Path, step: int, keep_last: int, state: dict) -> Path:
     path = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
     # DeepSpeed writes model + optimizer itself; the frozen base weights need not be in every checkpoint.
     accelerator.save_state(str(path), **({"exclude_frozen_parameters": True} if zero_stage(accelerator) else {}))
     save_adapter(accelerator, model, path / "adapter")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (path / STATE_FILE).write_text(json.dumps({"step": step}))
+        (path / STATE_FILE).write_text(json.dumps({"step": step, **state}))
         for old in checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return path
 
 
-def resume(accelerator: Accelerator, output_dir: Path) -> int:
-    """Load the newest complete checkpoint; returns the optimizer step it was taken after (0: none)."""
+def resume(accelerator: Accelerator, output_dir: Path) -> dict:
+    """Load the newest complete checkpoint; returns its state: the optimizer step it was taken after (0: none), ..."""
     found = checkpoints(output_dir)
     if not found:
-        return 0
+        return {"step": 0}
     latest = found[-1]
     # Only the adapter is in the checkpoint, so the base weights are left as loaded.
     strict = {"load_module_strict": False} if zero_stage(accelerator) else {"strict": False}
     accelerator.load_state(str(latest), **strict)
-    return json.loads((latest / STATE_FILE).read_text())["step"]
+    return json.loads((latest / STATE_FILE).read_text())
 
 
 def reset_metrics(path: Path, start: int) -> None:
@@ -197,14 +203,20 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, params, mi
             accelerator.backward(loss * accelerator.num_processes * len(micro))
             loss_sum += loss.detach()
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    scheduler.step()
+    loss = accelerator.reduce(loss_sum, reduction="sum").item()
+    grad_norm = float(grad_norm) if grad_norm is not None else None
+    # Loss and norm are global (reduced), so every rank takes the same decision.
+    finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+    if finite:  # a non-finite step updates nothing; the caller stops or skips it
+        optimizer.step()
+    scheduler.step()  # the schedule stays a function of the step, skipped or not
     optimizer.zero_grad()
-    return {
-        "loss": accelerator.reduce(loss_sum, reduction="sum").item(),
-        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-        "target_tokens": int(global_tokens),
-    }
+    return {"loss": loss, "grad_norm": grad_norm, "target_tokens": int(global_tokens), "finite": finite}
+
+
+def finite_or_null(value):
+    """JSON has no NaN or infinity: metrics.jsonl writes null for them."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def peak_memory_gb() -> float:
@@ -213,32 +225,41 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: peak RSS (KiB on Linux)
 
 
+def prepare_for_training(model, recipe: Recipe):
+    """Gradient checkpointing as the recipe says, then LoRA; returns (model, adapters per group)."""
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return apply_lora(model, recipe.lora)
+
+
 def start_session(accelerator: Accelerator, model, optimizer, scheduler, recipe: Recipe, total_steps: int, log):
     """Prepare the model and optimizer, checkpoint the scheduler with them (adapter weights only), resume
     from the newest checkpoint, start the trackers and the metrics file.
 
-    Returns (model, optimizer, first step to run, step to stop after in this session, metrics path).
+    Returns (model, optimizer, the resumed checkpoint's state ({"step": 0} when none), step to stop after
+    in this session, metrics path).
     """
     cfg, out = recipe.train, Path(recipe.train.output_dir)
     # The scheduler is stepped by hand once per optimizer step (Accelerate would step it once per rank).
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_save_state_pre_hook(keep_trainable_weights)
-    start = resume(accelerator, out) if cfg.resume else 0
-    if start:
-        log(f"resume: from {out}/checkpoints/{CHECKPOINT_PREFIX}{start}")
+    state = resume(accelerator, out) if cfg.resume else {"step": 0}
+    if state["step"]:
+        log(f"resume: from {out}/checkpoints/{CHECKPOINT_PREFIX}{state['step']}")
     end = min(total_steps, cfg.stop_after or total_steps)
     accelerator.init_trackers(cfg.wandb_project, config=recipe.model_dump(mode="json"),
                               init_kwargs={"wandb": {"name": recipe.name, "dir": str(out)}})
     metrics_path = out / "metrics.jsonl"
     if accelerator.is_main_process:
-        reset_metrics(metrics_path, start)
-    return model, optimizer, start, end, metrics_path
+        reset_metrics(metrics_path, state["step"])
+    return model, optimizer, state, end, metrics_path
 
 
-def log_and_save(accelerator: Accelerator, model, recipe: Recipe, record: dict, metrics_path: Path, end: int) -> None:
-    """After optimizer step `record["step"]`: its metrics every `train.log_every` steps, a checkpoint every
-    `train.save_every` steps, and both after the last step of this session (`end`)."""
+def log_and_save(accelerator: Accelerator, model, recipe: Recipe, record: dict, metrics_path: Path, end: int,
+                 state: dict | None = None) -> None:
+    """After optimizer step `record["step"]`: its metrics every `train.log_every` steps, a checkpoint (with
+    `state` beside the step) every `train.save_every` steps, and both after this session's last step (`end`)."""
     cfg, step = recipe.train, record["step"]
     if step % cfg.log_every == 0 or step == end:
         accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
@@ -246,7 +267,7 @@ def log_and_save(accelerator: Accelerator, model, recipe: Recipe, record: dict, 
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
     if step % cfg.save_every == 0 or step == end:
-        save_checkpoint(accelerator, model, Path(cfg.output_dir), step, cfg.keep_last)
+        save_checkpoint(accelerator, model, Path(cfg.output_dir), step, cfg.keep_last, state or {})
 
 
 def finish(accelerator: Accelerator, model, out: Path, end: int, total_steps: int, metrics_path: Path, log) -> None:
@@ -259,28 +280,43 @@ def finish(accelerator: Accelerator, model, out: Path, end: int, total_steps: in
     accelerator.end_training()
 
 
-def prepare_for_training(model, recipe: Recipe):
-    """Gradient checkpointing as the recipe says, then LoRA; returns (model, adapters per group)."""
-    if recipe.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return apply_lora(model, recipe.lora)
+# Settings that do not change what a run computes: a rerun may change them and still resume.
+NOT_OUTPUT_SETTINGS = {"train.output_dir", "train.resume", "train.stop_after", "train.log_every", "train.report_to",
+                       "train.wandb_project", "train.save_every", "train.keep_last", "train.max_nonfinite_steps",
+                       "data.num_workers", "data.feature_cache", "model.attn_implementation", "model.experts_implementation"}
+
+
+def check_resumable(recipe: Recipe, out: Path) -> None:
+    """A run folder that holds checkpoints or an adapter may only be continued with the settings that made them."""
+    if not (out / "recipe.yaml").is_file() or not (checkpoints(out) or (out / "adapter").is_dir()):
+        return
+    tree = recipe.model_dump(mode="json")
+    keys = [k for k in dotted_keys({s: tree[s] for s in ("model", "data", "lora", "train")}) if k not in NOT_OUTPUT_SETTINGS]
+    changed = changed_settings(out / "recipe.yaml", recipe, keys)
+    if changed:
+        raise TrainingError(f"{out}: holds a run made with other settings ({out / 'recipe.yaml'}); continuing would "
+                            "mix two runs. Differing: " + "; ".join(changed)
+                            + ". Restore them, or choose another train.output_dir")
 
 
 def main(argv: list[str] | None = None) -> int:
-    path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
-    recipe = load_recipe(path, overrides)
+    recipe = recipe_cli(sys.argv[1:] if argv is None else argv, "python train/sft.py",
+                        "LoRA SFT of the Qwen3-Omni thinker (see the module docstring for what it writes).")
     cfg = recipe.train
     out = Path(cfg.output_dir)
+    check_resumable(recipe, out)  # every rank, before any of them writes
+    library_bars_off_a_terminal()
     accelerator = make_accelerator(recipe)
     rank, world = accelerator.process_index, accelerator.num_processes
     log = partial(tqdm.write) if accelerator.is_main_process else (lambda *_: None)
     set_seed(cfg.seed)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_recipe(recipe, out / "recipe.yaml")
         record_session(out)  # code, packages and machine of this session, for reproducibility audits
 
     # Data: every rank renders the same list; epoch_batches gives each rank its own slice.
-    processor = qo.OmniProcessor.from_pretrained(recipe.model.path)
+    processor = qo.OmniProcessor.from_pretrained(recipe.model.path, allow_hub=recipe.model.allow_hub)
     examples = build_examples(recipe.data, processor, recipe.model.prompt_style, cfg.seed, log)
     dataset = SFTDataset(examples, recipe.data.max_audio_seconds, feature_cache_for(recipe.data, processor))
     collator = SFTCollator(processor)
@@ -294,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Model: LoRA on the text attention (and experts if asked); the audio tower and visual stay frozen.
     model = qo.load_thinker(recipe.model.path, recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
-                            experts_implementation=recipe.model.experts_implementation)
+                            experts_implementation=recipe.model.experts_implementation, allow_hub=recipe.model.allow_hub)
     model, placed = prepare_for_training(model, recipe)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log("lora: adapted modules " + ", ".join(f"{g}={placed[g]}" for g in ("text_attention", "experts", "audio_tower", "other"))
@@ -312,32 +348,60 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, total=total_steps, warmup=warmup, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
     )
-    model, optimizer, start, end, metrics_path = start_session(accelerator, model, optimizer, scheduler, recipe, total_steps, log)
+    if cfg.max_nonfinite_steps and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise TrainingError("train.max_nonfinite_steps > 0 cannot skip steps under DeepSpeed (its engine updates "
+                            "inside backward); set it to 0: training then stops at a non-finite loss")
+    model, optimizer, state, end, metrics_path = start_session(accelerator, model, optimizer, scheduler, recipe, total_steps, log)
+    start, skipped = state["step"], state.get("nonfinite_skipped", 0)
     seen_path = out / "seen" / f"rank{rank}.jsonl"
     seen_path.parent.mkdir(parents=True, exist_ok=True)
+    if seen_path.is_file():  # like the metrics: the steps after the checkpoint are redone
+        seen_path.write_text("".join(line + "\n" for line in seen_path.read_text().splitlines()
+                                     if start and json.loads(line)["step"] <= start))
 
     model.train()
-    progress = tqdm(total=total_steps, initial=start, desc="sft", disable=not accelerator.is_main_process)
+    bar = progress(total_steps, "sft", unit="step", initial=start, disable=not accelerator.is_main_process)
     lengths = [e.length for e in examples]
     tick = time.perf_counter()
     for step, epoch, micro in windows(dataset, collator, lengths, recipe, rank, world, steps_per_epoch, start, end):
         lr = scheduler.get_last_lr()[0]
         stats = train_step(accelerator, model, optimizer, scheduler, params, micro, cfg.max_grad_norm)
         seconds, tick = time.perf_counter() - tick, time.perf_counter()
+        ids = [i for b in micro for i in b["ids"]]
+        if not stats["finite"]:
+            skipped += 1
+            if skipped > cfg.max_nonfinite_steps:
+                newest = checkpoints(out)
+                raise TrainingError(
+                    f"step {step + 1}: loss {stats['loss']}, gradient norm {stats['grad_norm']} (samples of this rank: "
+                    f"{', '.join(ids)}); stopped before any update or checkpoint"
+                    + (f" ({skipped - 1} skipped before, train.max_nonfinite_steps={cfg.max_nonfinite_steps})" if skipped > 1 else "")
+                    + f"; newest checkpoint: {newest[-1] if newest else 'none'}")
+            log(f"step {step + 1}: non-finite loss or gradient norm, skipped ({skipped} of at most {cfg.max_nonfinite_steps})")
         with seen_path.open("a") as handle:
-            handle.write(json.dumps({"step": step + 1, "ids": [i for b in micro for i in b["ids"]]}) + "\n")
+            handle.write(json.dumps({"step": step + 1, "ids": ids}) + "\n")
         record = {
-            "step": step + 1, "epoch": round(epoch + (step % steps_per_epoch + 1) / steps_per_epoch, 4), "lr": lr, **stats,
+            "step": step + 1, "epoch": round(epoch + (step % steps_per_epoch + 1) / steps_per_epoch, 4), "lr": lr,
+            **{k: finite_or_null(v) for k, v in stats.items() if k != "finite"}, "skipped": not stats["finite"],
             "target_tokens_per_s": stats["target_tokens"] / seconds, "samples_per_s": global_batch / seconds,
             "peak_memory_gb": round(peak_memory_gb(), 3),
         }
-        progress.update(1)
-        progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
-        log_and_save(accelerator, model, recipe, record, metrics_path, end)
-    progress.close()
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
+        bar.update(1)
+        log_and_save(accelerator, model, recipe, record, metrics_path, end, {"nonfinite_skipped": skipped})
+    bar.close()
     finish(accelerator, model, out, end, total_steps, metrics_path, log)
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`main` with input errors printed as one message (file, record, field), without a traceback."""
+    try:
+        return main(argv)
+    except (RecipeError, DataError, TrainingError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if not isinstance(err, TrainingError) else 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
