@@ -254,9 +254,10 @@ RewardName = Literal["answer", "format", "length", "judge", "embedding"]  # trai
 class GRPOStage(Section):
     """One curriculum stage of train/grpo.py: its prompts, its length and its reward weights."""
 
-    name: str
+    name: str  # shown in the logs and metrics.jsonl
     data: list[DatasetSpec] = Field(min_length=1)  # MMAR-schema JSONL; `thinking` needed by judge/embedding rewards
     steps: int = Field(gt=0)  # rollout steps (each: rollouts, rewards, grpo.iterations optimizer steps)
+    # weight per reward (train/rewards.py); the weighted sum is the reward the advantages are made of
     rewards: dict[RewardName, float] = Field(default_factory=lambda: {"answer": 1.0, "format": 0.2})
 
     @model_validator(mode="after")
@@ -272,19 +273,19 @@ class GRPOConfig(Section):
 
     init_adapter: str | None = None  # LoRA adapter to start from (the SFT run's); None: a fresh one from `lora`
     num_generations: int = Field(8, ge=2)  # G completions per prompt
-    max_new_tokens: int = Field(4096, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
+    max_new_tokens: int = Field(4096, gt=0)  # per rollout; a completion cut here scores 0 on length
+    temperature: float = Field(1.0, gt=0)  # rollout sampling; log-probabilities are scored at it too
+    top_p: float = Field(1.0, gt=0, le=1)  # rollout sampling (1: off)
+    top_k: int = Field(0, ge=0)  # rollout sampling (0: off)
     rollout_batch_size: int = Field(16, gt=0)  # sequences per generate() call
     clip_low: float = Field(0.2, ge=0, lt=1)  # ratio clipped to [1 - clip_low, 1 + clip_high]
-    clip_high: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.2, ge=0)  # upper clip; above clip_low keeps exploring (DAPO's clip-higher)
     beta: float = Field(0.0, ge=0)  # KL(policy || base) coefficient; 0: no reference forward
     iterations: int = Field(1, ge=1)  # optimizer steps on each batch of rollouts (PPO epochs)
     scale_rewards: Literal["group", "none"] = "group"  # divide by the group's std, or only centre
     embedding_model: str | None = None  # local sentence-embedding folder (transformers; mean pooling)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)  # the reasoning judge of the `judge` reward
-    stages: list[GRPOStage] = Field(default_factory=list)
+    stages: list[GRPOStage] = Field(default_factory=list)  # the curriculum, run in order
 
     @model_validator(mode="after")
     def _rewards_have_their_models(self) -> "GRPOConfig":
