@@ -84,8 +84,8 @@ def check_prompt(recipe: Recipe, items: list[Item], tokenizer) -> Check:
             label = f"{item.where} (id={item.id})"
             item = dataclasses.replace(item, audio_path=silence)
             try:
-                prompt = item_request(item, tokenizer, style, recipe.data.max_audio_seconds).prompt
-                allowed = item_request(stripped(item), tokenizer, style, recipe.data.max_audio_seconds).prompt
+                prompt = item_request(item, tokenizer, style, recipe.infer.max_audio_seconds).prompt
+                allowed = item_request(stripped(item), tokenizer, style, recipe.infer.max_audio_seconds).prompt
             except (KeyError, AttributeError, TypeError) as err:
                 problems.append(f"{label}: prompt: building it without the other fields fails ({type(err).__name__}: {err}): "
                                 "the prompt reads a field other than the audio, question and choices")

@@ -170,7 +170,7 @@ def rerun(folder: Path, n_ids: int, device: str | None, backend: str | None, min
         report.notes.append(f"the submission was decoded with sampling ({summary['sampling']}): a greedy re-run is not "
                             "expected to give the same reasoning or answers; differences are reported, not failed")
     engine = load_engine(recipe, device)
-    requests = [item_request(items[rid], engine.tokenizer, recipe.model.prompt_style, recipe.data.max_audio_seconds)
+    requests = [item_request(items[rid], engine.tokenizer, recipe.model.prompt_style, recipe.infer.max_audio_seconds)
                 for rid in chosen]
     for generation in engine.generate(requests):
         rid = generation.id

@@ -44,7 +44,7 @@ import numpy as np
 from core.audio import AudioError, decode_audio
 from core.qwen_omni import SAMPLE_RATE, OmniProcessor
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: clips hop-aligned before extraction (qwen_omni.align_to_hop)
 
 
 def _digest(data: bytes) -> str:

@@ -7,7 +7,9 @@ seen at inference time. Facts and their sources are in ../shared/QWEN3_OMNI_NOTE
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -32,6 +34,34 @@ SPECIAL_TOKENS = [
     ENDOFTEXT, IM_START, IM_END, AUDIO_START, AUDIO_END, AUDIO_PAD,
     VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, THINK_OPEN, THINK_CLOSE,
 ]
+
+# Attributes the stock Qwen3OmniMoeProcessor reads from the tokenizer (tokenizer_config.json keys of the
+# real checkpoint; vLLM builds that processor too).
+TOKENIZER_TOKEN_ATTRIBUTES = {
+    "audio_token": AUDIO_PAD, "audio_bos_token": AUDIO_START, "audio_eos_token": AUDIO_END,
+    "image_token": IMAGE_PAD, "video_token": VIDEO_PAD,
+    "vision_bos_token": VISION_START, "vision_eos_token": VISION_END,
+}
+
+# The files of the released Qwen/Qwen3-Omni-30B-A3B-Thinking and their roles (docs/real_checkpoint.md
+# says where each was verified). The tiny kit writes the same set; merge writes the weight files anew and
+# carries every other file over from its base byte for byte.
+CHECKPOINT_FILES = {
+    "config.json": "composite config: Qwen3OmniMoeForConditionalGeneration, thinker_config, enable_audio_output false",
+    "model-0000N-of-0000M.safetensors": "weight shards, every tensor named thinker.*",
+    "model.safetensors.index.json": "tensor name -> shard",
+    "generation_config.json": "sampling defaults of the Thinking model",
+    "chat_template.json": "the chat template, read by the processor (not by AutoTokenizer)",
+    "preprocessor_config.json": "WhisperFeatureExtractor + Qwen2VLImageProcessor settings, processor_class",
+    "tokenizer_config.json": "tokenizer attributes and special tokens, no chat template",
+    "vocab.json": "byte-level BPE vocabulary",
+    "merges.txt": "byte-level BPE merges",
+}
+SHARD_PATTERN = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
+WEIGHT_INDEX = "model.safetensors.index.json"
+THINKER_PREFIX = "thinker."
+# Where a chat template can live, in the order transformers' processor looks (5.x).
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
 
 # Parts of the thinker that LoRA must leave alone unless a recipe asks otherwise.
 NON_TEXT_MODULES = ("audio_tower", "visual")
@@ -125,9 +155,21 @@ def render_target(prompt: str, thinking: str, answer: str) -> str:
     return full
 
 
+def align_to_hop(audio: np.ndarray) -> np.ndarray:
+    """The waveform zero-padded to a whole number of hops (160 samples): the one waveform-to-features rule.
+
+    vLLM pads every clip so before extracting features (its Qwen3-Omni processor, "pad_to_hop_length");
+    the stock processor gives a clip inside a padded batch the same ceil(n / 160) frames, alone only
+    floor(n / 160). Training and the hf engine pad the same way, so a clip gets the same number of
+    audio tokens on every path. Aligned clips come back unchanged (vLLM's padding is then a no-op).
+    """
+    rest = len(audio) % HOP_LENGTH
+    return audio if rest == 0 else np.pad(audio, (0, HOP_LENGTH - rest))
+
+
 def feature_frames(num_samples: int) -> int:
-    """Mel frames of a 16 kHz clip as `OmniProcessor` extracts it (alone: 10 ms hop, no partial frame)."""
-    return num_samples // HOP_LENGTH
+    """Mel frames of a 16 kHz clip of `num_samples` samples after `align_to_hop` (10 ms hop)."""
+    return -(-num_samples // HOP_LENGTH)
 
 
 def audio_token_count(feature_frames: int) -> int:
@@ -156,13 +198,10 @@ class OmniProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, allow_hub: bool = False) -> "OmniProcessor":
-        from transformers import AutoTokenizer, WhisperFeatureExtractor
+        from transformers import WhisperFeatureExtractor
 
         path = checkpoint_source(path, allow_hub)
-        return cls(
-            tokenizer=AutoTokenizer.from_pretrained(str(path)),
-            feature_extractor=WhisperFeatureExtractor.from_pretrained(str(path)),
-        )
+        return cls(tokenizer=load_tokenizer(path), feature_extractor=WhisperFeatureExtractor.from_pretrained(str(path)))
 
     def token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -175,7 +214,7 @@ class OmniProcessor:
         return eos_token_ids(self.tokenizer)
 
     def clip_features(self, audio: np.ndarray) -> np.ndarray:
-        """Log-mel features of one clip, `[mel_bins, samples // 160]` float32.
+        """Log-mel features of one clip, `[mel_bins, feature_frames(samples)]` float32 (`align_to_hop` first).
 
         Each clip is extracted on its own, never inside a padded batch: Whisper's extractor on a
         padded batch gives a clip's last frames (and its frame count) that depend on the other
@@ -183,7 +222,7 @@ class OmniProcessor:
         a clip always gets what batch-size-1 inference gives it, and the result can be cached.
         """
         feats = self.feature_extractor(
-            audio, sampling_rate=SAMPLE_RATE, padding=True, truncation=False, return_tensors="np"
+            align_to_hop(audio), sampling_rate=SAMPLE_RATE, padding=True, truncation=False, return_tensors="np"
         )
         return feats["input_features"][0]
 
@@ -306,6 +345,97 @@ def load_thinker(
     if device:
         model = model.to(device)
     return model
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's tokenizer, with the chat template from wherever the checkpoint keeps it.
+
+    AutoTokenizer (transformers 5) reads a template from chat_template.jinja or tokenizer_config.json
+    only; the real Qwen3-Omni ships it as chat_template.json, which only its processor reads. Without
+    this every prompt of every stage would fail on the real checkpoint.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    legacy = Path(path) / "chat_template.json"
+    if not tokenizer.chat_template and legacy.is_file():
+        try:
+            tokenizer.chat_template = json.loads(legacy.read_text())["chat_template"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{legacy}: chat_template: expected a JSON object with a string 'chat_template' ({err!r})") from None
+    if not tokenizer.chat_template:
+        raise FileNotFoundError(
+            f"{path}: no chat template: looked for {', '.join(CHAT_TEMPLATE_FILES)} (key 'chat_template')"
+        )
+    return tokenizer
+
+
+def composite_config(config: dict) -> dict:
+    """A checkpoint's config.json as the real checkpoint's composite config (a thinker-only one is wrapped).
+
+    vLLM registers only Qwen3OmniMoeForConditionalGeneration and reads `thinker_config`; the Thinking
+    model has no talker, so audio output stays off.
+    """
+    if config.get("model_type") == "qwen3_omni_moe":
+        return config
+    if config.get("model_type") != "qwen3_omni_moe_thinker":
+        raise ValueError(f"config.json: model_type: expected qwen3_omni_moe(_thinker), got {config.get('model_type')!r}")
+    return {
+        "architectures": ["Qwen3OmniMoeForConditionalGeneration"], "model_type": "qwen3_omni_moe",
+        "enable_audio_output": False, "thinker_config": {**config, "architectures": None},
+    }
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors weight files of a checkpoint folder (and their index)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name == WEIGHT_INDEX)
+
+
+def save_thinker(thinker, out: str | Path, config: dict, max_shard_size: int | str = "5GB") -> Path:
+    """Write `thinker` in the real checkpoint's layout: `config` (composite) as config.json, tensors named
+    `thinker.*` in the checkpoint's own format (per-expert weights), `model-0000N-of-0000M.safetensors`
+    shards of at most `max_shard_size` and their index. Earlier weight files in `out` are removed first.
+    """
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeConfig
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in weight_files(out):
+        stale.unlink()
+    config = composite_config(config)
+    # The composite model is built on the meta device (no memory) and only carries the real thinker,
+    # so save_pretrained's own naming and format conversion apply, as they did to the released files.
+    with torch.device("meta"):
+        wrapper = _modeling().Qwen3OmniMoeForConditionalGeneration(Qwen3OmniMoeConfig(**config))
+    wrapper.thinker = thinker
+    wrapper.save_pretrained(out, max_shard_size=max_shard_size)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # save_pretrained writes the thinker's generation defaults; the caller supplies the checkpoint's own
+    (out / "generation_config.json").unlink(missing_ok=True)
+    if not (out / WEIGHT_INDEX).is_file():  # a single shard: name it like the real layout, with an index
+        single = out / "model.safetensors"
+        shard = out / "model-00001-of-00001.safetensors"
+        single.rename(shard)
+        from safetensors import safe_open
+
+        with safe_open(str(shard), "pt") as f:
+            names = list(f.keys())
+        index = {"metadata": {"total_size": shard.stat().st_size}, "weight_map": {n: shard.name for n in names}}
+        (out / WEIGHT_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def copy_checkpoint_files(base: str | Path, out: str | Path) -> list[str]:
+    """Copy every file of `base` that is not weights or config.json (tokenizer, chat template, processor
+    and generation files) into `out`, byte for byte, so `out` keeps e.g. processor_class. Returns the names."""
+    skip = {"config.json"} | {p.name for p in weight_files(base)}
+    copied = []
+    for path in sorted(Path(base).iterdir()):
+        if path.is_file() and path.name not in skip and not path.name.startswith("."):
+            shutil.copy2(path, Path(out) / path.name)
+            copied.append(path.name)
+    return copied
 
 
 def text_layers(model) -> torch.nn.ModuleList:

@@ -119,6 +119,12 @@ class InferConfig(Section):
     data_parallel_rank: int | None = Field(None, ge=0)  # set by `infer run` for its workers, not by hand
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vllm
     max_model_len: int | None = Field(None, gt=0)  # vllm; None: the checkpoint's
+    # Inference hears whole clips, as the stock processor and vLLM take them (MMAR has clips over 30 s);
+    # a number cuts every clip to that many seconds. data.max_audio_seconds applies to training only.
+    max_audio_seconds: float | None = Field(None, gt=0)
+    # vllm: clips per prompt; image and video 0 so vLLM neither loads nor profiles the vision tower
+    limit_mm_per_prompt: dict[Literal["audio", "image", "video"], int] = Field(
+        default_factory=lambda: {"audio": 1, "image": 0, "video": 0})
 
 
 class JudgeConfig(Section):
@@ -452,7 +458,10 @@ def describe(recipe: Recipe) -> list[tuple[str, Any, Any, str]]:
             note = comments.get(type(section).__name__, {}).get(name, "")
             for cls in type(section).__mro__[1:]:  # a field of a base section (PrepGeneration) is documented there
                 note = note or comments.get(cls.__name__, {}).get(name, "")
-            rows.append((f"{prefix}{name}", dump(value), dump(base), note))
+            if isinstance(value, dict):  # a mapping (infer.limit_mm_per_prompt): a key per entry, as overrides address it
+                rows.extend((f"{prefix}{name}.{k}", v, (base or {}).get(k), note) for k, v in value.items())
+            else:
+                rows.append((f"{prefix}{name}", dump(value), dump(base), note))
 
     walk(recipe, Recipe(), "")
     return rows

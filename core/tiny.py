@@ -1,8 +1,11 @@
 """A tiny, randomly initialised Qwen3-Omni thinker and an offline processor, built from configs.
 
-`python -m core.tiny OUT_DIR` writes a folder that loads with `from_pretrained` exactly like a
-real checkpoint (same classes, same special tokens, a Qwen-style chat template). Nothing downloads.
-Tests and the demo run the real code paths on it in seconds on a CPU.
+`python -m core.tiny OUT_DIR` writes a miniature of the released Qwen/Qwen3-Omni-30B-A3B-Thinking
+repository: the same files with the same roles (`qwen_omni.CHECKPOINT_FILES`: composite config.json,
+`thinker.`-prefixed sharded safetensors, chat_template.json, preprocessor_config.json,
+generation_config.json, vocab.json/merges.txt/tokenizer_config.json), the real config keys and
+special tokens, and the real text attention shape (head_dim 128). Nothing downloads. Tests and the
+demo run the real code paths on it in seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, Qwen2Tokenizer, WhisperFeatureExtractor
-from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeThinkerConfig
+from transformers import Qwen2Tokenizer
+from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeConfig, Qwen3OmniMoeThinkerConfig
 
 from core import qwen_omni as qo
 
@@ -45,9 +48,10 @@ CORPUS = [
 ]
 
 # Architecture sizes. `build_config` takes one of these (or a copy with overrides) and nothing else.
+# Text attention keeps the real head_dim 128 and mrope_section (vLLM's CPU attention rejects head_dim 16).
 TINY_SIZES = dict(
-    vocab=None, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128,
-    moe_intermediate=32, experts=4, top_k=2, max_positions=4096, mrope_section=[4, 2, 2],
+    vocab=None, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=128, intermediate=128,
+    moe_intermediate=32, experts=4, top_k=2, max_positions=4096, mrope_section=[24, 20, 20],
     audio_dim=32, audio_layers=2, audio_heads=2, audio_ffn=64, audio_downsample=16,
     vision_dim=32, vision_layers=1, vision_heads=2, vision_ffn=64, vision_positions=64, deepstack=[0],
     position_id_per_seconds=25,
@@ -257,22 +261,95 @@ def make_audio_tower_responsive(tower: torch.nn.Module) -> None:
                     torch.nn.init.normal_(module.bias, std=0.1)
 
 
+# Keys of the released config.json that transformers 5.20.2's config classes no longer write but
+# vLLM reads (the thinker_config of Qwen3-Omni-30B-A3B as saved by transformers 5.7; see
+# docs/real_checkpoint.md). Values that depend on the sizes are filled in by `composite_config_dict`.
+REAL_CONFIG_KEYS = {
+    "top": {"im_start_token_id": qo.IM_START, "im_end_token_id": qo.IM_END},
+    "thinker": {"audio_end_token_id": qo.AUDIO_END, "vision_end_token_id": qo.VISION_END, "seconds_per_chunk": 2,
+                "tie_word_embeddings": False},
+    "text": {"tie_word_embeddings": False, "use_qk_norm": True, "shared_expert_intermediate_size": 0},
+    "vision": {"apply_vit_abs_pos_embed": True, "in_chans": 3, "tokens_per_second": 2},
+}
+
+# preprocessor_config.json of the released checkpoint: the Whisper feature extractor's settings (128
+# bins, 300 s of n_samples, no truncation), the image processor's, and the processor class.
+PREPROCESSOR_CONFIG = {
+    "feature_extractor_type": "WhisperFeatureExtractor", "feature_size": 128, "hop_length": qo.HOP_LENGTH,
+    "n_fft": 400, "n_samples": 4_800_000, "nb_max_frames": 30_000, "sampling_rate": qo.SAMPLE_RATE,
+    "chunk_length": 300, "padding_side": "right", "padding_value": 0.0, "return_attention_mask": True,
+    "dither": 0.0, "image_processor_type": "Qwen2VLImageProcessor", "patch_size": 16, "temporal_patch_size": 2,
+    "merge_size": 2, "min_pixels": 3136, "max_pixels": 12_845_056,
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Qwen3OmniMoeProcessor",
+}
+
+# generation_config.json: Qwen's published sampling for the Thinking model; ends at <|im_end|> or <|endoftext|>.
+GENERATION_CONFIG = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
+
+TINY_SHARDS = 3  # the real checkpoint is sharded; so is the miniature (its index is exercised)
+
+
+def composite_config_dict(thinker_config: Qwen3OmniMoeThinkerConfig, tokenizer) -> dict:
+    """config.json as the real checkpoint has it: the composite config, no audio output (the Thinking
+    model has no talker), the real keys of `REAL_CONFIG_KEYS`, token ids from `tokenizer`."""
+    config = Qwen3OmniMoeConfig(thinker_config=thinker_config.to_dict(), enable_audio_output=False).to_dict()
+    config["architectures"] = ["Qwen3OmniMoeForConditionalGeneration"]
+    ids = lambda values: {k: tokenizer.convert_tokens_to_ids(v) if isinstance(v, str) else v for k, v in values.items()}  # noqa: E731
+    config.update(ids(REAL_CONFIG_KEYS["top"]))
+    thinker = config["thinker_config"]
+    thinker.update(ids(REAL_CONFIG_KEYS["thinker"]))
+    thinker["text_config"].update(REAL_CONFIG_KEYS["text"])
+    vision = thinker["vision_config"]
+    side = int(vision["num_position_embeddings"] ** 0.5)  # position grid side; the real 48 x 16 px = 768
+    vision.update(REAL_CONFIG_KEYS["vision"], image_size=side * vision["patch_size"], spatial_patch_size=vision["patch_size"])
+    return config
+
+
+def write_tokenizer_files(tokenizer, out: Path) -> None:
+    """vocab.json, merges.txt and tokenizer_config.json as the real checkpoint ships them: no
+    tokenizer.json, no chat template, and the token attributes the stock processor reads."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    (out / "vocab.json").write_text(json.dumps(state["model"]["vocab"], ensure_ascii=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    added = {
+        str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+        for t in state["added_tokens"]
+    }
+    config = {
+        "add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
+        "additional_special_tokens": qo.SPECIAL_TOKENS, **qo.TOKENIZER_TOKEN_ATTRIBUTES,
+        "bos_token": None, "clean_up_tokenization_spaces": False, "eos_token": qo.IM_END, "errors": "replace",
+        "model_max_length": 131072, "pad_token": qo.ENDOFTEXT, "processor_class": "Qwen3OmniMoeProcessor",
+        "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_processor_files(tokenizer, out: Path) -> None:
+    """chat_template.json, preprocessor_config.json and generation_config.json of the real checkpoint."""
+    write_json = lambda name, obj: (out / name).write_text(json.dumps(obj, indent=2) + "\n")  # noqa: E731
+    write_json("chat_template.json", {"chat_template": CHAT_TEMPLATE})
+    write_json("preprocessor_config.json", PREPROCESSOR_CONFIG)
+    end_ids = [tokenizer.convert_tokens_to_ids(t) for t in (qo.IM_END, qo.ENDOFTEXT)]
+    write_json("generation_config.json", {
+        **GENERATION_CONFIG, "eos_token_id": end_ids, "pad_token_id": end_ids[1],
+    })
+
+
 def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny thinker checkpoint + processor files to `out_dir` and return it."""
+    """Write the miniature of the real checkpoint (see the module docstring) to `out_dir` and return it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     config = build_config(tokenizer)
     model = build_thinker(config, seed=seed)
     make_audio_tower_responsive(model.audio_tower)
-    model.generation_config = GenerationConfig(
-        do_sample=True, temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=64,
-        eos_token_id=[tokenizer.convert_tokens_to_ids(qo.IM_END), tokenizer.convert_tokens_to_ids(qo.ENDOFTEXT)],
-        pad_token_id=tokenizer.convert_tokens_to_ids(qo.ENDOFTEXT),
-    )
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    WhisperFeatureExtractor(feature_size=128, sampling_rate=qo.SAMPLE_RATE).save_pretrained(out)
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    qo.save_thinker(model, out, composite_config_dict(config, tokenizer), max_shard_size=size // TINY_SHARDS + 1)
+    write_tokenizer_files(tokenizer, out)
+    write_processor_files(tokenizer, out)
     return out
 
 
@@ -282,7 +359,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     out = build_tiny_checkpoint(args.out_dir, args.seed)
-    print(f"tiny Qwen3-Omni thinker written to {out}")
+    print(f"tiny Qwen3-Omni checkpoint (the real repository's layout) written to {out}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as omni
 SAMPLE_RATE = 16_000
 TOWER_MODEL_TYPE = "qwen3_omni_moe_audio_encoder"
 TOWER_KEY = "audio_tower."
+# Where the tower's tensors live: `thinker.audio_tower.*` in the released (composite) checkpoint and in
+# merged ones, `audio_tower.*` in a thinker-only checkpoint.
+TOWER_PREFIXES = {"qwen3_omni_moe": "thinker." + TOWER_KEY, "qwen3_omni_moe_thinker": TOWER_KEY}
 ENTRY_POINT = "encoder.py"
 
 
@@ -219,7 +222,7 @@ def load_tower(path: str | Path, dtype: torch.dtype | str = "auto") -> torch.nn.
     elif model_type in ("qwen3_omni_moe_thinker", "qwen3_omni_moe"):
         audio_config = (config.get("thinker_config") or config)["audio_config"]
         tower_config = omni_config.Qwen3OmniMoeAudioEncoderConfig(**audio_config)
-        state = tower_state_dict(path)
+        state = tower_state_dict(path, TOWER_PREFIXES[model_type])
         if dtype == "auto":
             dtype = next(iter(state.values())).dtype
         tower, info = omni.Qwen3OmniMoeAudioEncoder.from_pretrained(
@@ -235,28 +238,27 @@ def load_tower(path: str | Path, dtype: torch.dtype | str = "auto") -> torch.nn.
     return tower.eval()
 
 
-def tower_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """The audio tower's tensors (names relative to the tower), reading only the shards that hold them."""
+def tower_state_dict(checkpoint: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The audio tower's tensors (names relative to the tower): the names under `prefix`, read from
+    only the shards that hold them."""
     from safetensors import safe_open
 
     checkpoint = Path(checkpoint)
     index = checkpoint / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        shards = sorted({shard for name, shard in weight_map.items() if TOWER_KEY in name})
+        shards = sorted({shard for name, shard in weight_map.items() if name.startswith(prefix)})
     else:
         shards = ["model.safetensors"]
     state = {}
     for shard in shards:
         with safe_open(str(checkpoint / shard), framework="pt") as handle:
             for name in handle.keys():
-                if TOWER_KEY in name:
-                    state[name] = handle.get_tensor(name)
-    prefixes = {name[: name.index(TOWER_KEY) + len(TOWER_KEY)] for name in state}
-    if len(prefixes) != 1:
-        raise ValueError(f"{checkpoint}: expected the audio tower's tensors under one prefix, found {sorted(prefixes) or 'none'}")
-    prefix = prefixes.pop()
-    return {name[len(prefix):]: tensor for name, tensor in state.items()}
+                if name.startswith(prefix):
+                    state[name[len(prefix):]] = handle.get_tensor(name)
+    if not state:
+        raise ValueError(f"{checkpoint}: no audio tower tensors (names starting with {prefix!r})")
+    return state
 
 
 def adapter_touches_audio_tower(adapter: str | Path) -> bool:

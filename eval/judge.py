@@ -124,12 +124,12 @@ class LocalJudge:
     def __init__(self, path: str, temperature: float, seed: int | None, max_new_tokens: int,
                  dtype: str = "auto", device: str | None = None):
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         from core import qwen_omni
 
         self.torch, self.think_close = torch, qwen_omni.THINK_CLOSE
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = qwen_omni.load_tokenizer(path)  # the template may sit in chat_template.json
         if "qwen3_omni" in AutoConfig.from_pretrained(path).model_type:
             self.model = qwen_omni.load_thinker(path, dtype=dtype, device=device)
         else:

@@ -327,11 +327,12 @@ def vllm_sampling_kwargs(sampling: SamplingConfig, eos_ids: Sequence[int]) -> di
 
 def vllm_prompt(request: Request, continue_after: str = "") -> dict[str, Any]:
     """One offline vLLM prompt: the rendered text (followed by the text a generation continues
-    after, in the thinking budget's second phase), and the waveform as multi-modal data."""
+    after, in the thinking budget's second phase), and the waveform as multi-modal data, hop-aligned
+    as the hf engine and training align it (vLLM would pad it the same way itself)."""
     prompt = request.prompt + continue_after
     if request.audio is None:
         return {"prompt": prompt}
-    return {"prompt": prompt, "multi_modal_data": {"audio": (request.audio, qo.SAMPLE_RATE)}}
+    return {"prompt": prompt, "multi_modal_data": {"audio": (qo.align_to_hop(request.audio), qo.SAMPLE_RATE)}}
 
 
 def vllm_engine_kwargs(recipe: Recipe) -> dict[str, Any]:
@@ -348,7 +349,7 @@ def vllm_engine_kwargs(recipe: Recipe) -> dict[str, Any]:
         gpu_memory_utilization=recipe.infer.gpu_memory_utilization,
         dtype=recipe.model.dtype,
         seed=recipe.infer.seed,
-        limit_mm_per_prompt={"audio": 1},
+        limit_mm_per_prompt=dict(recipe.infer.limit_mm_per_prompt),
         trust_remote_code=False,
     )
     if recipe.infer.max_model_len is not None:
@@ -366,12 +367,10 @@ class VLLMEngine(Engine):
             import vllm
         except ImportError:
             raise ImportError("infer.backend=vllm needs vLLM: pip install -e '.[vllm]' (CUDA machines only)") from None
-        from transformers import AutoTokenizer
-
         self._vllm = vllm
         self.engine_kwargs = vllm_engine_kwargs(recipe)
         self.llm = vllm.LLM(**self.engine_kwargs)
-        self.tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
+        self.tokenizer = qo.load_tokenizer(recipe.model.path)
         self.eos_ids = qo.eos_token_ids(self.tokenizer)
         self.sampling = sampling
         self.batch_size = recipe.infer.batch_size

@@ -112,8 +112,9 @@ class RunPaths:
                    out.with_name(f"{stem}.recipe.yaml"))
 
 
-def item_request(item: Item, tokenizer, prompt_style: str, max_audio_seconds: float) -> Request:
-    """Only the audio, the question, the choices and the fixed prompt reach the model (Track 1 rule)."""
+def item_request(item: Item, tokenizer, prompt_style: str, max_audio_seconds: float | None) -> Request:
+    """Only the audio, the question, the choices and the fixed prompt reach the model (Track 1 rule).
+    The clip is whole unless `max_audio_seconds` (infer.max_audio_seconds) cuts it."""
     prompt = qo.render_prompt(tokenizer, item.question, item.choices, prompt_style)
     return Request(item.id, prompt, item.load_audio(max_audio_seconds))
 
@@ -188,7 +189,7 @@ def benchmark_items(recipe: Recipe) -> tuple[list[Item], list[Item]]:
 # What decides an inference output: resuming with other values would mix two runs in one file.
 OUTPUT_SETTINGS = ("model.path", "model.dtype", "model.prompt_style", "infer.backend", "infer.adapter", "infer.meta",
                    "infer.max_new_tokens", "infer.min_new_tokens", "infer.do_sample", "infer.temperature",
-                   "infer.top_p", "infer.top_k", "infer.seed", "infer.thinking_budget", "data.max_audio_seconds")
+                   "infer.top_p", "infer.top_k", "infer.seed", "infer.thinking_budget", "infer.max_audio_seconds")
 
 
 def check_resumable(paths: RunPaths, recipe: Recipe) -> None:
@@ -269,7 +270,7 @@ def build_requests(recipe: Recipe, engine: Engine, chunk: list[Item], failed: di
     requests = []
     for item in chunk:
         try:
-            requests.append(item_request(item, engine.tokenizer, recipe.model.prompt_style, recipe.data.max_audio_seconds))
+            requests.append(item_request(item, engine.tokenizer, recipe.model.prompt_style, recipe.infer.max_audio_seconds))
         except DataError as err:
             if recipe.infer.fail_fast:
                 raise

@@ -152,9 +152,9 @@ def first_checked_id(demo) -> str:
 @pytest.mark.parametrize("case", ["checkpoint", "adapter", "submission", "data_shard", "bundle_submission"])
 def test_verify_names_the_altered_file(demo, case, capsys):
     rid = first_checked_id(demo)
+    shard = sorted(demo["checkpoint"].glob("model-*.safetensors"))[0]  # the checkpoint is sharded, as the real one
     target, alter, expected = {
-        "checkpoint": (demo["checkpoint"] / "model.safetensors", flip_byte,
-                       [f"{demo['checkpoint'] / 'model.safetensors'} (checkpoint): sha256 differs"]),
+        "checkpoint": (shard, flip_byte, [f"{shard} (checkpoint): sha256 differs"]),
         "adapter": (demo["run"] / "adapter" / "adapter_model.safetensors", flip_byte,
                     ["adapter_model.safetensors (adapter): sha256 differs"]),
         "submission": (demo["run"] / "submission.jsonl", lambda p: edit_line(p, rid, answer_prediction="tampered"),

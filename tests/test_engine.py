@@ -170,6 +170,6 @@ def test_vllm_request_and_sampling_construction(tiny_recipe):
     recipe = load_recipe("recipes/cogito.yaml", ["infer.tensor_parallel_size=2", "infer.max_model_len=20000"])
     kwargs = vllm_engine_kwargs(recipe)
     assert kwargs["tensor_parallel_size"] == 2 and kwargs["max_model_len"] == 20000
-    assert kwargs["limit_mm_per_prompt"] == {"audio": 1} and kwargs["model"] == recipe.model.path
+    assert kwargs["limit_mm_per_prompt"] == {"audio": 1, "image": 0, "video": 0} and kwargs["model"] == recipe.model.path
     with pytest.raises(ValueError, match="merge it into the base weights"):
         vllm_engine_kwargs(load_recipe("recipes/cogito.yaml", ["infer.adapter=runs/cogito/adapter"]))

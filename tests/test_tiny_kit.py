@@ -9,13 +9,13 @@ def test_checkpoint_loads_like_a_real_one(tiny_checkpoint):
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(tiny_checkpoint)
-    assert config.model_type == "qwen3_omni_moe_thinker"
+    assert config.model_type == "qwen3_omni_moe" and not config.enable_audio_output
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
     for token in qo.SPECIAL_TOKENS:
         token_id = tokenizer.convert_tokens_to_ids(token)
         assert tokenizer.decode([token_id]) == token, token
-    assert config.audio_token_id == tokenizer.convert_tokens_to_ids(qo.AUDIO_PAD)
-    assert config.audio_start_token_id == tokenizer.convert_tokens_to_ids(qo.AUDIO_START)
+    assert config.thinker_config.audio_token_id == tokenizer.convert_tokens_to_ids(qo.AUDIO_PAD)
+    assert config.thinker_config.audio_start_token_id == tokenizer.convert_tokens_to_ids(qo.AUDIO_START)
     model = qo.load_thinker(tiny_checkpoint, dtype="float32")
     assert isinstance(model, qo.thinker_class())
     assert model.generation_config.temperature == 0.6 and model.generation_config.top_k == 20

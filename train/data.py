@@ -29,6 +29,7 @@ class Example:
     target: str
     length: int  # prompt (with expanded audio) + target tokens
     source: str  # dataset path, for the mixing report
+    audio_cropped: bool  # the clip is longer than data.max_audio_seconds and is cut to it
 
 
 def render_examples(items: Sequence[Item], processor: qo.OmniProcessor, prompt_style: str, max_audio_seconds: float, source: str) -> list[Example]:
@@ -38,16 +39,17 @@ def render_examples(items: Sequence[Item], processor: qo.OmniProcessor, prompt_s
         prompt = qo.render_prompt(tokenizer, item.question, item.choices, prompt_style)
         prompts.append(prompt)
         targets.append(qo.render_target(prompt, item.thinking, item.answer))
+    limit = int(max_audio_seconds * qo.SAMPLE_RATE)
+    samples = [item.audio_samples() for item in items]  # whole clips, from the headers
     expanded = [
-        processor.expand_audio(prompt, qo.feature_frames(item.audio_samples(max_audio_seconds)))
-        for prompt, item in zip(prompts, items)
+        processor.expand_audio(prompt, qo.feature_frames(min(n, limit))) for prompt, n in zip(prompts, samples)
     ]
     # One batched call each: the fast tokenizer parallelises lists, which matters at 10^5 records.
     prompt_ids = tokenizer(expanded, add_special_tokens=False)["input_ids"]
     target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
     return [
-        Example(item, prompt, target, len(p) + len(t), source)
-        for item, prompt, target, p, t in zip(items, prompts, targets, prompt_ids, target_ids)
+        Example(item, prompt, target, len(p) + len(t), source, n > limit)
+        for item, prompt, target, p, t, n in zip(items, prompts, targets, prompt_ids, target_ids, samples)
     ]
 
 
@@ -87,9 +89,11 @@ def build_examples(config: DataConfig, processor: qo.OmniProcessor, prompt_style
                             spec.max_samples, seed + index)
         examples = render_examples(items, processor, prompt_style, config.max_audio_seconds, spec.path)
         kept = [e for e in examples if e.length <= config.max_length]
+        cropped = sum(e.audio_cropped for e in kept)
         log(
             f"data: {spec.path}: {len(examples)} records, {len(examples) - len(kept)} dropped "
-            f"(over data.max_length={config.max_length} tokens), weight {spec.weight}"
+            f"(over data.max_length={config.max_length} tokens), {cropped} clips cropped to "
+            f"data.max_audio_seconds={config.max_audio_seconds:g} s (training only), weight {spec.weight}"
         )
         if not kept:
             raise DataError(f"{spec.path}: every record is longer than data.max_length={config.max_length} tokens")
