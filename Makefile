@@ -98,6 +98,7 @@ bench: setup
 	$(PY) -m bench.infer_bench $(BENCH_DEVICE) --json runs/bench/infer_bench.json
 	$(PY) -m bench.audio_bench --json runs/bench/audio_bench.json
 	$(PY) -m bench.eval_bench --json runs/bench/eval_bench.json
+	$(PY) -m bench.data_bench --json runs/bench/data_bench.json
 	$(PY) -m bench.grpo_bench --json runs/bench/grpo_bench.json
 
 clean:

@@ -48,6 +48,10 @@ class DataConfig(Section):
     num_workers: int = Field(0, ge=0)  # DataLoader worker processes (same batches as 0)
     # folder of core.feature_cache: per-clip features computed once, read every epoch; None: from the waveforms
     feature_cache: str | None = None
+    # folder of the training-data cache (train/data_cache.py: records rendered, tokenised and measured
+    # once, memory-mapped by every rank); None: `train.output_dir`/data_cache
+    cache: str | None = None
+    cache_workers: int | None = Field(None, gt=0)  # processes that build it; None: every CPU this process may use
 
 
 class LoraConfig(Section):

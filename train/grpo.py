@@ -48,7 +48,7 @@ from core.provenance import record_session  # noqa: E402
 from core.recipe import GRPOStage, Recipe, recipe_cli, save_recipe  # noqa: E402
 from infer.engine import HFEngine, Request, SamplingConfig  # noqa: E402
 from infer.parse import parse_output  # noqa: E402
-from train.data import cap_samples, epoch_batches, mix  # noqa: E402
+from train.data import epoch_batches, mix, sample_rows  # noqa: E402
 from train.lora import placement  # noqa: E402
 from train.rewards import Rollout, build_rewards  # noqa: E402
 from train.sft import (  # noqa: E402
@@ -128,13 +128,14 @@ def token_logps(model, batch: dict, temperature: float) -> tuple[torch.Tensor, t
 
 
 def stage_items(stage: GRPOStage, seed: int, needs_reference: bool) -> list[Item]:
-    """The stage's records, its datasets mixed by weight (train.data.mix)."""
-    pools, weights = [], []
+    """The stage's records, its datasets mixed by weight (train.data.mix, on row numbers)."""
+    items, pools, weights = [], [], []
     for index, spec in enumerate(stage.data):
-        items = load_items(spec.path, spec.audio_root, check_audio=True, require_thinking=needs_reference)
-        pools.append(cap_samples(items, spec.max_samples, seed + index))
+        loaded = load_items(spec.path, spec.audio_root, check_audio=True, require_thinking=needs_reference)
+        pools.append(len(items) + sample_rows(len(loaded), spec.max_samples, seed + index))
+        items += loaded
         weights.append(spec.weight)
-    return mix(pools, weights, seed)
+    return [items[i] for i in mix(pools, weights, seed)]
 
 
 @dataclass

@@ -8,6 +8,7 @@ Writes to `train.output_dir`:
     provenance.jsonl             per session: git commit/dirty state (+ patch), packages, machine
     metrics.jsonl                one line per logged optimizer step (loss, lr, grad_norm, throughput, memory)
     seen/rank{R}.jsonl           the sample ids each rank trained on, per step
+    data_cache/                  the rendered, tokenised training records (train/data_cache.py; `data.cache` moves it)
     checkpoints/step-N/          adapter/ + Accelerate state (optimizer, scheduler, RNG); the newest K are kept
     adapter/                     the final LoRA adapter (train/merge.py folds it into the base weights)
 
@@ -315,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         save_recipe(recipe, out / "recipe.yaml")
         record_session(out)  # code, packages and machine of this session, for reproducibility audits
 
-    # Data: every rank renders the same list; epoch_batches gives each rank its own slice.
+    # Data: one process builds the on-disk cache, every rank maps it; epoch_batches gives each rank its own slice.
     processor = qo.OmniProcessor.from_pretrained(recipe.model.path, allow_hub=recipe.model.allow_hub)
-    examples = build_examples(recipe.data, processor, recipe.model.prompt_style, cfg.seed, log)
+    examples = build_examples(recipe.data, processor, recipe.model.prompt_style, cfg.seed, log, cache_dir=out / "data_cache")
     dataset = SFTDataset(examples, recipe.data.max_audio_seconds, feature_cache_for(recipe.data, processor))
     collator = SFTCollator(processor)
     global_batch = cfg.batch_size * world * cfg.grad_accum
@@ -361,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model.train()
     bar = progress(total_steps, "sft", unit="step", initial=start, disable=not accelerator.is_main_process)
-    lengths = [e.length for e in examples]
+    lengths = examples.lengths
     tick = time.perf_counter()
     for step, epoch, micro in windows(dataset, collator, lengths, recipe, rank, world, steps_per_epoch, start, end):
         lr = scheduler.get_last_lr()[0]
