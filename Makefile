@@ -11,7 +11,7 @@ RECIPE     ?= recipes/tiny.yaml
 TINY       := artifacts/tiny-omni
 SYNTH      := artifacts/synthetic
 
-.PHONY: setup setup-vllm tiny data prep train merge infer eval encoder demo audit test test-vllm bench clean
+.PHONY: setup setup-vllm tiny data prep train grpo merge infer eval encoder demo audit test test-vllm bench clean
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,10 @@ prep: tiny data
 # LoRA SFT; resumes from the latest checkpoint in train.output_dir. Extra overrides: ARGS="train.lr=1e-4".
 train: tiny data
 	$(PY) train/sft.py $(RECIPE) $(ARGS)
+
+# GRPO from the tiny SFT run's adapter (recipes/grpo_tiny.yaml; resumes). Extra overrides: ARGS="train.stop_after=2".
+grpo: tiny data
+	$(PY) train/grpo.py recipes/grpo_tiny.yaml $(ARGS)
 
 # Fold the tiny run's adapter into a plain checkpoint (for vLLM or any LoRA-less loader).
 merge: | setup
@@ -131,6 +135,7 @@ bench: setup
 	$(PY) -m bench.eval_bench --json runs/bench/eval_bench.json
 	$(PY) -m bench.load_bench --json runs/bench/load_bench.json
 	$(PY) -m bench.data_bench --json runs/bench/data_bench.json
+	$(PY) -m bench.grpo_bench --json runs/bench/grpo_bench.json
 
 clean:
 	rm -rf artifacts runs

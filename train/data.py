@@ -101,6 +101,13 @@ def mix(pools: list[np.ndarray], weights: list[float], seed: int) -> np.ndarray:
     return np.concatenate(mixed)
 
 
+def sample_rows(count: int, max_samples: int | None, seed: int) -> np.ndarray:
+    """Rows of at most `max_samples` of `count` records (a seeded random subset, in file order); all when None."""
+    if max_samples is None or max_samples >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).permutation(count)[:max_samples])
+
+
 def build_examples(
     config: DataConfig, processor: qo.OmniProcessor, prompt_style: str, seed: int, log=print, cache_dir: str | Path | None = None,
 ) -> Examples:
@@ -120,9 +127,7 @@ def build_examples(
         # the cache reports its build on stderr: `log` gets the data lines only
         table = cached_records(spec.path, spec.audio_root, processor, prompt_style, config.max_audio_seconds,
                                root, config.cache_workers)
-        rows = np.arange(len(table))
-        if spec.max_samples is not None and spec.max_samples < len(rows):
-            rows = np.sort(np.random.default_rng(seed + index).permutation(len(rows))[: spec.max_samples])
+        rows = sample_rows(len(table), spec.max_samples, seed + index)
         kept = rows[table.data.column("length").to_numpy()[rows] <= config.max_length]
         cropped = int((table.data.column("audio_samples").to_numpy()[kept] > int(config.max_audio_seconds * qo.SAMPLE_RATE)).sum())
         log(

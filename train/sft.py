@@ -156,6 +156,13 @@ def resume(accelerator: Accelerator, output_dir: Path) -> dict:
     return json.loads((latest / STATE_FILE).read_text())
 
 
+def reset_metrics(path: Path, start: int) -> None:
+    """Keep the JSONL lines of steps up to `start` (the resumed checkpoint): steps after it are redone."""
+    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start] \
+        if path.is_file() and start else []
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 def windows(dataset, collator, lengths, recipe: Recipe, rank: int, world: int, steps_per_epoch: int, start: int, total: int):
     """(step, epoch, micro-batches) for each optimizer step from `start` to `total`, for this rank."""
     cfg = recipe.train
@@ -227,6 +234,54 @@ def prepare_for_training(model, recipe: Recipe):
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return apply_lora(model, recipe.lora)
+
+
+def start_session(accelerator: Accelerator, model, optimizer, scheduler, recipe: Recipe, total_steps: int, log):
+    """Prepare the model and optimizer, checkpoint the scheduler with them (adapter weights only), resume
+    from the newest checkpoint, start the trackers and the metrics file.
+
+    Returns (model, optimizer, the resumed checkpoint's state ({"step": 0} when none), step to stop after
+    in this session, metrics path).
+    """
+    cfg, out = recipe.train, Path(recipe.train.output_dir)
+    # The scheduler is stepped by hand once per optimizer step (Accelerate would step it once per rank).
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_save_state_pre_hook(keep_trainable_weights)
+    state = resume(accelerator, out) if cfg.resume else {"step": 0}
+    if state["step"]:
+        log(f"resume: from {out}/checkpoints/{CHECKPOINT_PREFIX}{state['step']}")
+    end = min(total_steps, cfg.stop_after or total_steps)
+    accelerator.init_trackers(cfg.wandb_project, config=recipe.model_dump(mode="json"),
+                              init_kwargs={"wandb": {"name": recipe.name, "dir": str(out)}})
+    metrics_path = out / "metrics.jsonl"
+    if accelerator.is_main_process:
+        reset_metrics(metrics_path, state["step"])
+    return model, optimizer, state, end, metrics_path
+
+
+def log_and_save(accelerator: Accelerator, model, recipe: Recipe, record: dict, metrics_path: Path, end: int,
+                 state: dict | None = None) -> None:
+    """After optimizer step `record["step"]`: its metrics every `train.log_every` steps, a checkpoint (with
+    `state` beside the step) every `train.save_every` steps, and both after this session's last step (`end`)."""
+    cfg, step = recipe.train, record["step"]
+    if step % cfg.log_every == 0 or step == end:
+        accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
+        if accelerator.is_main_process:
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+    if step % cfg.save_every == 0 or step == end:
+        save_checkpoint(accelerator, model, Path(cfg.output_dir), step, cfg.keep_last, state or {})
+
+
+def finish(accelerator: Accelerator, model, out: Path, end: int, total_steps: int, metrics_path: Path, log) -> None:
+    """The final adapter when the schedule is done; otherwise a note that a rerun resumes."""
+    if end < total_steps:
+        log(f"stopped after step {end} of {total_steps} (train.stop_after); run again to resume")
+    else:
+        save_adapter(accelerator, model, out / "adapter")
+        log(f"done: adapter in {out / 'adapter'}, metrics in {metrics_path}")
+    accelerator.end_training()
 
 
 # Settings that do not change what a run computes: a rerun may change them and still resume.
@@ -312,26 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, total=total_steps, warmup=warmup, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
     )
-    # The scheduler is stepped by hand once per optimizer step (Accelerate would step it once per rank).
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    accelerator.register_save_state_pre_hook(keep_trainable_weights)
-
     if cfg.max_nonfinite_steps and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise TrainingError("train.max_nonfinite_steps > 0 cannot skip steps under DeepSpeed (its engine updates "
                             "inside backward); set it to 0: training then stops at a non-finite loss")
-    state = resume(accelerator, out) if cfg.resume else {"step": 0}
+    model, optimizer, state, end, metrics_path = start_session(accelerator, model, optimizer, scheduler, recipe, total_steps, log)
     start, skipped = state["step"], state.get("nonfinite_skipped", 0)
-    if start:
-        log(f"resume: from {out}/checkpoints/{CHECKPOINT_PREFIX}{start}")
-    end = min(total_steps, cfg.stop_after or total_steps)
-    accelerator.init_trackers(cfg.wandb_project, config=recipe.model_dump(mode="json"),
-                              init_kwargs={"wandb": {"name": recipe.name, "dir": str(out)}})
-    metrics_path = out / "metrics.jsonl"
-    if accelerator.is_main_process:
-        keep = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start] \
-            if metrics_path.is_file() and start else []  # steps after the checkpoint are redone
-        metrics_path.write_text("".join(line + "\n" for line in keep))
     seen_path = out / "seen" / f"rank{rank}.jsonl"
     seen_path.parent.mkdir(parents=True, exist_ok=True)
     if seen_path.is_file():  # like the metrics: the steps after the checkpoint are redone
@@ -367,21 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
         bar.update(1)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
-            accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step + 1)
-            if accelerator.is_main_process:
-                with metrics_path.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == end:
-            save_checkpoint(accelerator, model, out, step + 1, cfg.keep_last, {"nonfinite_skipped": skipped})
+        log_and_save(accelerator, model, recipe, record, metrics_path, end, {"nonfinite_skipped": skipped})
     bar.close()
-
-    if end < total_steps:
-        log(f"stopped after step {end} of {total_steps} (train.stop_after); run again to resume")
-    else:
-        save_adapter(accelerator, model, out / "adapter")
-        log(f"done: adapter in {out / 'adapter'}, metrics in {metrics_path}")
-    accelerator.end_training()
+    finish(accelerator, model, out, end, total_steps, metrics_path, log)
     return 0
 
 
