@@ -19,12 +19,13 @@ from core.items import Item
 from core.recipe import JudgeConfig, RecipeError, load_recipe
 from infer.parse import parse_output
 from train.grpo import group_advantages, grpo_loss
-from tests.test_train import adapter_weights, metrics, one_torch_thread  # noqa: F401 (one_torch_thread: autouse fixture)
+from tests.test_train import adapter_weights, metrics
 from train.rewards import (
     REASONING_RUBRIC, EmbeddingReward, JudgeReward, Rollout, TextEmbedder, answer_reward, format_reward, length_reward,
 )
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- advantages and loss
