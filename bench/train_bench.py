@@ -118,7 +118,7 @@ def measure(row: Row) -> dict:
     processor = qo.OmniProcessor.from_pretrained(row.checkpoint)
     examples = build_examples(recipe.data, processor, recipe.model.prompt_style, recipe.train.seed, log=lambda *_: None)
     dataset, collate = SFTDataset(examples, recipe.data.max_audio_seconds), SFTCollator(processor)
-    order = epoch_batches([e.length for e in examples], row.batch_size, 1, 1, 0, recipe.train.seed, 0, row.group_by_length)
+    order = epoch_batches(examples.lengths, row.batch_size, 1, 1, 0, recipe.train.seed, 0, row.group_by_length)
     if row.steps is not None and len(order) < row.steps:
         raise ValueError(f"{len(examples)} examples make {len(order)} batches of {row.batch_size}; need {row.steps}")
     # Collated up front: the step is timed, not the data pipeline (bench.audio_bench times that).

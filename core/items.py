@@ -71,20 +71,24 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
         raise DataError(f"{path}: file not found")
     with path.open("rb") as handle:
         for lineno, raw in enumerate(handle, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}); "
-                                "re-save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+            if raw.strip():
+                yield lineno, parse_line(raw, f"{path}:{lineno}")
+
+
+def parse_line(raw: bytes, where: str) -> dict:
+    """One JSONL line (its bytes) as a JSON object; `where` ("file:line") names it in the error."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{where}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                        "re-save the file as UTF-8") from None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def parse_item(obj: dict, where: str, audio_root: Path) -> Item:
@@ -98,6 +102,14 @@ def parse_item(obj: dict, where: str, audio_root: Path) -> Item:
         id=obj["id"], audio_path=(audio_root / obj["audio_path"]).resolve(), question=obj["question"],
         choices=tuple(obj["choices"]), answer=obj["answer"], thinking=thinking, meta=obj, where=where,
     )
+
+
+def check_item(item: Item, check_audio: bool, require_thinking: bool) -> None:
+    """What `load_items` asks of each record beyond its schema: a thinking for SFT, an audio file that exists."""
+    if require_thinking and not item.thinking:
+        raise DataError(f"{item.where} (id={item.id}): thinking: missing (required for SFT)")
+    if check_audio and not item.audio_path.is_file():
+        raise DataError(f"{item.where} (id={item.id}): audio_path: file not found: {item.audio_path}")
 
 
 def load_items(
@@ -121,10 +133,7 @@ def load_items(
         if item.id in first_line:
             raise DataError(f"{where} (id={item.id}): id: duplicate of line {first_line[item.id]}")
         first_line[item.id] = lineno
-        if require_thinking and not item.thinking:
-            raise DataError(f"{where} (id={item.id}): thinking: missing (required for SFT)")
-        if check_audio and not item.audio_path.is_file():
-            raise DataError(f"{where} (id={item.id}): audio_path: file not found: {item.audio_path}")
+        check_item(item, check_audio, require_thinking)
         items.append(item)
     if not items:
         raise DataError(f"{path}: no records")

@@ -48,6 +48,10 @@ class DataConfig(Section):
     num_workers: int = Field(0, ge=0)  # DataLoader worker processes (same batches as 0)
     # folder of core.feature_cache: per-clip features computed once, read every epoch; None: from the waveforms
     feature_cache: str | None = None
+    # folder of the training-data cache (train/data_cache.py: records rendered, tokenised and measured
+    # once, memory-mapped by every rank); None: `train.output_dir`/data_cache
+    cache: str | None = None
+    cache_workers: int | None = Field(None, gt=0)  # processes that build it; None: every CPU this process may use
 
 
 class LoraConfig(Section):
@@ -83,6 +87,13 @@ class TrainConfig(Section):
     max_nonfinite_steps: int = Field(0, ge=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # Accelerate mixed precision
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~13% slower
+    # ZeRO stage the recipe is planned for (python -m train.memory); train/sft.py refuses a launch with
+    # another one. None: whatever the accelerate config gives.
+    zero_stage: Literal[0, 2, 3] | None = None
+    # Cross-entropy over this many target tokens at a time, each chunk's logits recomputed in backward
+    # (train/loss.py): the full-vocabulary fp32 logits of long samples never exist at once. None: the
+    # model's own loss over all positions.
+    loss_chunk_tokens: int | None = Field(None, gt=0)
     group_by_length: bool = True  # batches of similar length (less padding)
     save_every: int = Field(100, gt=0)  # optimizer steps
     keep_last: int = Field(2, gt=0)  # checkpoints kept (older ones deleted)
@@ -125,6 +136,10 @@ class InferConfig(Section):
     # vllm: clips per prompt; image and video 0 so vLLM neither loads nor profiles the vision tower
     limit_mm_per_prompt: dict[Literal["audio", "image", "video"], int] = Field(
         default_factory=lambda: {"audio": 1, "image": 0, "video": 0})
+    # vllm: KV-cache size in GiB. Needed on a CPU, where vLLM otherwise takes gpu_memory_utilization of
+    # the machine's RAM; None on GPUs (vLLM sizes the cache from gpu_memory_utilization).
+    kv_cache_gib: float | None = Field(None, gt=0)
+    enforce_eager: bool = False  # vllm: skip torch.compile (and CUDA graphs); minutes less to load on a CPU
 
 
 class JudgeConfig(Section):
@@ -254,6 +269,55 @@ class DataPrepConfig(Section):
         return self
 
 
+RewardName = Literal["answer", "format", "length", "judge", "embedding"]  # train/rewards.py
+
+
+class GRPOStage(Section):
+    """One curriculum stage of train/grpo.py: its prompts, its length and its reward weights."""
+
+    name: str  # shown in the logs and metrics.jsonl
+    data: list[DatasetSpec] = Field(min_length=1)  # MMAR-schema JSONL; `thinking` needed by judge/embedding rewards
+    steps: int = Field(gt=0)  # rollout steps (each: rollouts, rewards, grpo.iterations optimizer steps)
+    # weight per reward (train/rewards.py); the weighted sum is the reward the advantages are made of
+    rewards: dict[RewardName, float] = Field(default_factory=lambda: {"answer": 1.0, "format": 0.2})
+
+    @model_validator(mode="after")
+    def _some_reward(self) -> "GRPOStage":
+        if not any(self.rewards.values()):
+            raise ValueError(f"stage {self.name}: every reward weight is 0")
+        return self
+
+
+class GRPOConfig(Section):
+    """RL after SFT (train/grpo.py): G sampled completions per prompt, group-normalised advantages,
+    clipped ratio, optional KL to the base model (the adapter disabled)."""
+
+    init_adapter: str | None = None  # LoRA adapter to start from (the SFT run's); None: a fresh one from `lora`
+    num_generations: int = Field(8, ge=2)  # G completions per prompt
+    max_new_tokens: int = Field(4096, gt=0)  # per rollout; a completion cut here scores 0 on length
+    temperature: float = Field(1.0, gt=0)  # rollout sampling; log-probabilities are scored at it too
+    top_p: float = Field(1.0, gt=0, le=1)  # rollout sampling (1: off)
+    top_k: int = Field(0, ge=0)  # rollout sampling (0: off)
+    rollout_batch_size: int = Field(16, gt=0)  # sequences per generate() call
+    clip_low: float = Field(0.2, ge=0, lt=1)  # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = Field(0.2, ge=0)  # upper clip; above clip_low keeps exploring (DAPO's clip-higher)
+    beta: float = Field(0.0, ge=0)  # KL(policy || base) coefficient; 0: no reference forward
+    iterations: int = Field(1, ge=1)  # optimizer steps on each batch of rollouts (PPO epochs)
+    scale_rewards: Literal["group", "none"] = "group"  # divide by the group's std, or only centre
+    embedding_model: str | None = None  # local sentence-embedding folder (transformers; mean pooling)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)  # the reasoning judge of the `judge` reward
+    stages: list[GRPOStage] = Field(default_factory=list)  # the curriculum, run in order
+
+    @model_validator(mode="after")
+    def _rewards_have_their_models(self) -> "GRPOConfig":
+        for stage in self.stages:
+            if stage.rewards.get("judge") and self.judge.backend == "none":
+                raise ValueError(f"stage {stage.name}: the judge reward needs grpo.judge.backend openai or local")
+            if stage.rewards.get("embedding") and not self.embedding_model:
+                raise ValueError(f"stage {stage.name}: the embedding reward needs grpo.embedding_model")
+        return self
+
+
 class Recipe(Section):
     name: str = "unnamed"  # the run's name (trackers, reports)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -263,6 +327,13 @@ class Recipe(Section):
     infer: InferConfig = Field(default_factory=InferConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     data_prep: DataPrepConfig = Field(default_factory=DataPrepConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+
+    @model_validator(mode="after")
+    def _length_reward_has_a_budget(self) -> "Recipe":
+        if any(stage.rewards.get("length") for stage in self.grpo.stages) and self.infer.thinking_budget is None:
+            raise ValueError("the GRPO length reward scores against infer.thinking_budget, which is null")
+        return self
 
     @model_validator(mode="after")
     def _precision_matches_dtype(self) -> "Recipe":

