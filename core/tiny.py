@@ -52,9 +52,9 @@ CORPUS = [
     "How does the melody move? upward downward up then down. Which tone lasts longer?",
     "Describe the audio. I hear a pure tone, then a burst of noise, so the answer is a pure tone.",
     "A higher tone, then a lower tone. A lower tone, then a higher tone. A long tone, then a short tone.",
-    "A tone, then a louder tone at the same pitch. A tone, then a softer tone at the same pitch.",
+    "A faint tone, then a strong tone at the same pitch. A strong tone, then a faint tone at the same pitch.",
     "One short beep. Two short beeps. Three short beeps. Four short beeps. Five short beeps.",
-    "Four notes moving upward. Four notes moving downward. Four notes moving up then down.",
+    "Four notes, each one rising. Four notes, each one falling. Four notes rising, then falling at the end.",
 ]
 
 # Architecture sizes. `build_config` takes one of these (or a copy with overrides) and nothing else.

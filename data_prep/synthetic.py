@@ -121,9 +121,15 @@ def loudness_compare(rng: np.random.Generator) -> Clip:
     return Clip(
         wave=np.concatenate([silence(0.1), tone(freq, 0.5, base), silence(0.3), tone(freq, 0.5, second_amp), silence(0.1)]),
         question="Is the second tone louder or softer than the first?", choices=["louder", "softer"], answer=answer,
-        caption=f"a tone, then a {answer} tone at the same pitch",
+        # the percept in words of its own ("faint", "strong"): a caption that repeated a choice ("a
+        # louder tone") left only the word's position to tell it from the same word in the question
+        caption="a faint tone, then a strong tone at the same pitch" if louder else "a strong tone, then a faint tone at the same pitch",
         cue=["same pitch", "level difference"], facts={"gain_db": gain_db},
     )
+
+
+CONTOUR_CAPTIONS = {"upward": "four notes, each one rising", "downward": "four notes, each one falling",
+                    "up then down": "four notes rising, then falling at the end"}
 
 
 def melody_contour(rng: np.random.Generator) -> Clip:
@@ -134,7 +140,7 @@ def melody_contour(rng: np.random.Generator) -> Clip:
     wave = np.concatenate([silence(0.1)] + [np.concatenate([n, silence(0.05)]) for n in notes] + [silence(0.1)])
     return Clip(
         wave=wave, question="How does the melody move?", choices=["upward", "downward", "up then down"], answer=shape,
-        caption=f"four notes moving {shape}",
+        caption=CONTOUR_CAPTIONS[shape],  # not the choice's words, as for loudness
         cue=["four notes", "pitch contour"], facts={"semitones": steps},
     )
 
@@ -186,7 +192,8 @@ def rubric(task: Task, clip: Clip) -> list[dict]:
 def reference_thinking(clip: Clip) -> str:
     """What is heard, then the answer it implies. Short on purpose: a tiny model cannot write the
     exact frequencies or levels a long reasoning would cite, and whatever it writes wrongly before
-    the answer pulls the answer with it; the one fact that decides is written out before it."""
+    the answer pulls the answer with it; the one fact that decides is written out before it, in
+    words that are not the choice's, so the answer is inferred from it rather than copied."""
     return f"I hear {clip.caption}, so the answer is {clip.answer}."
 
 

@@ -2,7 +2,7 @@
 scores well on held-out items. Any mismatch between training and inference
 (prompt, label masking, audio features, adapter loading) drops it to chance and fails here.
 
-Slow (~5 CPU minutes: the base's 300 pre-training steps, 360 LoRA steps, 120 answers); CI runs it
+Slow (~5 CPU minutes: the base's 300 pre-training steps, 540 LoRA steps, 120 answers); CI runs it
 with the rest of the suite.
 """
 
@@ -17,14 +17,13 @@ from core.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The issue's targets are format >= 95 % and accuracy >= 80 %. This recipe measured format 100 % and
-# accuracy 76.7 % here (README; the same seeds give the same run on one machine), 96.7 % on the code
-# before the last merge of main: the accuracy target is not yet met reliably, so the thresholds sit
-# below what is measured, not below the target: 90 % format, 70 % accuracy (each of 120 items moves a
-# rate by 0.83 points; float rounding on another CPU can flip borderline items). A train/infer
-# mismatch gives ~0 % format or chance accuracy (~43 %), far below either.
-MIN_FORMAT = 90.0
-MIN_ACCURACY = 70.0
+# The issue's targets are format >= 95 % and accuracy >= 80 %, above chance on every task type. This
+# recipe measured format 100 % and accuracy 99.2 % (README; the same seeds give the same run on one
+# machine); two other seeds at 6 instead of 9 epochs gave 84 % and 93 %. Format is held at its
+# target, accuracy at 85 % (over the 80 % target): both leave room for float rounding on another CPU
+# to flip a few borderline items (each of 120 moves a rate by 0.83 points). A train/infer mismatch gives ~0 % format or chance accuracy (~43 %).
+MIN_FORMAT = 95.0
+MIN_ACCURACY = 85.0
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -63,9 +62,7 @@ def test_tiny_recipe_learns_to_answer_from_the_audio(tmp_path):
     assert overall["n"] == 120
     assert overall["format"] >= MIN_FORMAT, overall
     assert overall["accuracy"] >= MIN_ACCURACY, overall
-    # Not below chance on any task type. (The target is above chance on every one; loudness measured
-    # exactly at chance, 50 %, and melodic contour 35 % against 33 % in the README's run, so strictly
-    # above is not asserted yet.)
+    # Above chance on every task type (the lowest measured: counting 95 % against 25 %).
     for task in {rec["sub-category"] for rec in meta}:
         chance = 100 * sum(1 / len(rec["choices"]) for rec in meta if rec["sub-category"] == task) / 20
-        assert rates(results, task)["accuracy"] >= chance, (task, rates(results, task), chance)
+        assert rates(results, task)["accuracy"] > chance, (task, rates(results, task), chance)
