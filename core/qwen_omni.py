@@ -380,19 +380,19 @@ def load_thinker(
 EXPERT_TENSOR = re.compile(r"(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight")
 
 
-def checkpoint_tensors(folder: str | Path) -> dict[str, Path]:
-    """Tensor name -> weight file of a local safetensors checkpoint, from its index or its one file's header."""
-    folder = Path(folder)
-    index = folder / WEIGHT_INDEX
-    if index.is_file():
-        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+def checkpoint_tensors(folder: str | Path) -> dict[str, tuple[Path, tuple]]:
+    """Tensor name -> (weight file, shape) of a local safetensors checkpoint, from the files' headers only."""
     from safetensors import safe_open
 
-    single = folder / "model.safetensors"
-    if not single.is_file():
-        raise FileNotFoundError(f"{folder}: no {WEIGHT_INDEX} and no model.safetensors")
-    with safe_open(str(single), "pt") as f:
-        return dict.fromkeys(f.keys(), single)
+    folder = Path(folder)
+    index = folder / WEIGHT_INDEX
+    files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file() \
+        else [folder / "model.safetensors"]
+    tensors = {}
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            tensors |= {name: (path, tuple(f.get_slice(name).get_shape())) for name in f.keys()}
+    return tensors
 
 
 def thinker_weight_plan(tensor_shapes: dict[str, tuple], param_shapes: dict[str, tuple],
@@ -505,15 +505,15 @@ def load_thinker_zero3(source: str | Path, dtype="auto", attn_implementation: st
 
     params = dict(model.named_parameters())
     rank0 = dist.get_rank() == 0
-    plan, tensors, files, failure = {}, {}, {}, [None]
-    if rank0:  # it alone opens the checkpoint; the others learn of a failure by broadcast, so none waits forever
+    plan, tensors, failure = {}, {}, [None]
+    if rank0:  # it alone reads the checkpoint; the others learn of a failure by broadcast, so none waits forever
         try:
             tensors = checkpoint_tensors(source)
-            files = {path: safe_open(str(path), "pt") for path in set(tensors.values())}
-            shapes = {name: tuple(files[path].get_slice(name).get_shape()) for name, path in tensors.items()}
-            plan = thinker_weight_plan(shapes, {n: tuple(p.ds_shape) for n, p in params.items()}, model.all_tied_weights_keys)
-        except (OSError, ValueError) as err:
-            failure = [type(err)(f"{source}: {err}")]
+            plan = thinker_weight_plan({name: shape for name, (_, shape) in tensors.items()},
+                                       {n: tuple(p.ds_shape) for n, p in params.items()}, model.all_tied_weights_keys)
+        except Exception as err:  # any failure here must reach every rank, or the others wait in the gathers below
+            err.add_note(f"loading {source} under ZeRO-3")
+            failure = [err]
     dist.broadcast_object_list(failure, src=0)
     if failure[0] is not None:
         raise failure[0]
@@ -526,9 +526,12 @@ def load_thinker_zero3(source: str | Path, dtype="auto", attn_implementation: st
             continue
         with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0):
             if rank0:
+                # opened per module: the pages mapped are unmapped with it, so rank 0's RSS never holds the checkpoint
+                files = {path: safe_open(str(path), "pt") for path in {tensors[k][0] for n, _ in own for k, _ in plan[n]}}
                 for name, param in own:
                     for key, index in plan[name]:
-                        param.data[index].copy_(files[tensors[key]].get_tensor(key))
+                        param.data[index].copy_(files[tensors[key][0]].get_tensor(key))
+                del files
         for _, param in own:
             param._is_hf_initialized = True  # loaded: initialize_weights must leave it alone
     # what from_pretrained does after loading: buffers recomputed (every parameter is flagged), ties, eval

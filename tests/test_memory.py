@@ -189,29 +189,24 @@ def test_zero3_loading_needs_transformers_to_see_the_zero3_config(tiny_checkpoin
         qo.load_thinker(tiny_checkpoint, zero3=True)
 
 
-def checkpoint_shapes(checkpoint) -> tuple[dict, dict]:
-    """The checkpoint's tensor shapes (headers only) and its safe_open handles, per file."""
-    from safetensors import safe_open
-
-    tensors = qo.checkpoint_tensors(checkpoint)
-    files = {path: safe_open(str(path), "pt") for path in set(tensors.values())}
-    return {name: tuple(files[path].get_slice(name).get_shape()) for name, path in tensors.items()}, files
-
-
 def test_weight_plan_fuses_the_experts_as_transformers_does(tiny_checkpoint):
     """The plan, followed on one process, rebuilds every parameter of the stock load bit for bit
     (the kit's layout is the real one: thinker.-prefixed, per-expert tensors, 4 shards)."""
+    from safetensors import safe_open
+
     stock = qo.load_thinker(tiny_checkpoint, "float32")
-    shapes, files = checkpoint_shapes(tiny_checkpoint)
     tensors = qo.checkpoint_tensors(tiny_checkpoint)
-    plan = qo.thinker_weight_plan(shapes, {n: tuple(p.shape) for n, p in stock.named_parameters()})
+    assert len({path for path, _ in tensors.values()}) == 4
+    plan = qo.thinker_weight_plan({k: shape for k, (_, shape) in tensors.items()},
+                                  {n: tuple(p.shape) for n, p in stock.named_parameters()})
     experts = stock.config.text_config.num_experts
     assert len(plan["model.layers.0.mlp.experts.gate_up_proj"]) == 2 * experts
     assert len(plan["model.layers.0.mlp.experts.down_proj"]) == experts
     for name, param in stock.named_parameters():
         rebuilt = torch.full_like(param, float("nan"))
         for key, index in plan[name]:
-            rebuilt[index] = files[tensors[key]].get_tensor(key)
+            with safe_open(str(tensors[key][0]), "pt") as f:
+                rebuilt[index] = f.get_tensor(key)
         assert torch.equal(rebuilt, param), name
 
 
