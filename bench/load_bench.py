@@ -1,12 +1,15 @@
 """Host memory of loading the thinker per rank: ZeRO-3 (sharded from creation on) against ZeRO-2.
 
     python -m bench.load_bench                  # real-shaped 1-layer thinker (1.33B parameters, bf16), 2 CPU ranks
+    python -m bench.load_bench --modes zero2 zero3   # without transformers' own ZeRO-3 load (the most memory)
 
 Writes the real 30B-A3B thinker's shapes with 1 text, 1 audio and 1 vision layer as a bf16 checkpoint
 (2.5 GB) in the real checkpoint's layout (`qo.save_thinker`: per-expert weights that transformers fuses
 while loading, 1 GB shards), then per mode launches 2 gloo ranks under DeepSpeed (recipes/accelerate/cpu_zero{2,3}_2proc.yaml)
 that each do what train/sft.py does before training: create the Accelerator, then
-`core.qwen_omni.load_thinker(..., zero3=stage == 3)`. Each rank reports its peak RSS (VmHWM: anonymous
+`core.qwen_omni.load_thinker(..., zero3=stage == 3)` (ZeRO-3: the streaming loader, `load_thinker_zero3`);
+mode zero3-stock loads with transformers' own ZeRO-3 path instead (`from_pretrained`, what
+`load_thinker` did before). Each rank reports its peak RSS (VmHWM: anonymous
 memory + the checkpoint's pages it touched through mmap) and its peak anonymous memory (RssAnon,
 sampled every 10 ms: what cannot be shared with other ranks or dropped), minus what it held before
 loading, and the parameter bytes it holds afterwards.
@@ -37,8 +40,8 @@ def status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def worker(checkpoint: str, out_dir: str) -> None:
-    """One rank: the Accelerator, then the thinker as train/sft.py loads it; writes rank{R}.json."""
+def worker(checkpoint: str, out_dir: str, mode: str) -> None:
+    """One rank: the Accelerator, then the thinker as train/sft.py loads it (or as `mode` says); writes rank{R}.json."""
     import torch
     from accelerate import Accelerator, InitProcessGroupKwargs
 
@@ -61,7 +64,10 @@ def worker(checkpoint: str, out_dir: str) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
-    model = qo.load_thinker(checkpoint, "bfloat16", zero3=stage == 3)
+    if mode == "zero3-stock":
+        model = qo.thinker_class().from_pretrained(checkpoint, dtype=torch.bfloat16)
+    else:
+        model = qo.load_thinker(checkpoint, "bfloat16", zero3=stage == 3)
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
@@ -76,15 +82,19 @@ def worker(checkpoint: str, out_dir: str) -> None:
     Path(out_dir, f"rank{accelerator.process_index}.json").write_text(json.dumps(result))
 
 
-def launch(stage: int, checkpoint: Path, out_dir: Path) -> list[dict]:
+MODES = {"zero2": "ZeRO-2", "zero3": "ZeRO-3 streaming", "zero3-stock": "ZeRO-3 transformers"}
+
+
+def launch(mode: str, checkpoint: Path, out_dir: Path) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    stage = 2 if mode == "zero2" else 3
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / f"recipes/accelerate/cpu_zero{stage}_2proc.yaml"), "-m", "bench.load_bench",
-           "--worker", str(checkpoint), str(out_dir)]
+           "--worker", str(checkpoint), str(out_dir), mode]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode:
-        raise SystemExit(f"ZeRO-{stage} launch failed:\n{done.stderr[-4000:]}")
+        raise SystemExit(f"{MODES[mode]} launch failed:\n{done.stderr[-4000:]}")
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -101,7 +111,8 @@ def write_checkpoint(out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", nargs=2, metavar=("CHECKPOINT", "OUT_DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, metavar=("CHECKPOINT", "OUT_DIR", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.worker:
@@ -109,15 +120,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="load-bench-") as tmp:
         checkpoint = write_checkpoint(Path(tmp) / "real-1layer")
-        results = {stage: launch(stage, checkpoint, Path(tmp) / f"zero{stage}") for stage in (2, 3)}
+        results = {mode: launch(mode, checkpoint, Path(tmp) / mode) for mode in args.modes}
     rows = []
-    for stage, ranks in results.items():
+    for mode, ranks in results.items():
         for r in ranks:
+            zero2 = results["zero2"][r["rank"]] if "zero2" in results else None
             rows.append({
-                "mode": f"ZeRO-{stage}", "rank": r["rank"], "model GiB (bf16)": r["model_param_gib"],
+                "mode": MODES[mode], "rank": r["rank"], "model GiB (bf16)": r["model_param_gib"],
                 "held after loading GiB": r["held_param_gib"], "peak RSS GiB": r["peak_rss_gib"],
                 "peak anonymous GiB": r["peak_anon_gib"], "load s": r["seconds"],
-                "peak RSS vs ZeRO-2": r["peak_rss_gib"] / results[2][r["rank"]]["peak_rss_gib"],
+                "peak anonymous vs ZeRO-2": r["peak_anon_gib"] / zero2["peak_anon_gib"] if zero2 else None,
             })
     print_table(rows, "Loading the real-shaped 1-layer thinker (1 text, 1 audio, 1 vision layer; bf16) on 2 CPU ranks, "
                       "per rank, above what the rank held before loading")

@@ -189,6 +189,132 @@ def test_zero3_loading_needs_transformers_to_see_the_zero3_config(tiny_checkpoin
         qo.load_thinker(tiny_checkpoint, zero3=True)
 
 
+def test_weight_plan_fuses_the_experts_as_transformers_does(tiny_checkpoint):
+    """The plan, followed on one process, rebuilds every parameter of the stock load bit for bit
+    (the kit's layout is the real one: thinker.-prefixed, per-expert tensors, 4 shards)."""
+    from safetensors import safe_open
+
+    stock = qo.load_thinker(tiny_checkpoint, "float32")
+    tensors = qo.checkpoint_tensors(tiny_checkpoint)
+    assert len({path for path, _ in tensors.values()}) == 4
+    plan = qo.thinker_weight_plan({k: shape for k, (_, shape) in tensors.items()},
+                                  {n: tuple(p.shape) for n, p in stock.named_parameters()})
+    experts = stock.config.text_config.num_experts
+    assert len(plan["model.layers.0.mlp.experts.gate_up_proj"]) == 2 * experts
+    assert len(plan["model.layers.0.mlp.experts.down_proj"]) == experts
+    for name, param in stock.named_parameters():
+        rebuilt = torch.full_like(param, float("nan"))
+        for key, index in plan[name]:
+            with safe_open(str(tensors[key][0]), "pt") as f:
+                rebuilt[index] = f.get_tensor(key)
+        assert torch.equal(rebuilt, param), name
+
+
+PLAN_PARAMS = {"norm.weight": (3,), "l.mlp.experts.gate_up_proj": (2, 8, 3), "l.mlp.experts.down_proj": (2, 3, 4)}
+
+
+def plan_tensors() -> dict[str, tuple]:
+    """A composite checkpoint for PLAN_PARAMS: per-expert thinker tensors and a talker tensor."""
+    shapes = {"thinker.norm.weight": (3,), "talker.head.weight": (5, 5)}
+    for e in range(2):
+        shapes |= {f"thinker.l.mlp.experts.{e}.gate_proj.weight": (4, 3), f"thinker.l.mlp.experts.{e}.up_proj.weight": (4, 3),
+                   f"thinker.l.mlp.experts.{e}.down_proj.weight": (3, 4)}
+    return shapes
+
+
+def test_weight_plan_places_each_expert_and_skips_the_other_sub_models():
+    plan = qo.thinker_weight_plan(plan_tensors(), PLAN_PARAMS)
+    assert plan["norm.weight"] == [("thinker.norm.weight", ())]
+    assert sorted(plan["l.mlp.experts.gate_up_proj"], key=str) == [
+        ("thinker.l.mlp.experts.0.gate_proj.weight", (0, slice(0, 4))), ("thinker.l.mlp.experts.0.up_proj.weight", (0, slice(4, 8))),
+        ("thinker.l.mlp.experts.1.gate_proj.weight", (1, slice(0, 4))), ("thinker.l.mlp.experts.1.up_proj.weight", (1, slice(4, 8)))]
+    assert sorted(plan["l.mlp.experts.down_proj"]) == [("thinker.l.mlp.experts.0.down_proj.weight", (0, slice(None))),
+                                                       ("thinker.l.mlp.experts.1.down_proj.weight", (1, slice(None)))]
+    assert "talker.head.weight" not in str(plan)
+    # a thinker-only checkpoint (no prefix) and an already fused expert tensor load too
+    fused = {"norm.weight": (3,), "l.mlp.experts.gate_up_proj": (2, 8, 3), "l.mlp.experts.down_proj": (2, 3, 4)}
+    assert qo.thinker_weight_plan(fused, PLAN_PARAMS)["l.mlp.experts.gate_up_proj"] == [("l.mlp.experts.gate_up_proj", ())]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"thinker.lm_head.weight": (5, 3)}, r"thinker\.lm_head\.weight fits no parameter"),
+    ({"thinker.norm.weight": None}, r"parameter norm\.weight: no checkpoint tensor"),
+    ({"thinker.l.mlp.experts.1.up_proj.weight": None}, r"gate_up_proj: no checkpoint tensor for expert 1\.up_proj"),
+    ({"thinker.l.mlp.experts.0.down_proj.weight": (4, 3)},
+     r"down_proj\.weight has shape \(4, 3\), l\.mlp\.experts\.down_proj\[0, :\] \(3, 4\)"),
+    ({"thinker.l.mlp.experts.2.gate_proj.weight": (4, 3)},
+     r"experts\.2\.gate_proj\.weight: l\.mlp\.experts\.gate_up_proj has 2 experts"),
+    ({"thinker.l.mlp.experts.down_proj": (2, 3, 4)}, r"l\.mlp\.experts\.down_proj: filled twice"),
+], ids=["unknown-tensor", "missing-parameter", "missing-expert", "wrong-shape", "expert-out-of-range", "fused-and-per-expert"])
+def test_weight_plan_names_what_does_not_match(change, message):
+    shapes = {k: v for k, v in {**plan_tensors(), **change}.items() if v is not None}
+    with pytest.raises(ValueError, match=message):
+        qo.thinker_weight_plan(shapes, PLAN_PARAMS)
+
+
+def test_weight_plan_leaves_a_tied_parameter_to_the_tie():
+    shapes = {k: v for k, v in plan_tensors().items() if k != "thinker.norm.weight"}
+    assert "norm.weight" not in qo.thinker_weight_plan(shapes, PLAN_PARAMS, tied=["norm.weight"])
+
+
+def renamed_copy(checkpoint, out, old: str, new: str):
+    """`checkpoint` with tensor `old` renamed `new` in its shard and index."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(checkpoint, out)
+    index = json.loads((out / qo.WEIGHT_INDEX).read_text())
+    shard = out / index["weight_map"].pop(old)
+    tensors = load_file(shard)
+    tensors[new] = tensors.pop(old)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index["weight_map"][new] = shard.name
+    (out / qo.WEIGHT_INDEX).write_text(json.dumps(index))
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_zero3_stream_the_stock_weights(tiny_checkpoint, tmp_path, one_torch_thread):
+    """Two gloo ranks load the kit under ZeRO-3 (bf16, as the recipes train) with the streaming loader: each
+    holds only its half; gathered, every parameter and buffer equals transformers' plain load bit for bit
+    and one forward with audio gives the same logits. A checkpoint that does not match fails on both ranks."""
+    import math
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_train import REPO
+    from tests.zero3_load_worker import forward_batch
+
+    broken = renamed_copy(tiny_checkpoint, tmp_path / "broken", "thinker.model.layers.0.mlp.experts.1.up_proj.weight",
+                          "thinker.model.layers.0.mlp.experts.7.up_proj.weight")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "recipes/accelerate/cpu_zero3_2proc.yaml"), str(REPO / "tests/zero3_load_worker.py"),
+           str(tiny_checkpoint), str(broken), str(tmp_path)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    stock = qo.load_thinker(tiny_checkpoint, "bfloat16")
+    with torch.no_grad():
+        logits = stock(**forward_batch(str(tiny_checkpoint))).logits
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["held"] == sum(math.ceil(p.numel() / 2) for p in stock.parameters())
+        assert got["params"].keys() == dict(stock.named_parameters()).keys()
+        for name, param in stock.named_parameters():
+            assert got["params"][name].dtype == param.dtype == torch.bfloat16 and torch.equal(got["params"][name], param), name
+        assert got["buffers"].keys() == dict(stock.named_buffers()).keys()
+        for name, buffer in stock.named_buffers():  # the rotary frequencies stay float32, as in the plain load
+            assert got["buffers"][name].dtype == buffer.dtype == torch.float32 and torch.equal(got["buffers"][name], buffer), name
+        assert torch.equal(got["logits"], logits)
+        assert not got["training"] and got["config_dtype"] == "torch.bfloat16"
+        assert got["generation"] == stock.generation_config.to_dict()
+        assert "experts.7.up_proj.weight: model.layers.0.mlp.experts.gate_up_proj has 4 experts" in got["broken"]
+        assert "gate_up_proj: no checkpoint tensor for expert 1.up_proj" in got["broken"]
+
+
 def test_plan_of_the_cogito_recipe_on_8_x_80_gb():
     """The real thinker's shapes: ZeRO-2 holds all bf16 weights on each GPU and does not fit at 8,192
     tokens; ZeRO-3 (what recipes/cogito.yaml ships) fits with headroom."""

@@ -344,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{steps_per_epoch} steps/epoch, {total_steps} steps")
 
     # Model: LoRA on the text attention (and experts if asked); the audio tower and visual stay frozen.
-    # Under ZeRO-3 each rank creates its 1/world shard of every parameter and reads the weights
-    # into it; the full model never exists in one process's memory.
+    # Under ZeRO-3 each rank creates its 1/world shard of every parameter and rank 0 streams the weights
+    # in, one gathered module at a time (qo.load_thinker_zero3): no process holds the full model.
     model = qo.load_thinker(recipe.model.path, recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
                             experts_implementation=recipe.model.experts_implementation, allow_hub=recipe.model.allow_hub,
                             zero3=stage == 3)
