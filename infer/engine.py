@@ -325,14 +325,18 @@ def vllm_sampling_kwargs(sampling: SamplingConfig, eos_ids: Sequence[int]) -> di
     )
 
 
-def vllm_prompt(request: Request, continue_after: str = "") -> dict[str, Any]:
-    """One offline vLLM prompt: the rendered text (followed by the text a generation continues
-    after, in the thinking budget's second phase), and the waveform as multi-modal data, hop-aligned
-    as the hf engine and training align it (vLLM would pad it the same way itself)."""
-    prompt = request.prompt + continue_after
+def vllm_prompt(request: Request, tokenizer, continue_after: Sequence[int] = ()) -> dict[str, Any]:
+    """One offline vLLM prompt as token ids (a `TokensPrompt`): the rendered text tokenised as the hf
+    engine tokenises it, then the ids a generation continues after (the thinking budget's second phase)
+    exactly as generated: decoded and re-tokenised as text they can come back as other tokens (a word or
+    a UTF-8 character cut by the budget). The one <|audio_pad|> stays unexpanded: vLLM 0.32's Qwen3-Omni
+    processor replaces it with the clip's audio tokens in token prompts as in text ones (an expanded
+    prompt would be expanded again). The waveform goes as multi-modal data, hop-aligned as the hf engine
+    and training align it (vLLM would pad it the same way itself)."""
+    ids = tokenizer(request.prompt, add_special_tokens=False)["input_ids"] + list(continue_after)
     if request.audio is None:
-        return {"prompt": prompt}
-    return {"prompt": prompt, "multi_modal_data": {"audio": (qo.align_to_hop(request.audio), qo.SAMPLE_RATE)}}
+        return {"prompt_token_ids": ids}
+    return {"prompt_token_ids": ids, "multi_modal_data": {"audio": (qo.align_to_hop(request.audio), qo.SAMPLE_RATE)}}
 
 
 def vllm_engine_kwargs(recipe: Recipe) -> dict[str, Any]:
@@ -392,9 +396,7 @@ class VLLMEngine(Engine):
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start:start + self.batch_size]
             began = time.perf_counter()
-            # A continuation goes in as text: vLLM expands the audio placeholder of text prompts.
-            prompts = [vllm_prompt(r, self.tokenizer.decode(list(prefixes.get(r.id, ())), skip_special_tokens=False))
-                       for r in chunk]
+            prompts = [vllm_prompt(r, self.tokenizer, prefixes.get(r.id, ())) for r in chunk]
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             seconds = (time.perf_counter() - began) / len(chunk)
             batch = []

@@ -1,6 +1,7 @@
-"""A recipe's engine on its benchmark items: per item the generated token ids, prompt length and text.
+"""A recipe's engine on its benchmark items: per item the generated token ids, prompt length and text,
+and with a thinking budget a second run of the same items under it, from the same engine.
 
-    python tests/engine_outputs.py OUT.json RECIPE [dotted.key=value ...]
+    python tests/engine_outputs.py OUT.json [--thinking-budget N] RECIPE [dotted.key=value ...]
 
 tests/test_vllm.py calls `engine_outputs` in-process for the hf engine and runs this file for vLLM,
 in its own process: vLLM starts an engine and a worker process that re-import the main module, hence
@@ -10,6 +11,7 @@ ones `infer run` builds (`infer.run.item_request`).
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repo root
 
 
-def engine_outputs(recipe, device: str | None = None) -> dict:
+def engine_outputs(recipe, device: str | None = None, thinking_budget: int | None = None) -> dict:
     from infer.engine import load_engine
     from infer.run import benchmark_items, item_request
 
@@ -25,18 +27,28 @@ def engine_outputs(recipe, device: str | None = None) -> dict:
     _, items = benchmark_items(recipe)
     requests = [item_request(i, engine.tokenizer, recipe.model.prompt_style, recipe.infer.max_audio_seconds)
                 for i in items]
-    return {
-        "describe": engine.describe(),
-        "generations": {g.id: {"token_ids": list(g.token_ids), "n_prompt_tokens": g.n_prompt_tokens,
-                               "finished": g.finished, "text": g.text} for g in engine.generate(requests)},
-    }
+
+    def generations(sampling) -> dict:
+        return {g.id: {"token_ids": list(g.token_ids), "n_prompt_tokens": g.n_prompt_tokens, "finished": g.finished,
+                       "text": g.text, "budget_fired": g.budget_fired} for g in engine.generate(requests, sampling)}
+
+    outputs = {"describe": engine.describe(), "prompts": {r.id: r.prompt for r in requests},
+               "generations": generations(engine.sampling)}
+    if thinking_budget is not None:  # one process for both runs: a vLLM start costs ~30 s on a CPU
+        outputs["budgeted"] = generations(engine.sampling.replace(thinking_budget=thinking_budget))
+    return outputs
 
 
 def main(argv: list[str]) -> int:
     from core.recipe import load_recipe, split_cli
 
-    out, recipe_args = Path(argv[0]), argv[1:]
-    out.write_text(json.dumps(engine_outputs(load_recipe(*split_cli(recipe_args))), default=str))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--thinking-budget", type=int)
+    parser.add_argument("recipe_args", nargs="+")
+    args = parser.parse_args(argv)
+    outputs = engine_outputs(load_recipe(*split_cli(args.recipe_args)), thinking_budget=args.thinking_budget)
+    args.out.write_text(json.dumps(outputs, default=str))
     return 0
 
 

@@ -78,7 +78,7 @@ def test_same_audio_tokens_in_training_hf_engine_and_vllm(items, processor):
 
     # vLLM gets the hop-aligned waveform: its own padding then changes nothing
     for request in requests:
-        sent, _ = vllm_prompt(request)["multi_modal_data"]["audio"]
+        sent, _ = vllm_prompt(request, processor.tokenizer)["multi_modal_data"]["audio"]
         assert len(sent) % qo.HOP_LENGTH == 0 and len(sent) - len(request.audio) < qo.HOP_LENGTH
         np.testing.assert_array_equal(sent[: len(request.audio)], request.audio)
 

