@@ -61,8 +61,12 @@ def test_generation_stops_at_end_of_turn(engine, requests, processor):
 
     def end_from_sixth_step(module, args, logits):
         steps.append(1)
-        if len(steps) >= 6:  # one forward per new token: five free tokens, then the end
+        # one forward per new token: five tokens that are no end token (whatever the random model
+        # prefers), then the end
+        if len(steps) >= 6:
             logits[..., -1, end_id] = 1e4
+        else:
+            logits[..., -1, processor.eos_token_ids] = -1e4
         return logits
 
     ended = []
