@@ -18,7 +18,8 @@ import yaml
 from core.items import Item
 from core.recipe import JudgeConfig, RecipeError, load_recipe
 from infer.parse import parse_output
-from train.grpo import group_advantages, grpo_loss
+from train.grpo import check_grpo_resumable, group_advantages, grpo_loss
+from train.sft import TrainingError
 from tests.test_train import adapter_weights, metrics
 from train.rewards import (
     REASONING_RUBRIC, EmbeddingReward, JudgeReward, Rollout, TextEmbedder, answer_reward, format_reward, length_reward,
@@ -278,6 +279,13 @@ def test_resume_gives_the_uninterrupted_run(grpo_recipe, tmp_path):
     resumed = tmp_path / "resumed"
     run_grpo(grpo_recipe, f"train.output_dir={resumed}", "train.stop_after=2")
     assert not (resumed / "adapter").exists() and [m["step"] for m in metrics(resumed)] == [1, 2]
+    # other GRPO settings, or another thinking budget (the length reward's), would mix two runs
+    with pytest.raises(TrainingError, match=r"Differing: grpo.temperature: 1.0 -> 0.7; grpo.beta: 0.1 -> 0.2\. Restore"):
+        run_grpo(grpo_recipe, f"train.output_dir={resumed}", "grpo.beta=0.2", "grpo.temperature=0.7")
+    with pytest.raises(TrainingError, match=r"Differing: infer.thinking_budget: 2000 -> 50\."):
+        run_grpo(grpo_recipe, f"train.output_dir={resumed}", "infer.thinking_budget=50")
+    # the judge's pacing changes no rating
+    check_grpo_resumable(load_recipe(grpo_recipe, [f"train.output_dir={resumed}", "grpo.judge.concurrency=2"]), resumed)
     run_grpo(grpo_recipe, f"train.output_dir={resumed}")
     again = metrics(resumed)
     assert [m["step"] for m in again] == [1, 2, 3, 4]

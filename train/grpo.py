@@ -345,6 +345,11 @@ def load_policy(recipe: Recipe):
     return model, placement(model)
 
 
+def check_grpo_resumable(recipe: Recipe, out: Path) -> None:
+    """SFT's check over the grpo section too, and infer.thinking_budget: the length reward scores against it."""
+    check_resumable(recipe, out, ("model", "data", "lora", "train", "grpo"), also=("infer.thinking_budget",))
+
+
 def main(argv: list[str] | None = None) -> int:
     recipe = recipe_cli(sys.argv[1:] if argv is None else argv, "python train/grpo.py",
                         "GRPO after SFT on audio (see the module docstring for what it writes).")
@@ -352,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     if not grpo.stages:
         raise DataError(f"recipe {recipe.name}: grpo.stages: no curriculum stage given")
     out = Path(cfg.output_dir)
-    check_resumable(recipe, out)  # every rank, before any of them writes
+    check_grpo_resumable(recipe, out)  # every rank, before any of them writes
     library_bars_off_a_terminal()
     accelerator = make_accelerator(recipe)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
