@@ -299,6 +299,53 @@ def test_resume_gives_the_uninterrupted_run(grpo_recipe, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
 
 
+@pytest.fixture
+def nan_from_third_step(monkeypatch):
+    """Scoring batches of rollout steps 3, 4, ... carry NaN features (2 micro-batches a step): their loss is NaN."""
+    import train.grpo
+
+    calls = []
+    real = train.grpo.sequence_batch
+
+    def poisoned(processor, samples):
+        batch = real(processor, samples)
+        calls.append(1)
+        if len(calls) > 4:
+            batch["input_features"] = torch.full_like(batch["input_features"], float("nan"))
+        return batch
+
+    monkeypatch.setattr(train.grpo, "sequence_batch", poisoned)
+    return calls
+
+
+def test_nonfinite_loss_stops_before_the_checkpoint(grpo_recipe, tmp_path, nan_from_third_step):
+    with pytest.raises(TrainingError, match=r"step 3: loss nan, gradient norm nan \(prompts of this rank: syn-train-.*\); "
+                                            r"stopped before its checkpoint; newest checkpoint: .*step-2$"):
+        run_grpo(grpo_recipe)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"] and not (run / "adapter").exists()
+    assert [m["step"] for m in metrics(run)] == [1, 2] and all(m["skipped"] == 0 for m in metrics(run))
+
+
+def test_nonfinite_steps_are_skipped_up_to_the_limit(grpo_recipe, tmp_path, nan_from_third_step):
+    from safetensors.torch import load_file
+
+    # counted per optimizer step, as in SFT: 2 iterations per rollout step
+    assert run_grpo(grpo_recipe, "train.max_nonfinite_steps=4") == tmp_path / "run"
+    run = tmp_path / "run"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert "NaN" not in "".join(lines)  # strict JSON: null
+    steps = [json.loads(line) for line in lines]
+    assert [m["skipped"] for m in steps] == [0, 0, 2, 2] and [m["loss"] is None for m in steps] == [False, False, True, True]
+    final = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    at_2 = load_file(str(run / "checkpoints" / "step-2" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() and torch.equal(t, at_2[k]) for k, t in final.items())  # nothing updated after step 2
+    assert json.loads((run / "checkpoints" / "step-4" / "trainer_state.json").read_text())["nonfinite_skipped"] == 4
+    nan_from_third_step.clear()
+    with pytest.raises(TrainingError, match=r"step 4: .*\(2 skipped before, train.max_nonfinite_steps=3\)"):
+        run_grpo(grpo_recipe, f"train.output_dir={tmp_path}/limited", "train.max_nonfinite_steps=3")
+
+
 def test_reference_is_the_base_with_the_adapter_disabled(grpo_recipe, tmp_path):
     # A fresh LoRA starts equal to the base (lora_B = 0): before any update the KL to the reference is 0 exactly.
     run = run_grpo(grpo_recipe, f"train.output_dir={tmp_path}/kl", "grpo.iterations=1", "train.stop_after=1")

@@ -38,7 +38,7 @@ import torch
 # `python train/grpo.py` / `accelerate launch train/grpo.py` put train/ first on sys.path, not the repo.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from accelerate.utils import set_seed  # noqa: E402
+from accelerate.utils import DistributedType, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from core import qwen_omni as qo  # noqa: E402
@@ -52,8 +52,8 @@ from train.data import epoch_batches, mix, sample_rows  # noqa: E402
 from train.lora import placement  # noqa: E402
 from train.rewards import Rollout, build_rewards  # noqa: E402
 from train.sft import (  # noqa: E402
-    check_resumable, finish, log_and_save, lr_factor, make_accelerator, peak_memory_gb, prepare_for_training, reset_metrics,
-    start_session,
+    TrainingError, check_resumable, checkpoints, finish, finite_or_null, log_and_save, lr_factor, make_accelerator,
+    peak_memory_gb, prepare_for_training, reset_metrics, start_session,
 )
 
 
@@ -272,8 +272,9 @@ def optimise(accelerator, model, optimizer, scheduler, params, processor, sample
         if grpo.beta:
             with unwrapped.disable_adapter():
                 ref = [token_logps(model, b, grpo.temperature)[0] for b in batches]
-    totals = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0, "tokens": 0, "grad_norm": []}
+    totals = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0, "tokens": 0, "grad_norm": [], "nonfinite": 0}
     for _ in range(grpo.iterations):
+        loss_sum = torch.zeros((), device=device)
         for i, batch in enumerate(batches):
             with accelerator.accumulate(model):
                 assert accelerator.sync_gradients == (i == len(batches) - 1), "accumulation window out of step"
@@ -282,14 +283,22 @@ def optimise(accelerator, model, optimizer, scheduler, params, processor, sample
                                   grpo.clip_low, grpo.clip_high, ref[i] if ref else None, grpo.beta)
                 # As in SFT: undo DDP's average over ranks and Accelerate's division by grad_accum.
                 accelerator.backward(parts.loss * accelerator.num_processes * len(batches))
-            totals["loss"] += float(parts.loss.detach())
+            loss_sum += parts.loss.detach()
             totals["kl_sum"] += parts.kl_sum
             totals["clipped"] += parts.clipped
             totals["tokens"] += parts.tokens
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        totals["grad_norm"].append(float(grad_norm) if grad_norm is not None else None)  # None: DeepSpeed keeps it
-        optimizer.step()
-        scheduler.step()
+        grad_norm = float(grad_norm) if grad_norm is not None else None  # None: DeepSpeed keeps it
+        totals["grad_norm"].append(grad_norm)
+        totals["loss"] += float(loss_sum)
+        # As in SFT (train_step): the loss and norm are global, so every rank decides alike; a non-finite
+        # optimizer step updates nothing, and the caller stops or counts it.
+        loss = accelerator.reduce(loss_sum, reduction="sum").item()
+        if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+            optimizer.step()
+        else:
+            totals["nonfinite"] += 1
+        scheduler.step()  # the schedule stays a function of the step, skipped or not
         optimizer.zero_grad()
     return totals
 
@@ -318,6 +327,7 @@ def step_record(accelerator, step: int, stage: str, lr: float, parts: dict, tota
         "completion_length": float(gathered([len(s.completion_ids) for s in samples]).mean()),
         "truncated": float(gathered([not s.rollout.finished for s in samples]).mean()),
         "rollout_tokens_per_s": summed(generated) / max(summed(rollout_s) / accelerator.num_processes, 1e-9),
+        "skipped": stats["nonfinite"],  # optimizer steps of this rollout step skipped for a non-finite loss
         "step_seconds": seconds,
         "peak_memory_gb": round(peak_memory_gb(), 3),
     })
@@ -389,8 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         lr_factor, total=optimizer_steps, warmup=math.ceil(cfg.warmup_ratio * optimizer_steps),
         schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio))
+    if cfg.max_nonfinite_steps and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise TrainingError("train.max_nonfinite_steps > 0 cannot skip steps under DeepSpeed (its engine updates "
+                            "inside backward); set it to 0: training then stops at a non-finite loss")
     model, optimizer, state, end, metrics_path = start_session(accelerator, model, optimizer, scheduler, recipe, total_steps, log)
-    start = state["step"]
+    start, skipped = state["step"], state.get("nonfinite_skipped", 0)
     processor = qo.OmniProcessor.from_pretrained(recipe.model.path)
     engine = rollout_engine(accelerator.unwrap_model(model), processor, recipe, str(device))
     rollouts_path = out / "rollouts" / f"rank{rank}.jsonl"
@@ -411,6 +424,18 @@ def main(argv: list[str] | None = None) -> int:
         stats = optimise(accelerator, model, optimizer, scheduler, params, processor, samples, advantages, recipe, device)
         record = step_record(accelerator, step + 1, stage.name, lr, parts, total, samples, stats, generated, rollout_s,
                              time.perf_counter() - tick, grpo.iterations)
+        if stats["nonfinite"]:  # counted per optimizer step, as SFT's train.max_nonfinite_steps
+            skipped += stats["nonfinite"]
+            if skipped > cfg.max_nonfinite_steps:
+                newest = checkpoints(out)
+                raise TrainingError(
+                    f"step {step + 1}: loss {record['loss']}, gradient norm {record['grad_norm']} (prompts of this rank: "
+                    f"{', '.join(item.id for item in items)}); stopped before its checkpoint"
+                    + (f" ({skipped - stats['nonfinite']} skipped before, train.max_nonfinite_steps={cfg.max_nonfinite_steps})"
+                       if skipped > stats["nonfinite"] else "")
+                    + f"; newest checkpoint: {newest[-1] if newest else 'none'}")
+            log(f"step {step + 1}: non-finite loss or gradient norm, {stats['nonfinite']} optimizer step(s) skipped "
+                f"({skipped} of at most {cfg.max_nonfinite_steps})")
         with rollouts_path.open("a") as handle:
             for i, s in enumerate(samples):
                 handle.write(json.dumps({"step": step + 1, "id": s.rollout.id, "text": s.rollout.text,
@@ -420,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "advantage": float(advantages[i])}) + "\n")
         bar.set_postfix(answer=f"{record['reward/answer/mean']:.2f}", loss=f"{record['loss']:.4f}")
         bar.update(1)
-        log_and_save(accelerator, model, recipe, record, metrics_path, end)
+        record = {k: finite_or_null(v) for k, v in record.items()}
+        log_and_save(accelerator, model, recipe, record, metrics_path, end, {"nonfinite_skipped": skipped})
     bar.close()
     finish(accelerator, model, out, end, total_steps, metrics_path, log)
     return 0
