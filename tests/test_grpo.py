@@ -353,20 +353,43 @@ def test_reference_is_the_base_with_the_adapter_disabled(grpo_recipe, tmp_path):
     assert record["kl"] == 0.0 and record["clip_fraction"] == 0.0 and record["grad_norm"] > 0
 
 
-def test_starts_from_the_sft_adapter(grpo_recipe, tmp_path, tiny_checkpoint):
-    from peft import PeftModel
-
+def trained_looking_adapter(recipe_file: Path, out: Path, tiny_checkpoint: Path) -> Path:
+    """An adapter with random lora_B, saved as SFT saves one: a policy away from the base."""
     from core import qwen_omni as qo
-    from train.grpo import load_policy
     from train.lora import apply_lora
 
-    recipe = load_recipe(grpo_recipe)
-    sft, _ = apply_lora(qo.load_thinker(tiny_checkpoint, "float32"), recipe.lora)
+    torch.manual_seed(0)
+    sft, _ = apply_lora(qo.load_thinker(tiny_checkpoint, "float32"), load_recipe(recipe_file).lora)
     with torch.no_grad():
         for name, p in sft.named_parameters():
             if "lora_B" in name:
-                p.normal_()  # a trained-looking adapter: the policy must start from it, not from zero
-    sft.save_pretrained(str(tmp_path / "sft"), save_embedding_layers=False)
+                p.normal_()
+    sft.save_pretrained(str(out), save_embedding_layers=False)
+    return out
+
+
+def test_kl_reference_is_the_sft_adapter_it_started_from(grpo_recipe, tmp_path, tiny_checkpoint):
+    sft = trained_looking_adapter(grpo_recipe, tmp_path / "sft", tiny_checkpoint)
+    start = [f"grpo.init_adapter={sft}", "grpo.iterations=1"]
+    resumed = run_grpo(grpo_recipe, f"train.output_dir={tmp_path}/resumed", *start, "train.stop_after=1")
+    (first,) = metrics(resumed)
+    assert first["kl"] == 0.0  # the policy is still the SFT adapter: no KL to it (to the base it would be far)
+    run_grpo(grpo_recipe, f"train.output_dir={resumed}", *start, "train.stop_after=2")
+    whole = run_grpo(grpo_recipe, f"train.output_dir={tmp_path}/whole", *start, "train.stop_after=2")
+    # after a resume the reference is still the SFT adapter, not the checkpoint (to which step 2's KL would be 0)
+    assert metrics(resumed)[1]["kl"] > 0
+    assert metrics(resumed)[1]["kl"] == pytest.approx(metrics(whole)[1]["kl"], rel=1e-5)
+    a, b = adapter_weights(resumed / "checkpoints" / "step-2" / "adapter"), adapter_weights(whole / "checkpoints" / "step-2" / "adapter")
+    for key in a:  # the swapped-in reference weights were put back
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+def test_starts_from_the_sft_adapter(grpo_recipe, tmp_path, tiny_checkpoint):
+    from peft import PeftModel
+
+    from train.grpo import load_policy
+
+    trained_looking_adapter(grpo_recipe, tmp_path / "sft", tiny_checkpoint)  # the policy must start from it, not from zero
     policy, placed = load_policy(load_recipe(grpo_recipe, [f"grpo.init_adapter={tmp_path}/sft"]))
     assert placed["text_attention"] == 8 and placed["audio_tower"] == 0
     assert isinstance(policy, PeftModel) and any(p.requires_grad for p in policy.parameters())

@@ -8,7 +8,8 @@ Each rollout step, on every rank: take this rank's prompts of the current curric
 `generate` on the policy being trained), score them with the stage's weighted rewards
 (train/rewards.py), normalise the rewards within each prompt's group into advantages, then take
 `grpo.iterations` optimizer steps on the clipped-ratio objective, plus `grpo.beta` x KL to the
-reference policy: the base model with the adapter disabled (no second copy of the model).
+reference policy: the policy it started from, i.e. the SFT adapter of `grpo.init_adapter` (its weights
+swapped in for the reference forward), or the base model for a fresh adapter (no second copy of the model).
 
 Per rank and step the rollouts are `train.batch_size x train.grad_accum` sequences (a multiple of
 G): `train.grad_accum` micro-batches of `train.batch_size`. As in SFT, the loss is the mean over
@@ -23,6 +24,7 @@ checkpoints/step-N/ and adapter/.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -53,7 +55,7 @@ from train.lora import placement  # noqa: E402
 from train.rewards import Rollout, build_rewards  # noqa: E402
 from train.sft import (  # noqa: E402
     TrainingError, check_resumable, checkpoints, finish, finite_or_null, log_and_save, lr_factor, make_accelerator,
-    peak_memory_gb, prepare_for_training, reset_metrics, start_session,
+    peak_memory_gb, prepare_for_training, reset_metrics, start_session, zero_stage,
 )
 
 
@@ -255,7 +257,31 @@ def score(samples: Sequence[Sample], rewards: dict, weights: dict[str, float]) -
     return parts, total
 
 
-def optimise(accelerator, model, optimizer, scheduler, params, processor, samples, advantages, recipe: Recipe, device) -> dict:
+@contextlib.contextmanager
+def reference_policy(model, params: list[torch.Tensor], start_weights: list[torch.Tensor] | None):
+    """The model as the KL reference inside the block: the policy GRPO started from.
+
+    With grpo.init_adapter that is the SFT adapter, whose weights (`start_weights`, taken at load) are
+    copied into the trainable tensors in place and the current ones copied back after; the base with the
+    adapter disabled would pull the policy back to a model that has not learnt the task or its format.
+    A fresh adapter starts equal to the base (lora_B = 0): disabling it is the same reference, for free.
+    """
+    if start_weights is None:
+        with model.disable_adapter():
+            yield
+        return
+    current = [p.detach().clone() for p in params]
+    for p, start in zip(params, start_weights):
+        p.data.copy_(start)  # in place: DeepSpeed's flat-buffer views stay valid
+    try:
+        yield
+    finally:
+        for p, now in zip(params, current):
+            p.data.copy_(now)
+
+
+def optimise(accelerator, model, optimizer, scheduler, params, processor, samples, advantages, recipe: Recipe, device,
+             start_weights: list[torch.Tensor] | None = None) -> dict:
     """`grpo.iterations` optimizer steps on this rank's rollouts; returns summed statistics over all steps."""
     cfg, grpo = recipe.train, recipe.grpo
     micro = [samples[i:i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
@@ -263,14 +289,13 @@ def optimise(accelerator, model, optimizer, scheduler, params, processor, sample
     batches = [{k: v.to(device) for k, v in sequence_batch(processor, m).items()} for m in micro]
     local_tokens = sum(int((b["labels"][:, 1:] != qo.IGNORE_INDEX).sum()) for b in batches)
     global_tokens = accelerator.reduce(torch.tensor(local_tokens, device=device), reduction="sum")
-    unwrapped = accelerator.unwrap_model(model)
     with torch.no_grad():
         # Old log-probs are needed only when the policy moves between iterations; with one iteration the
         # ratio is exactly 1 (its value), and the gradient is that of the policy-gradient objective.
         old = [token_logps(model, b, grpo.temperature)[0] for b in batches] if grpo.iterations > 1 else None
         ref = None
         if grpo.beta:
-            with unwrapped.disable_adapter():
+            with reference_policy(accelerator.unwrap_model(model), params, start_weights):
                 ref = [token_logps(model, b, grpo.temperature)[0] for b in batches]
     totals = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0, "tokens": 0, "grad_norm": [], "nonfinite": 0}
     for _ in range(grpo.iterations):
@@ -394,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     model, placed = load_policy(recipe)
     log("lora: adapted modules " + ", ".join(f"{g}={placed[g]}" for g in ("text_attention", "experts", "audio_tower", "other")))
     params = [p for p in model.parameters() if p.requires_grad]
+    # The KL reference: the SFT adapter as loaded, before a resume moves the weights (reference_policy).
+    start_weights = [p.detach().clone() for p in params] if grpo.beta and grpo.init_adapter else None
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     optimizer_steps = total_steps * grpo.iterations
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
@@ -402,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.max_nonfinite_steps and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise TrainingError("train.max_nonfinite_steps > 0 cannot skip steps under DeepSpeed (its engine updates "
                             "inside backward); set it to 0: training then stops at a non-finite loss")
+    if start_weights is not None and zero_stage(accelerator) == 3:
+        raise ValueError("grpo.beta > 0 with grpo.init_adapter needs the whole adapter on every rank (its SFT weights "
+                         "are the KL reference): use ZeRO-2 or DDP, or grpo.beta=0")
     model, optimizer, state, end, metrics_path = start_session(accelerator, model, optimizer, scheduler, recipe, total_steps, log)
     start, skipped = state["step"], state.get("nonfinite_skipped", 0)
     processor = qo.OmniProcessor.from_pretrained(recipe.model.path)
@@ -421,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         parts, total = score(samples, rewards, stage.rewards)
         advantages = group_advantages(torch.tensor(total, dtype=torch.float32), grpo.num_generations, grpo.scale_rewards)
-        stats = optimise(accelerator, model, optimizer, scheduler, params, processor, samples, advantages, recipe, device)
+        stats = optimise(accelerator, model, optimizer, scheduler, params, processor, samples, advantages, recipe, device,
+                         start_weights)
         record = step_record(accelerator, step + 1, stage.name, lr, parts, total, samples, stats, generated, rollout_s,
                              time.perf_counter() - tick, grpo.iterations)
         if stats["nonfinite"]:  # counted per optimizer step, as SFT's train.max_nonfinite_steps
