@@ -110,9 +110,11 @@ def test_answer_and_format_rewards():
     right = rollout("<think>\nhigher pitch second\n</think>\n\nthe second")
     wrong = rollout("<think>\nfirst\n</think>\n\nthe first")
     unmatched = rollout("<think>\nhmm\n</think>\n\nno idea")
-    unclosed = rollout("<think>\nit is the second")  # truncated: its last paragraph names a choice
+    # never closed: the parser takes the right choice from its last paragraph, but no answer was given
+    unclosed = rollout("<think>\nit is the second")
     repeated = rollout("<think>\nhmm\n</think>\n</think>\n\nthe second")  # tag spam: the answer counts, the format half not
-    assert answer_reward([right, wrong, unmatched, unclosed, repeated]) == [1.0, 0.0, 0.0, 1.0, 1.0]
+    assert unclosed.parsed.answer == "the second"
+    assert answer_reward([right, wrong, unmatched, unclosed, repeated]) == [1.0, 0.0, 0.0, 0.0, 1.0]
     assert format_reward([right, wrong, unmatched, unclosed, repeated]) == [1.0, 1.0, 0.5, 0.0, 0.5]
 
 
