@@ -54,7 +54,7 @@ from train.data import epoch_batches, mix, sample_rows  # noqa: E402
 from train.lora import placement  # noqa: E402
 from train.rewards import Rollout, build_rewards  # noqa: E402
 from train.sft import (  # noqa: E402
-    TrainingError, check_resumable, checkpoints, finish, finite_or_null, log_and_save, lr_factor, make_accelerator,
+    TrainingError, check_resumable, checkpoints, cli, finish, finite_or_null, log_and_save, lr_factor, make_accelerator,
     peak_memory_gb, prepare_for_training, reset_metrics, start_session, zero_stage,
 )
 
@@ -484,4 +484,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(entry=main))

@@ -418,10 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`main` with input errors printed as one message (file, record, field), without a traceback."""
+def cli(argv: list[str] | None = None, entry=None) -> int:
+    """`main` (or train/grpo.py's, `entry`) with input errors printed as one message (file, record, field),
+    without a traceback."""
     try:
-        return main(argv)
+        return (entry or main)(argv)
     except (RecipeError, DataError, TrainingError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if not isinstance(err, TrainingError) else 1
