@@ -69,7 +69,7 @@ def _compliance(args) -> int:
         checks = compliance.run_checks(compliance.Inputs(
             infer_recipe=load_recipe(RunPaths.beside(args.infer_output).recipe), submission=Path(args.infer_output),
             train_recipe=train, data_card=card if card.is_file() or args.data_card else None,
-            mmar_meta=Path(args.mmar_meta) if args.mmar_meta else None,
+            mmar_meta=Path(args.mmar_meta) if args.mmar_meta else None, trainer=compliance.trainer_of(Path(args.train_run)),
         ))
     print(compliance.render(checks))
     return 1 if compliance.failed(checks) else 0

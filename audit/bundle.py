@@ -7,8 +7,9 @@ Layout of OUT (also packed as OUT.tar.gz):
     MANIFEST.json            sha256 and size of every other file of the bundle
     audit.json               sources, git state, seeds, decoding settings, compliance summary
     checksums.json           sha256 per file of what the bundle refers to but does not hold: the inference
-                             checkpoint, adapter, training base, merged checkpoint, training data (and with
-                             --hash-audio its audio), the submission and its sidecars, the data card
+                             checkpoint, adapter, training base, merged checkpoint, training data (SFT's data.train
+                             or GRPO's curriculum stages; with --hash-audio its audio), GRPO's starting SFT adapter,
+                             the submission and its sidecars, the data card
     commands.sh              the exact commands that re-run training and inference from recipes/
     compliance.json          the Track 1 checks (audit.compliance)
     recipes/train.yaml       the training run's resolved recipe (runs/X/recipe.yaml)
@@ -96,7 +97,7 @@ def same(a: str | Path | None, b: str | Path | None) -> bool:
     return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
 
 
-def artifact_checksums(src: BundleSources, train: Recipe, infer: Recipe, card: Path | None) -> dict:
+def artifact_checksums(src: BundleSources, train: Recipe, infer: Recipe, card: Path | None, trainer: str) -> dict:
     """checksums.json: the files the bundle refers to, by role (each hashed once)."""
     groups = {"checkpoint": folder_group(infer.model.path, "model.path of the inference recipe")}
     if infer.infer.adapter:
@@ -108,16 +109,18 @@ def artifact_checksums(src: BundleSources, train: Recipe, infer: Recipe, card: P
         groups["base"] = folder_group(train.model.path, "model.path of the training recipe")
     if src.merged is not None and not same(src.merged, infer.model.path):
         groups["merged"] = folder_group(src.merged, "merged checkpoint")
-    data_files = []
-    for spec in train.data.train:
+    if trainer == "grpo" and train.grpo.init_adapter and not same(train.grpo.init_adapter, infer.infer.adapter):
+        groups["init_adapter"] = folder_group(train.grpo.init_adapter, "grpo.init_adapter of the training recipe (the SFT start)")
+    data = compliance.training_data(train, trainer)
+    for key, spec in data:
         if not Path(spec.path).is_file():
-            raise DataError(f"{spec.path}: data.train: training file not found")
-        data_files.append(Path(spec.path))
-    groups["train_data"] = hash_group(None, data_files, "training data")
-    for entry, spec in zip(groups["train_data"]["files"], train.data.train):
+            raise DataError(f"{spec.path}: {key}: training file not found")
+    groups["train_data"] = hash_group(None, [Path(spec.path) for _, spec in data], "training data")
+    for entry, (key, spec) in zip(groups["train_data"]["files"], data):
+        entry["declared_by"] = key
         entry["records"] = sum(1 for line in Path(spec.path).open(encoding="utf-8") if line.strip())
     if src.hash_audio:
-        clips = sorted({item.audio_path for spec in train.data.train
+        clips = sorted({item.audio_path for _, spec in data
                         for item in load_items(spec.path, spec.audio_root, check_audio=True)})
         groups["train_audio"] = hash_group(None, clips, "training audio")
     paths = RunPaths.beside(src.submission)
@@ -154,14 +157,15 @@ def training_commits(train_run: Path) -> list[dict]:
 
 
 def training_processes(train_run: Path) -> int:
-    """Ranks of the training run: each wrote its own seen/rank{R}.jsonl."""
-    return max(1, len(list((train_run / "seen").glob("rank*.jsonl"))))
+    """Ranks of the training run: each wrote its own seen/rank{R}.jsonl (SFT) or rollouts/rank{R}.jsonl (GRPO)."""
+    return max(1, len(list(train_run.glob("seen/rank*.jsonl"))) + len(list(train_run.glob("rollouts/rank*.jsonl"))))
 
 
-def commands(src: BundleSources, train: Recipe, infer: Recipe, git: dict) -> str:
+def commands(src: BundleSources, train: Recipe, infer: Recipe, git: dict, trainer: str) -> str:
     q = shlex.quote
     ranks = training_processes(src.train_run)
-    launch = (f"accelerate launch --num_processes {ranks} train/sft.py" if ranks > 1 else "python train/sft.py")
+    script = f"train/{trainer}.py"
+    launch = (f"accelerate launch --num_processes {ranks} {script}" if ranks > 1 else f"python {script}")
     lines = [
         "#!/bin/sh",
         f"# Re-run the submission {src.submission} from the recipes of this bundle.",
@@ -176,6 +180,9 @@ def commands(src: BundleSources, train: Recipe, infer: Recipe, git: dict) -> str
     ]
     if ranks > 1:
         lines.append(f"# {ranks} training processes; pass the Accelerate/DeepSpeed config used (--config_file recipes/accelerate/...).")
+    if trainer == "grpo" and train.grpo.init_adapter:
+        lines.append(f"# GRPO starts from the SFT adapter at grpo.init_adapter={train.grpo.init_adapter} (checksums.json: "
+                     "init_adapter): re-run or restore its SFT run first.")
     lines.append(f"{launch} \"$BUNDLE/recipes/train.yaml\"")
     if src.merged is not None:
         lines.append(f"python train/merge.py --base {q(train.model.path)} --adapter {q(str(src.train_run / 'adapter'))} "
@@ -210,6 +217,7 @@ def build_bundle(src: BundleSources) -> tuple[Path, list[compliance.Check]]:
         if not required.is_file():
             raise DataError(f"{required}: not found (a finished training run and `infer run` output are bundled)")
     train, infer = load_recipe(src.train_run / "recipe.yaml"), load_recipe(paths.recipe)
+    trainer = compliance.trainer_of(src.train_run)
     card = src.data_card or default_card(train)
 
     out = Path(src.out)
@@ -244,13 +252,14 @@ def build_bundle(src: BundleSources) -> tuple[Path, list[compliance.Check]]:
     if diff is not None:
         (staging / "git" / "diff.patch").write_text(diff)
 
-    checksums = artifact_checksums(src, train, infer, card)
+    checksums = artifact_checksums(src, train, infer, card, trainer)
     (staging / "checksums.json").write_text(json.dumps(checksums, indent=2) + "\n")
-    (staging / "commands.sh").write_text(commands(src, train, infer, git))
+    (staging / "commands.sh").write_text(commands(src, train, infer, git, trainer))
     (staging / "commands.sh").chmod(0o755)
 
     checks = compliance.run_checks(compliance.Inputs(
         infer_recipe=infer, submission=paths.submission, train_recipe=train, data_card=card, mmar_meta=src.mmar_meta,
+        trainer=trainer,
     ))
     (staging / "compliance.json").write_text(json.dumps([c.to_dict() for c in checks], indent=2) + "\n")
     run_info = json.loads(paths.run.read_text())
@@ -263,6 +272,7 @@ def build_bundle(src: BundleSources) -> tuple[Path, list[compliance.Check]]:
                     "mmar_meta": str(src.mmar_meta) if src.mmar_meta else None},
         "submission_file": paths.submission.name,
         "git": git,
+        "trainer": trainer,
         "training_git": training_commits(src.train_run),
         "seeds": seeds(train, infer),
         "sampling": run_info.get("sampling"),

@@ -6,7 +6,7 @@
 | parsing | answers extracted by string matching, no second model | the run's parse policy is `infer.parse.POLICY`, and every line re-derives from its raw output by `infer.parse.parse_output` |
 | submission | thinking under 10,000 characters, without <think> tags; the challenge format | `infer.submission.validate_submission` |
 | data_sources | data sources declared | a data card (data_prep card) listing sources, each with a licence |
-| contamination | no MMAR test data in training | `data_prep.guard` on every training file, when the MMAR metadata is at hand |
+| contamination | no MMAR test data in training | `data_prep.guard` on every training file (SFT's data.train, GRPO's curriculum stages), when the MMAR metadata is at hand |
 
 Each check passes, fails or is skipped (with the reason); the details name file, line, id and field.
 """
@@ -23,7 +23,7 @@ import numpy as np
 
 from core import qwen_omni as qo
 from core.items import DataError, Item, load_items
-from core.recipe import Recipe
+from core.recipe import DatasetSpec, Recipe
 
 PROMPT_FIELDS = ("id", "audio_path", "question", "choices")  # what may shape a prompt (plus the audio)
 PROMPT_ITEMS = 8  # items whose prompts are rebuilt
@@ -49,6 +49,26 @@ class Inputs:
     train_recipe: Recipe | None = None
     data_card: Path | None = None  # data_card.json (or the .md beside it)
     mmar_meta: Path | None = None  # benchmark metadata for the contamination guard
+    trainer: str = "sft"  # what made the training run (trainer_of): which of its recipe's data it trained on
+
+
+def trainer_of(train_run: Path) -> str:
+    """"grpo" for a train/grpo.py run folder (it writes rollouts/), else "sft"."""
+    return "grpo" if (Path(train_run) / "rollouts").is_dir() else "sft"
+
+
+def training_data(recipe: Recipe, trainer: str) -> list[tuple[str, DatasetSpec]]:
+    """(the recipe key that declares it, dataset) of every file the run trained on: data.train for SFT,
+    the curriculum stages' data for GRPO (a file two stages share, once)."""
+    if trainer == "sft":
+        return [("data.train", spec) for spec in recipe.data.train]
+    found, seen = [], set()
+    for index, stage in enumerate(recipe.grpo.stages):
+        for spec in stage.data:
+            if spec.path not in seen:
+                seen.add(spec.path)
+                found.append((f"grpo.stages.{index}.data ({stage.name})", spec))
+    return found
 
 
 def metadata_strings(value, path: str = ""):
@@ -168,7 +188,7 @@ def check_data_sources(card_path: Path | None) -> Check:
     return Check("data_sources", "fail" if problems else "pass", details)
 
 
-def check_contamination(train_recipe: Recipe | None, mmar_meta: Path | None) -> Check:
+def check_contamination(train_recipe: Recipe | None, mmar_meta: Path | None, trainer: str = "sft") -> Check:
     if train_recipe is None:
         return Check("contamination", "skip", ["no training recipe"])
     meta = mmar_meta or (Path(train_recipe.data_prep.mmar_meta) if train_recipe.data_prep.mmar_meta else None)
@@ -178,7 +198,7 @@ def check_contamination(train_recipe: Recipe | None, mmar_meta: Path | None) -> 
 
     index = ContaminationIndex.from_meta(meta, train_recipe.data_prep.mmar_audio_root)
     problems, details = [], []
-    for spec in train_recipe.data.train:
+    for _, spec in training_data(train_recipe, trainer):
         report = guard_file(spec.path, index, spec.audio_root)
         details.append(f"{spec.path}: {report['records']} records, {report['flagged']} overlap MMAR (checks: {', '.join(report['checks'])})")
         problems += [f"{spec.path}:{o['line']} (id={o['id']}): overlaps MMAR: {', '.join(o['overlaps'])}" for o in report["overlaps"]]
@@ -194,7 +214,7 @@ def run_checks(inputs: Inputs) -> list[Check]:
         check_parsing(inputs.submission, {item.id: item for item in items}),
         check_submission(inputs.submission, recipe.infer.meta, complete_expected=recipe.infer.limit is None),
         check_data_sources(inputs.data_card),
-        check_contamination(inputs.train_recipe, inputs.mmar_meta),
+        check_contamination(inputs.train_recipe, inputs.mmar_meta, inputs.trainer),
     ]
 
 

@@ -1,8 +1,8 @@
 """`audit verify BUNDLE`: is the submission what its bundle says, and does the model give it again?
 
 1. Every file of the bundle against MANIFEST.json (missing, changed, or added files are named).
-2. Every file the bundle refers to (checkpoint, adapter, base, merged, training data, submission and
-   sidecars, data card) against checksums.json, where it is on disk; absent ones are listed as not
+2. Every file the bundle refers to (checkpoint, adapter, base, merged, training data, GRPO's starting
+   adapter, submission and sidecars, data card) against checksums.json, where it is on disk; absent ones are listed as not
    checked; files added to a recorded folder are named.
 3. The Track 1 compliance checks on the bundle's copies (audit.compliance).
 4. GREEDY inference, with the bundle's inference recipe, on N ids of the submission (the first N by
@@ -127,6 +127,7 @@ def check_compliance(folder: Path, mmar_meta: Path | None, report: Report) -> No
             submission=folder / "submission" / summary["submission_file"],
             train_recipe=load_recipe(folder / "recipes" / "train.yaml"),
             data_card=card if card.is_file() else None, mmar_meta=mmar_meta,
+            trainer=summary.get("trainer", "sft"),  # bundles made before GRPO runs were told apart
         ))
     except (DataError, RecipeError, OSError) as err:
         report.problems.append(f"compliance: could not run: {err}")

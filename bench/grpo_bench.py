@@ -1,12 +1,12 @@
 """GRPO from the tiny demo's SFT adapter: does the answer reward rise, does held-out accuracy beat the start?
 
-    python -m bench.grpo_bench [--sft-adapter runs/tiny/adapter] [--steps 30] [--out runs/bench/grpo] [--json F]
+    python -m bench.grpo_bench [--sft-adapter runs/tiny/adapter] [--steps N] [--window W] [--out runs/bench/grpo] [--json F]
 
-1. GRPO (recipes/grpo_tiny.yaml) from the SFT adapter for `--steps` rollout steps; the answer reward
-   (official rule) per window of steps, first vs last window.
+1. GRPO (recipes/grpo_tiny.yaml) from the SFT adapter for `--steps` rollout steps (default: the recipe's);
+   the answer reward (official rule) per window of steps (default: a quarter of the run), first vs last window.
 2. Greedy answers of the SFT adapter and of the GRPO adapter on the held-out synthetic test set
    (`python -m infer run`), compared item by item (`eval compare`): accuracy of each, the paired
-   difference with its 95% bootstrap interval and the exact McNemar p.
+   difference with its 95% bootstrap interval and the exact McNemar p; accuracy per task beside it.
 3. Rollout throughput: the same G x prompts rollouts generated one request at a time vs in one
    batch (`grpo.rollout_batch_size`), fixed length, tokens/s and the ratio.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,8 @@ RECIPE = REPO / "recipes" / "grpo_tiny.yaml"
 
 
 def run(*args: str) -> None:
-    subprocess.run([sys.executable, *args], cwd=REPO, check=True)
+    # one thread, as in this process: the tiny model's matmuls gain nothing from a second one on a shared machine
+    subprocess.run([sys.executable, *args], cwd=REPO, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def ensure_inputs(recipe: dict, sft_adapter: Path) -> None:
@@ -62,6 +64,37 @@ def windows(records: list[dict], size: int) -> list[dict]:
     return rows
 
 
+def reward_by_task(run_dir: Path, data_path: str, window: int, steps: int) -> list[dict]:
+    """Mean answer reward of the rollouts per task (sub-category), first vs last window of steps: the
+    step-level mean also moves with which tasks a step happens to draw; per task it does not."""
+    task = {json.loads(line)["id"]: json.loads(line)["sub-category"]
+            for line in (REPO / data_path).read_text().splitlines() if line.strip()}
+    rollouts = [json.loads(line) for path in sorted((run_dir / "rollouts").glob("rank*.jsonl"))
+                for line in path.read_text().splitlines()]
+    spans = {"first": (1, window), "last": (steps - window + 1, steps)}
+    rewards = {(name, t): [r["rewards"]["answer"] for r in rollouts
+                           if lo <= r["step"] <= hi and task[r["id"].rsplit("#", 1)[0]] == t]
+               for name, (lo, hi) in spans.items() for t in set(task.values())}
+    rows = [{"task": t, **{f"steps {lo}-{hi}": float(np.mean(rewards[name, t])) if rewards[name, t] else float("nan")
+                           for name, (lo, hi) in spans.items()}} for t in sorted(set(task.values()))]
+    rows.append({"task": "mean over tasks", **{k: float(np.nanmean([row[k] for row in rows])) for k in rows[0] if k != "task"}})
+    return rows
+
+
+def by_task(submissions: dict[str, Path], meta_path: str) -> list[dict]:
+    """Accuracy (%) of each side per task (the records' sub-category), official answer rule."""
+    from eval.compare import load_side
+
+    meta = [json.loads(line) for line in (REPO / meta_path).read_text().splitlines() if line.strip()]
+    correct = {name: load_side(path, meta)[0] for name, path in submissions.items()}
+    rows = []
+    for task in sorted({r["sub-category"] for r in meta}) + ["all"]:
+        ids = [r["id"] for r in meta if task in ("all", r["sub-category"])]
+        rows.append({"task": task, "items": len(ids),
+                     **{f"{name.upper()} %": 100 * float(np.mean([correct[name][i] for i in ids])) for name in submissions}})
+    return rows
+
+
 def rollout_throughput(recipe_path: Path, sft_adapter: Path, prompts: int, tokens: int) -> dict:
     """Tokens/s of the same rollouts one request at a time and in one batch (fixed length: same work)."""
     from core import qwen_omni as qo
@@ -78,7 +111,7 @@ def rollout_throughput(recipe_path: Path, sft_adapter: Path, prompts: int, token
     group = recipe.grpo.num_generations
     requests = [Request(f"{it.id}#{g}", qo.render_prompt(processor.tokenizer, it.question, it.choices), it.load_audio(30))
                 for it in items for g in range(group)]
-    sampling = SamplingConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True, temperature=1.0)
+    sampling = SamplingConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True, temperature=recipe.grpo.temperature)
     out = {}
     for name, batch in (("one at a time", 1), ("batched", recipe.grpo.rollout_batch_size)):
         engine = HFEngine(model, processor, sampling, batch, "cpu")
@@ -96,10 +129,10 @@ def rollout_throughput(recipe_path: Path, sft_adapter: Path, prompts: int, token
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sft-adapter", default="runs/tiny/adapter")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--window", type=int, default=10, help="steps per row of the reward table")
+    parser.add_argument("--steps", type=int, help="rollout steps (default: the recipe's)")
+    parser.add_argument("--window", type=int, help="steps per row of the reward table (default: a quarter of the steps)")
     parser.add_argument("--out", default="runs/bench/grpo")
-    parser.add_argument("--throughput-prompts", type=int, default=4)
+    parser.add_argument("--throughput-prompts", type=int, default=8, help="prompts (x G completions): the recipe's step")
     parser.add_argument("--throughput-tokens", type=int, default=64)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
@@ -113,19 +146,24 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     recipe["grpo"]["init_adapter"] = str(sft_adapter)
-    recipe["grpo"]["stages"][0]["steps"] = args.steps
+    steps = args.steps or recipe["grpo"]["stages"][0]["steps"]
+    recipe["grpo"]["stages"][0]["steps"] = steps
     recipe["train"]["output_dir"] = str(out / "grpo")
     recipe_path = out / "grpo_recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     info = machine()
-    print(f"machine: {info}", flush=True)
+    print(f"machine: {info}; load average (1, 5, 15 min) {os.getloadavg()}", flush=True)
+    load = {"start": os.getloadavg()}
 
-    start = time.perf_counter()
+    start = bench_start = time.perf_counter()
     run("train/grpo.py", str(recipe_path))
     train_seconds = time.perf_counter() - start
     records = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    rows = windows(records, args.window)
-    print_table(rows, f"GRPO from the SFT adapter ({args.steps} steps, {train_seconds:.0f} s): rewards by window of steps")
+    window = args.window or max(1, steps // 4)
+    rows = windows(records, window)
+    print_table(rows, f"GRPO from the SFT adapter ({steps} steps, {train_seconds:.0f} s): rewards by window of steps")
+    per_task = reward_by_task(out / "grpo", recipe["grpo"]["stages"][0]["data"][0]["path"], window, steps)
+    print_table(per_task, "Answer reward of the rollouts per task, first vs last window")
 
     submissions = {}
     for name, adapter in (("sft", sft_adapter), ("grpo", out / "grpo" / "adapter")):
@@ -140,17 +178,22 @@ def main(argv: list[str] | None = None) -> int:
         "McNemar p": paired["mcnemar_p"],
     }]
     print_table(held_out, "Held-out synthetic test set, greedy: SFT start (A) vs after GRPO (B), eval compare")
+    tasks = by_task(submissions, recipe["infer"]["meta"])
+    print_table(tasks, "Held-out accuracy per task (%)")
 
     throughput = rollout_throughput(recipe_path, sft_adapter, args.throughput_prompts, args.throughput_tokens)
     print_table([{"rollouts": name, **{k: v for k, v in row.items()}} for name, row in throughput.items() if name != "speedup"],
                 f"Rollout throughput (G={recipe['grpo']['num_generations']} x {args.throughput_prompts} prompts, "
                 f"{args.throughput_tokens} tokens each): batched {throughput['speedup']:.2f}x one at a time")
+    load["end"] = os.getloadavg()
+    print(f"load average (1, 5, 15 min): start {load['start']}, end {load['end']}")
     first, last = rows[0]["answer reward"], rows[-1]["answer reward"]
     print(f"answer reward: first window {first:.3f} -> last window {last:.3f}; "
           f"held-out accuracy {paired['accuracy_a']:.1f} -> {paired['accuracy_b']:.1f} (B-A {paired['accuracy_delta']:+.1f}, "
           f"95% CI {lo:+.1f} to {hi:+.1f}, McNemar p={paired['mcnemar_p']:.3g})")
-    write_json(args.json, {"machine": info, "steps": args.steps, "train_seconds": train_seconds, "reward_windows": rows,
-                           "metrics": records, "held_out": paired, "rollout_throughput": throughput})
+    write_json(args.json, {"machine": info, "load_average": load, "steps": steps, "train_seconds": train_seconds,
+                           "bench_seconds": time.perf_counter() - bench_start, "reward_windows": rows, "reward_by_task": per_task, "metrics": records,
+                           "held_out": paired, "held_out_by_task": tasks, "rollout_throughput": throughput})
     return 0
 
 

@@ -67,7 +67,10 @@ def git_state(repo: Path | None = None) -> tuple[dict, str | None]:
             state["secret_files_left_out"].append(path)
         else:
             file = repo / path
-            state["untracked"].append({"path": path, "bytes": file.stat().st_size, "sha256": _sha256(file)})
+            if file.is_symlink():  # git keeps a link as its target; one to a folder (a shared .venv) has no bytes to hash
+                state["untracked"].append({"path": path, "symlink": os.readlink(file)})
+            else:
+                state["untracked"].append({"path": path, "bytes": file.stat().st_size, "sha256": _sha256(file)})
     changed = (_run(["git", "diff", "HEAD", "--name-only"], repo) or "").splitlines()
     secret = [path for path in changed if is_secret_file(path)]
     state["secret_files_left_out"] += secret

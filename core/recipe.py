@@ -290,7 +290,7 @@ class GRPOStage(Section):
 
 class GRPOConfig(Section):
     """RL after SFT (train/grpo.py): G sampled completions per prompt, group-normalised advantages,
-    clipped ratio, optional KL to the base model (the adapter disabled)."""
+    clipped ratio, optional KL to the policy it starts from (the SFT adapter, or the base for a fresh one)."""
 
     init_adapter: str | None = None  # LoRA adapter to start from (the SFT run's); None: a fresh one from `lora`
     num_generations: int = Field(8, ge=2)  # G completions per prompt
@@ -301,7 +301,7 @@ class GRPOConfig(Section):
     rollout_batch_size: int = Field(16, gt=0)  # sequences per generate() call
     clip_low: float = Field(0.2, ge=0, lt=1)  # ratio clipped to [1 - clip_low, 1 + clip_high]
     clip_high: float = Field(0.2, ge=0)  # upper clip; above clip_low keeps exploring (DAPO's clip-higher)
-    beta: float = Field(0.0, ge=0)  # KL(policy || base) coefficient; 0: no reference forward
+    beta: float = Field(0.0, ge=0)  # KL(policy || starting policy) coefficient; 0: no reference forward
     iterations: int = Field(1, ge=1)  # optimizer steps on each batch of rollouts (PPO epochs)
     scale_rewards: Literal["group", "none"] = "group"  # divide by the group's std, or only centre
     embedding_model: str | None = None  # local sentence-embedding folder (transformers; mean pooling)

@@ -244,3 +244,62 @@ def test_a_sampled_submission_is_reported_not_failed(demo):
     assert any("decoded with sampling" in note for note in report.notes)
     assert any(row["reasoning_similarity"] < 1.0 for row in report.rerun)  # it did differ, and that was allowed
     assert any("thinking_prediction: similarity" in note for note in report.notes)
+
+
+@pytest.fixture(scope="module")
+def grpo_demo(demo, synthetic_dir, one_torch_thread):
+    """GRPO from the demo's SFT adapter (2 steps of 2 prompts x 2 completions) on a file of its own, inference, bundle.
+    Its recipe still names the demo's data.train: a GRPO run trains on its stages' data, not on that."""
+    from accelerate.state import AcceleratorState
+
+    from infer.run import run
+    from train.grpo import main as grpo_main
+
+    root = demo["root"] / "grpo"
+    root.mkdir()
+    grpo_file = root / "grpo.jsonl"
+    grpo_file.write_text("".join((synthetic_dir / "train.jsonl").read_text().splitlines(keepends=True)[:8]))
+    run_dir = root / "run"
+    recipe = yaml.safe_load(demo["recipe"].read_text())
+    recipe["train"] = {"output_dir": str(run_dir), "seed": 0, "lr": 1e-3, "batch_size": 2, "grad_accum": 1, "save_every": 100}
+    recipe["grpo"] = {"init_adapter": str(demo["run"] / "adapter"), "num_generations": 2, "max_new_tokens": 8,
+                      "rollout_batch_size": 4,
+                      "stages": [{"name": "only", "data": [{"path": str(grpo_file), "audio_root": str(synthetic_dir)}],
+                                  "steps": 2, "rewards": {"answer": 1.0, "format": 0.5}}]}
+    recipe["infer"].update(output=str(run_dir / "submission.jsonl"), adapter=str(run_dir / "adapter"), limit=3)
+    recipe_file = root / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    AcceleratorState._reset_state(True)
+    assert grpo_main([str(recipe_file)]) == 0
+    run(load_recipe(recipe_file))
+    bundle = root / "audit"
+    assert audit_cli(["bundle", "--train-run", str(run_dir), "--infer-output", str(run_dir / "submission.jsonl"),
+                      "--out", str(bundle)]) == 0
+    return {"run": run_dir, "bundle": bundle, "grpo_file": grpo_file}
+
+
+def test_a_grpo_run_declares_its_stages_data_and_sft_start(demo, grpo_demo):
+    bundle = grpo_demo["bundle"]
+    groups = json.loads((bundle / "checksums.json").read_text())
+    (data,) = groups["train_data"]["files"]
+    assert (data["path"], data["declared_by"], data["records"]) == (str(grpo_demo["grpo_file"]), "grpo.stages.0.data (only)", 8)
+    assert data["sha256"] == sha256_file(grpo_demo["grpo_file"])
+    start = {e["path"]: e["sha256"] for e in groups["init_adapter"]["files"]}
+    assert start["adapter_model.safetensors"] == sha256_file(demo["run"] / "adapter" / "adapter_model.safetensors")
+    assert json.loads((bundle / "audit.json").read_text())["trainer"] == "grpo"
+    commands = (bundle / "commands.sh").read_text()
+    assert 'python train/grpo.py "$BUNDLE/recipes/train.yaml"' in commands
+    assert f"# GRPO starts from the SFT adapter at grpo.init_adapter={demo['run'] / 'adapter'}" in commands
+    assert verify(bundle, n_ids=1, device="cpu").problems == []
+    with restored(grpo_demo["grpo_file"]) as path:
+        path.write_text(path.read_text().replace('"question": "', '"question": "So, ', 1))
+        assert f"{path} (train_data): sha256 differs from the bundle's record (checksums.json)" in verify(bundle, n_ids=0).problems
+    with restored(demo["run"] / "adapter" / "adapter_model.safetensors") as path:
+        flip_byte(path)
+        assert any("adapter_model.safetensors (init_adapter): sha256 differs" in p for p in verify(bundle, n_ids=0).problems)
+
+
+def test_the_contamination_guard_reads_a_grpo_runs_stages_data(grpo_demo, mmar_meta):
+    train = load_recipe(grpo_demo["bundle"] / "recipes" / "train.yaml")
+    check = compliance.check_contamination(train, mmar_meta, compliance.trainer_of(grpo_demo["run"]))
+    assert check.status == "pass" and check.details[0].startswith(f"{grpo_demo['grpo_file']}: 8 records, 0 overlap MMAR")

@@ -18,7 +18,8 @@ import yaml
 from core.items import Item
 from core.recipe import JudgeConfig, RecipeError, load_recipe
 from infer.parse import parse_output
-from train.grpo import group_advantages, grpo_loss
+from train.grpo import check_grpo_resumable, group_advantages, grpo_loss
+from train.sft import TrainingError
 from tests.test_train import adapter_weights, metrics
 from train.rewards import (
     REASONING_RUBRIC, EmbeddingReward, JudgeReward, Rollout, TextEmbedder, answer_reward, format_reward, length_reward,
@@ -109,9 +110,11 @@ def test_answer_and_format_rewards():
     right = rollout("<think>\nhigher pitch second\n</think>\n\nthe second")
     wrong = rollout("<think>\nfirst\n</think>\n\nthe first")
     unmatched = rollout("<think>\nhmm\n</think>\n\nno idea")
-    unclosed = rollout("<think>\nit is the second")  # truncated: its last paragraph names a choice
+    # never closed: the parser takes the right choice from its last paragraph, but no answer was given
+    unclosed = rollout("<think>\nit is the second")
     repeated = rollout("<think>\nhmm\n</think>\n</think>\n\nthe second")  # tag spam: the answer counts, the format half not
-    assert answer_reward([right, wrong, unmatched, unclosed, repeated]) == [1.0, 0.0, 0.0, 1.0, 1.0]
+    assert unclosed.parsed.answer == "the second"
+    assert answer_reward([right, wrong, unmatched, unclosed, repeated]) == [1.0, 0.0, 0.0, 0.0, 1.0]
     assert format_reward([right, wrong, unmatched, unclosed, repeated]) == [1.0, 1.0, 0.5, 0.0, 0.5]
 
 
@@ -278,6 +281,13 @@ def test_resume_gives_the_uninterrupted_run(grpo_recipe, tmp_path):
     resumed = tmp_path / "resumed"
     run_grpo(grpo_recipe, f"train.output_dir={resumed}", "train.stop_after=2")
     assert not (resumed / "adapter").exists() and [m["step"] for m in metrics(resumed)] == [1, 2]
+    # other GRPO settings, or another thinking budget (the length reward's), would mix two runs
+    with pytest.raises(TrainingError, match=r"Differing: grpo.temperature: 1.0 -> 0.7; grpo.beta: 0.1 -> 0.2\. Restore"):
+        run_grpo(grpo_recipe, f"train.output_dir={resumed}", "grpo.beta=0.2", "grpo.temperature=0.7")
+    with pytest.raises(TrainingError, match=r"Differing: infer.thinking_budget: 2000 -> 50\."):
+        run_grpo(grpo_recipe, f"train.output_dir={resumed}", "infer.thinking_budget=50")
+    # the judge's pacing changes no rating
+    check_grpo_resumable(load_recipe(grpo_recipe, [f"train.output_dir={resumed}", "grpo.judge.concurrency=2"]), resumed)
     run_grpo(grpo_recipe, f"train.output_dir={resumed}")
     again = metrics(resumed)
     assert [m["step"] for m in again] == [1, 2, 3, 4]
@@ -291,6 +301,53 @@ def test_resume_gives_the_uninterrupted_run(grpo_recipe, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
 
 
+@pytest.fixture
+def nan_from_third_step(monkeypatch):
+    """Scoring batches of rollout steps 3, 4, ... carry NaN features (2 micro-batches a step): their loss is NaN."""
+    import train.grpo
+
+    calls = []
+    real = train.grpo.sequence_batch
+
+    def poisoned(processor, samples):
+        batch = real(processor, samples)
+        calls.append(1)
+        if len(calls) > 4:
+            batch["input_features"] = torch.full_like(batch["input_features"], float("nan"))
+        return batch
+
+    monkeypatch.setattr(train.grpo, "sequence_batch", poisoned)
+    return calls
+
+
+def test_nonfinite_loss_stops_before_the_checkpoint(grpo_recipe, tmp_path, nan_from_third_step):
+    with pytest.raises(TrainingError, match=r"step 3: loss nan, gradient norm nan \(prompts of this rank: syn-train-.*\); "
+                                            r"stopped before its checkpoint; newest checkpoint: .*step-2$"):
+        run_grpo(grpo_recipe)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"] and not (run / "adapter").exists()
+    assert [m["step"] for m in metrics(run)] == [1, 2] and all(m["skipped"] == 0 for m in metrics(run))
+
+
+def test_nonfinite_steps_are_skipped_up_to_the_limit(grpo_recipe, tmp_path, nan_from_third_step):
+    from safetensors.torch import load_file
+
+    # counted per optimizer step, as in SFT: 2 iterations per rollout step
+    assert run_grpo(grpo_recipe, "train.max_nonfinite_steps=4") == tmp_path / "run"
+    run = tmp_path / "run"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert "NaN" not in "".join(lines)  # strict JSON: null
+    steps = [json.loads(line) for line in lines]
+    assert [m["skipped"] for m in steps] == [0, 0, 2, 2] and [m["loss"] is None for m in steps] == [False, False, True, True]
+    final = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    at_2 = load_file(str(run / "checkpoints" / "step-2" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() and torch.equal(t, at_2[k]) for k, t in final.items())  # nothing updated after step 2
+    assert json.loads((run / "checkpoints" / "step-4" / "trainer_state.json").read_text())["nonfinite_skipped"] == 4
+    nan_from_third_step.clear()
+    with pytest.raises(TrainingError, match=r"step 4: .*\(2 skipped before, train.max_nonfinite_steps=3\)"):
+        run_grpo(grpo_recipe, f"train.output_dir={tmp_path}/limited", "train.max_nonfinite_steps=3")
+
+
 def test_reference_is_the_base_with_the_adapter_disabled(grpo_recipe, tmp_path):
     # A fresh LoRA starts equal to the base (lora_B = 0): before any update the KL to the reference is 0 exactly.
     run = run_grpo(grpo_recipe, f"train.output_dir={tmp_path}/kl", "grpo.iterations=1", "train.stop_after=1")
@@ -298,20 +355,43 @@ def test_reference_is_the_base_with_the_adapter_disabled(grpo_recipe, tmp_path):
     assert record["kl"] == 0.0 and record["clip_fraction"] == 0.0 and record["grad_norm"] > 0
 
 
-def test_starts_from_the_sft_adapter(grpo_recipe, tmp_path, tiny_checkpoint):
-    from peft import PeftModel
-
+def trained_looking_adapter(recipe_file: Path, out: Path, tiny_checkpoint: Path) -> Path:
+    """An adapter with random lora_B, saved as SFT saves one: a policy away from the base."""
     from core import qwen_omni as qo
-    from train.grpo import load_policy
     from train.lora import apply_lora
 
-    recipe = load_recipe(grpo_recipe)
-    sft, _ = apply_lora(qo.load_thinker(tiny_checkpoint, "float32"), recipe.lora)
+    torch.manual_seed(0)
+    sft, _ = apply_lora(qo.load_thinker(tiny_checkpoint, "float32"), load_recipe(recipe_file).lora)
     with torch.no_grad():
         for name, p in sft.named_parameters():
             if "lora_B" in name:
-                p.normal_()  # a trained-looking adapter: the policy must start from it, not from zero
-    sft.save_pretrained(str(tmp_path / "sft"), save_embedding_layers=False)
+                p.normal_()
+    sft.save_pretrained(str(out), save_embedding_layers=False)
+    return out
+
+
+def test_kl_reference_is_the_sft_adapter_it_started_from(grpo_recipe, tmp_path, tiny_checkpoint):
+    sft = trained_looking_adapter(grpo_recipe, tmp_path / "sft", tiny_checkpoint)
+    start = [f"grpo.init_adapter={sft}", "grpo.iterations=1"]
+    resumed = run_grpo(grpo_recipe, f"train.output_dir={tmp_path}/resumed", *start, "train.stop_after=1")
+    (first,) = metrics(resumed)
+    assert first["kl"] == 0.0  # the policy is still the SFT adapter: no KL to it (to the base it would be far)
+    run_grpo(grpo_recipe, f"train.output_dir={resumed}", *start, "train.stop_after=2")
+    whole = run_grpo(grpo_recipe, f"train.output_dir={tmp_path}/whole", *start, "train.stop_after=2")
+    # after a resume the reference is still the SFT adapter, not the checkpoint (to which step 2's KL would be 0)
+    assert metrics(resumed)[1]["kl"] > 0
+    assert metrics(resumed)[1]["kl"] == pytest.approx(metrics(whole)[1]["kl"], rel=1e-5)
+    a, b = adapter_weights(resumed / "checkpoints" / "step-2" / "adapter"), adapter_weights(whole / "checkpoints" / "step-2" / "adapter")
+    for key in a:  # the swapped-in reference weights were put back
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+def test_starts_from_the_sft_adapter(grpo_recipe, tmp_path, tiny_checkpoint):
+    from peft import PeftModel
+
+    from train.grpo import load_policy
+
+    trained_looking_adapter(grpo_recipe, tmp_path / "sft", tiny_checkpoint)  # the policy must start from it, not from zero
     policy, placed = load_policy(load_recipe(grpo_recipe, [f"grpo.init_adapter={tmp_path}/sft"]))
     assert placed["text_attention"] == 8 and placed["audio_tower"] == 0
     assert isinstance(policy, PeftModel) and any(p.requires_grad for p in policy.parameters())

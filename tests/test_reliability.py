@@ -179,6 +179,10 @@ def test_a_planted_key_reaches_no_output_of_train_infer_eval_audit(recipe_file, 
     notes = next(u for u in state["untracked"] if u["path"] == "notes.txt")
     assert len(notes["sha256"]) == 64 and notes["bytes"] == (repo / "notes.txt").stat().st_size
     assert "settings.py" in patch and "OPENAI_API_KEY=[REDACTED]" in patch and "notes.txt" not in patch
+    (tmp_path / "venv").mkdir()
+    (repo / ".venv").symlink_to(tmp_path / "venv")  # a shared environment linked in: recorded by its target, not read
+    link = next(u for u in provenance.git_state()[0]["untracked"] if u["path"] == ".venv")
+    assert link == {"path": ".venv", "symlink": str(tmp_path / "venv")}
 
     run_dir = tmp_path / "run"
     assert run_sft(recipe_file, "train.max_steps=2", "train.save_every=1") == 0

@@ -8,7 +8,8 @@ Each rollout step, on every rank: take this rank's prompts of the current curric
 `generate` on the policy being trained), score them with the stage's weighted rewards
 (train/rewards.py), normalise the rewards within each prompt's group into advantages, then take
 `grpo.iterations` optimizer steps on the clipped-ratio objective, plus `grpo.beta` x KL to the
-reference policy: the base model with the adapter disabled (no second copy of the model).
+reference policy: the policy it started from, i.e. the SFT adapter of `grpo.init_adapter` (its weights
+swapped in for the reference forward), or the base model for a fresh adapter (no second copy of the model).
 
 Per rank and step the rollouts are `train.batch_size x train.grad_accum` sequences (a multiple of
 G): `train.grad_accum` micro-batches of `train.batch_size`. As in SFT, the loss is the mean over
@@ -23,6 +24,7 @@ checkpoints/step-N/ and adapter/.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -38,7 +40,7 @@ import torch
 # `python train/grpo.py` / `accelerate launch train/grpo.py` put train/ first on sys.path, not the repo.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from accelerate.utils import set_seed  # noqa: E402
+from accelerate.utils import DistributedType, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from core import qwen_omni as qo  # noqa: E402
@@ -52,8 +54,8 @@ from train.data import epoch_batches, mix, sample_rows  # noqa: E402
 from train.lora import placement  # noqa: E402
 from train.rewards import Rollout, build_rewards  # noqa: E402
 from train.sft import (  # noqa: E402
-    check_resumable, finish, log_and_save, lr_factor, make_accelerator, peak_memory_gb, prepare_for_training, reset_metrics,
-    start_session,
+    TrainingError, check_resumable, checkpoints, cli, finish, finite_or_null, log_and_save, lr_factor, make_accelerator,
+    peak_memory_gb, prepare_for_training, reset_metrics, start_session, zero_stage,
 )
 
 
@@ -255,7 +257,31 @@ def score(samples: Sequence[Sample], rewards: dict, weights: dict[str, float]) -
     return parts, total
 
 
-def optimise(accelerator, model, optimizer, scheduler, params, processor, samples, advantages, recipe: Recipe, device) -> dict:
+@contextlib.contextmanager
+def reference_policy(model, params: list[torch.Tensor], start_weights: list[torch.Tensor] | None):
+    """The model as the KL reference inside the block: the policy GRPO started from.
+
+    With grpo.init_adapter that is the SFT adapter, whose weights (`start_weights`, taken at load) are
+    copied into the trainable tensors in place and the current ones copied back after; the base with the
+    adapter disabled would pull the policy back to a model that has not learnt the task or its format.
+    A fresh adapter starts equal to the base (lora_B = 0): disabling it is the same reference, for free.
+    """
+    if start_weights is None:
+        with model.disable_adapter():
+            yield
+        return
+    current = [p.detach().clone() for p in params]
+    for p, start in zip(params, start_weights):
+        p.data.copy_(start)  # in place: DeepSpeed's flat-buffer views stay valid
+    try:
+        yield
+    finally:
+        for p, now in zip(params, current):
+            p.data.copy_(now)
+
+
+def optimise(accelerator, model, optimizer, scheduler, params, processor, samples, advantages, recipe: Recipe, device,
+             start_weights: list[torch.Tensor] | None = None) -> dict:
     """`grpo.iterations` optimizer steps on this rank's rollouts; returns summed statistics over all steps."""
     cfg, grpo = recipe.train, recipe.grpo
     micro = [samples[i:i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
@@ -263,17 +289,17 @@ def optimise(accelerator, model, optimizer, scheduler, params, processor, sample
     batches = [{k: v.to(device) for k, v in sequence_batch(processor, m).items()} for m in micro]
     local_tokens = sum(int((b["labels"][:, 1:] != qo.IGNORE_INDEX).sum()) for b in batches)
     global_tokens = accelerator.reduce(torch.tensor(local_tokens, device=device), reduction="sum")
-    unwrapped = accelerator.unwrap_model(model)
     with torch.no_grad():
         # Old log-probs are needed only when the policy moves between iterations; with one iteration the
         # ratio is exactly 1 (its value), and the gradient is that of the policy-gradient objective.
         old = [token_logps(model, b, grpo.temperature)[0] for b in batches] if grpo.iterations > 1 else None
         ref = None
         if grpo.beta:
-            with unwrapped.disable_adapter():
+            with reference_policy(accelerator.unwrap_model(model), params, start_weights):
                 ref = [token_logps(model, b, grpo.temperature)[0] for b in batches]
-    totals = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0, "tokens": 0, "grad_norm": []}
+    totals = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0, "tokens": 0, "grad_norm": [], "nonfinite": 0}
     for _ in range(grpo.iterations):
+        loss_sum = torch.zeros((), device=device)
         for i, batch in enumerate(batches):
             with accelerator.accumulate(model):
                 assert accelerator.sync_gradients == (i == len(batches) - 1), "accumulation window out of step"
@@ -282,14 +308,22 @@ def optimise(accelerator, model, optimizer, scheduler, params, processor, sample
                                   grpo.clip_low, grpo.clip_high, ref[i] if ref else None, grpo.beta)
                 # As in SFT: undo DDP's average over ranks and Accelerate's division by grad_accum.
                 accelerator.backward(parts.loss * accelerator.num_processes * len(batches))
-            totals["loss"] += float(parts.loss.detach())
+            loss_sum += parts.loss.detach()
             totals["kl_sum"] += parts.kl_sum
             totals["clipped"] += parts.clipped
             totals["tokens"] += parts.tokens
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        totals["grad_norm"].append(float(grad_norm) if grad_norm is not None else None)  # None: DeepSpeed keeps it
-        optimizer.step()
-        scheduler.step()
+        grad_norm = float(grad_norm) if grad_norm is not None else None  # None: DeepSpeed keeps it
+        totals["grad_norm"].append(grad_norm)
+        totals["loss"] += float(loss_sum)
+        # As in SFT (train_step): the loss and norm are global, so every rank decides alike; a non-finite
+        # optimizer step updates nothing, and the caller stops or counts it.
+        loss = accelerator.reduce(loss_sum, reduction="sum").item()
+        if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+            optimizer.step()
+        else:
+            totals["nonfinite"] += 1
+        scheduler.step()  # the schedule stays a function of the step, skipped or not
         optimizer.zero_grad()
     return totals
 
@@ -318,6 +352,7 @@ def step_record(accelerator, step: int, stage: str, lr: float, parts: dict, tota
         "completion_length": float(gathered([len(s.completion_ids) for s in samples]).mean()),
         "truncated": float(gathered([not s.rollout.finished for s in samples]).mean()),
         "rollout_tokens_per_s": summed(generated) / max(summed(rollout_s) / accelerator.num_processes, 1e-9),
+        "skipped": stats["nonfinite"],  # optimizer steps of this rollout step skipped for a non-finite loss
         "step_seconds": seconds,
         "peak_memory_gb": round(peak_memory_gb(), 3),
     })
@@ -345,6 +380,11 @@ def load_policy(recipe: Recipe):
     return model, placement(model)
 
 
+def check_grpo_resumable(recipe: Recipe, out: Path) -> None:
+    """SFT's check over the grpo section too, and infer.thinking_budget: the length reward scores against it."""
+    check_resumable(recipe, out, ("model", "data", "lora", "train", "grpo"), also=("infer.thinking_budget",))
+
+
 def main(argv: list[str] | None = None) -> int:
     recipe = recipe_cli(sys.argv[1:] if argv is None else argv, "python train/grpo.py",
                         "GRPO after SFT on audio (see the module docstring for what it writes).")
@@ -352,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     if not grpo.stages:
         raise DataError(f"recipe {recipe.name}: grpo.stages: no curriculum stage given")
     out = Path(cfg.output_dir)
-    check_resumable(recipe, out)  # every rank, before any of them writes
+    check_grpo_resumable(recipe, out)  # every rank, before any of them writes
     library_bars_off_a_terminal()
     accelerator = make_accelerator(recipe)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
@@ -379,13 +419,21 @@ def main(argv: list[str] | None = None) -> int:
     model, placed = load_policy(recipe)
     log("lora: adapted modules " + ", ".join(f"{g}={placed[g]}" for g in ("text_attention", "experts", "audio_tower", "other")))
     params = [p for p in model.parameters() if p.requires_grad]
+    # The KL reference: the SFT adapter as loaded, before a resume moves the weights (reference_policy).
+    start_weights = [p.detach().clone() for p in params] if grpo.beta and grpo.init_adapter else None
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     optimizer_steps = total_steps * grpo.iterations
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         lr_factor, total=optimizer_steps, warmup=math.ceil(cfg.warmup_ratio * optimizer_steps),
         schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio))
+    if cfg.max_nonfinite_steps and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise TrainingError("train.max_nonfinite_steps > 0 cannot skip steps under DeepSpeed (its engine updates "
+                            "inside backward); set it to 0: training then stops at a non-finite loss")
+    if start_weights is not None and zero_stage(accelerator) == 3:
+        raise ValueError("grpo.beta > 0 with grpo.init_adapter needs the whole adapter on every rank (its SFT weights "
+                         "are the KL reference): use ZeRO-2 or DDP, or grpo.beta=0")
     model, optimizer, state, end, metrics_path = start_session(accelerator, model, optimizer, scheduler, recipe, total_steps, log)
-    start = state["step"]
+    start, skipped = state["step"], state.get("nonfinite_skipped", 0)
     processor = qo.OmniProcessor.from_pretrained(recipe.model.path)
     engine = rollout_engine(accelerator.unwrap_model(model), processor, recipe, str(device))
     rollouts_path = out / "rollouts" / f"rank{rank}.jsonl"
@@ -403,9 +451,22 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         parts, total = score(samples, rewards, stage.rewards)
         advantages = group_advantages(torch.tensor(total, dtype=torch.float32), grpo.num_generations, grpo.scale_rewards)
-        stats = optimise(accelerator, model, optimizer, scheduler, params, processor, samples, advantages, recipe, device)
+        stats = optimise(accelerator, model, optimizer, scheduler, params, processor, samples, advantages, recipe, device,
+                         start_weights)
         record = step_record(accelerator, step + 1, stage.name, lr, parts, total, samples, stats, generated, rollout_s,
                              time.perf_counter() - tick, grpo.iterations)
+        if stats["nonfinite"]:  # counted per optimizer step, as SFT's train.max_nonfinite_steps
+            skipped += stats["nonfinite"]
+            if skipped > cfg.max_nonfinite_steps:
+                newest = checkpoints(out)
+                raise TrainingError(
+                    f"step {step + 1}: loss {record['loss']}, gradient norm {record['grad_norm']} (prompts of this rank: "
+                    f"{', '.join(item.id for item in items)}); stopped before its checkpoint"
+                    + (f" ({skipped - stats['nonfinite']} skipped before, train.max_nonfinite_steps={cfg.max_nonfinite_steps})"
+                       if skipped > stats["nonfinite"] else "")
+                    + f"; newest checkpoint: {newest[-1] if newest else 'none'}")
+            log(f"step {step + 1}: non-finite loss or gradient norm, {stats['nonfinite']} optimizer step(s) skipped "
+                f"({skipped} of at most {cfg.max_nonfinite_steps})")
         with rollouts_path.open("a") as handle:
             for i, s in enumerate(samples):
                 handle.write(json.dumps({"step": step + 1, "id": s.rollout.id, "text": s.rollout.text,
@@ -415,11 +476,12 @@ def main(argv: list[str] | None = None) -> int:
                                          "advantage": float(advantages[i])}) + "\n")
         bar.set_postfix(answer=f"{record['reward/answer/mean']:.2f}", loss=f"{record['loss']:.4f}")
         bar.update(1)
-        log_and_save(accelerator, model, recipe, record, metrics_path, end)
+        record = {k: finite_or_null(v) for k, v in record.items()}
+        log_and_save(accelerator, model, recipe, record, metrics_path, end, {"nonfinite_skipped": skipped})
     bar.close()
     finish(accelerator, model, out, end, total_steps, metrics_path, log)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(entry=main))

@@ -4,7 +4,7 @@ Every reward takes the list of `Rollout`s of a step and returns one float per ro
 ones that call a model (judge, embedding) can batch. `build_rewards` turns the recipe into
 {name: function}; the stage's weights (`grpo.stages[].rewards`) combine them.
 
-- answer: 1 when the parsed answer is right under the official rule (core.answer_rule), else 0.
+- answer: 1 when the answer after the closed thinking is right under the official rule (core.answer_rule), else 0.
 - format: 0.5 for closing the thinking with exactly one </think>, 0.5 more when the answer after the
   last one maps to exactly one choice (infer.parse, the inference parser).
 - length: 1 up to `infer.thinking_budget` thinking tokens (the budget inference holds the model to),
@@ -44,7 +44,10 @@ Reward = Callable[[Sequence[Rollout]], list[float]]
 
 
 def answer_reward(rollouts: Sequence[Rollout]) -> list[float]:
-    return [float(is_correct(r.parsed.answer, r.item.answer, r.item.choices)) for r in rollouts]
+    # Only an answer given after the thinking is closed: the parser's fallback for an unclosed output (its
+    # last paragraph) is for scoring cut-off submissions. Paid in training, it taught the tiny policy to stop
+    # before </think>, where its reasoning's "so the answer is X" scored better than its own answer (collapse).
+    return [float(not r.parsed.truncated and is_correct(r.parsed.answer, r.item.answer, r.item.choices)) for r in rollouts]
 
 
 def format_reward(rollouts: Sequence[Rollout]) -> list[float]:

@@ -288,15 +288,20 @@ def finish(accelerator: Accelerator, model, out: Path, end: int, total_steps: in
 NOT_OUTPUT_SETTINGS = {"train.output_dir", "train.resume", "train.stop_after", "train.log_every", "train.report_to",
                        "train.wandb_project", "train.save_every", "train.keep_last", "train.max_nonfinite_steps",
                        "train.loss_chunk_tokens",  # the same loss and gradients (train/loss.py)
-                       "data.num_workers", "data.feature_cache", "model.attn_implementation", "model.experts_implementation"}
+                       "data.num_workers", "data.feature_cache", "model.attn_implementation", "model.experts_implementation",
+                       # the GRPO judge's pacing and where its replies are cached, not the ratings
+                       "grpo.judge.concurrency", "grpo.judge.requests_per_minute", "grpo.judge.timeout_s",
+                       "grpo.judge.backoff_s", "grpo.judge.backoff_max_s", "grpo.judge.cache", "grpo.judge.api_key_env"}
 
 
-def check_resumable(recipe: Recipe, out: Path) -> None:
-    """A run folder that holds checkpoints or an adapter may only be continued with the settings that made them."""
+def check_resumable(recipe: Recipe, out: Path, sections: tuple[str, ...] = ("model", "data", "lora", "train"),
+                    also: tuple[str, ...] = ()) -> None:
+    """A run folder that holds checkpoints or an adapter may only be continued with the settings that made them:
+    every key of the recipe's `sections` (less NOT_OUTPUT_SETTINGS) and the single keys `also`."""
     if not (out / "recipe.yaml").is_file() or not (checkpoints(out) or (out / "adapter").is_dir()):
         return
     tree = recipe.model_dump(mode="json")
-    keys = [k for k in dotted_keys({s: tree[s] for s in ("model", "data", "lora", "train")}) if k not in NOT_OUTPUT_SETTINGS]
+    keys = [k for k in dotted_keys({s: tree[s] for s in sections}) if k not in NOT_OUTPUT_SETTINGS] + list(also)
     changed = changed_settings(out / "recipe.yaml", recipe, keys)
     if changed:
         raise TrainingError(f"{out}: holds a run made with other settings ({out / 'recipe.yaml'}); continuing would "
@@ -413,10 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`main` with input errors printed as one message (file, record, field), without a traceback."""
+def cli(argv: list[str] | None = None, entry=None) -> int:
+    """`main` (or train/grpo.py's, `entry`) with input errors printed as one message (file, record, field),
+    without a traceback."""
     try:
-        return main(argv)
+        return (entry or main)(argv)
     except (RecipeError, DataError, TrainingError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if not isinstance(err, TrainingError) else 1
