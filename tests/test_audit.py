@@ -114,7 +114,8 @@ def test_verify_passes_on_the_untouched_run(demo, capsys):
     submitted = {json.loads(line)["id"]: json.loads(line) for line in (demo["run"] / "submission.jsonl").read_text().splitlines()}
     assert [row["id"] for row in report.rerun] == choose_ids(list(submitted), 4)
     assert all(row["answer_match"] and row["reasoning_similarity"] == 1.0 for row in report.rerun)
-    assert all(submitted[row["id"]]["thinking_prediction"] for row in report.rerun)  # something was compared
+    # something was compared (the random model may close its thinking at once on some items)
+    assert any(submitted[row["id"]]["thinking_prediction"] for row in report.rerun)
     assert [c["status"] for c in report.compliance] == ["pass", "pass", "pass", "pass", "skip"]
     # the archive verifies the same way, from the command line
     assert audit_cli(["verify", str(demo["bundle"].with_name("audit.tar.gz")), "--ids", "0"]) == 0
