@@ -80,10 +80,16 @@ def test_submission_records_follow_the_parser(tiny_checkpoint, synthetic_dir, tm
     run(recipe, engine)
     subs, raws = lines(tmp_path / "s.jsonl"), lines(tmp_path / "s.raw.jsonl")
     assert len(subs) == 5
+    # The random model mostly runs out of tokens before </think>; on an item where it writes </think>
+    # first, the thinking is what precedes it.
+    assert sum(raw["truncated"] for raw in raws) >= 3
     for sub, raw in zip(subs, raws):
         assert tuple(sub) == SUBMISSION_KEYS
-        assert raw["truncated"] and raw["rule"] in ("empty", "truncated:contains_choice", "truncated:tokens")
-        assert sub["thinking_prediction"] == raw["raw_output"].replace("<think>", "").replace("</think>", "").strip()
+        if raw["truncated"]:
+            assert raw["rule"] in ("empty", "truncated:contains_choice", "truncated:tokens")
+            assert sub["thinking_prediction"] == raw["raw_output"].replace("<think>", "").replace("</think>", "").strip()
+        else:
+            assert sub["thinking_prediction"] == raw["raw_output"].split("</think>")[0].replace("<think>", "").strip()
 
 
 def test_output_from_another_benchmark_is_refused(tiny_checkpoint, synthetic_dir, tmp_path, engine):
