@@ -40,7 +40,7 @@ import torch
 # `python train/grpo.py` / `accelerate launch train/grpo.py` put train/ first on sys.path, not the repo.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from accelerate.utils import DistributedType, set_seed  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from core import qwen_omni as qo  # noqa: E402
@@ -54,8 +54,8 @@ from train.data import epoch_batches, mix, sample_rows  # noqa: E402
 from train.lora import placement  # noqa: E402
 from train.rewards import Rollout, build_rewards  # noqa: E402
 from train.sft import (  # noqa: E402
-    TrainingError, check_resumable, checkpoints, cli, finish, finite_or_null, log_and_save, lr_factor, make_accelerator,
-    peak_memory_gb, prepare_for_training, reset_metrics, start_session, zero_stage,
+    check_nonfinite_skipping, check_resumable, cli, count_nonfinite, finish, finite_or_null, log_and_save, lr_factor,
+    make_accelerator, peak_memory_gb, prepare_for_training, reset_metrics, start_session, zero_stage,
 )
 
 
@@ -426,9 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         lr_factor, total=optimizer_steps, warmup=math.ceil(cfg.warmup_ratio * optimizer_steps),
         schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio))
-    if cfg.max_nonfinite_steps and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise TrainingError("train.max_nonfinite_steps > 0 cannot skip steps under DeepSpeed (its engine updates "
-                            "inside backward); set it to 0: training then stops at a non-finite loss")
+    check_nonfinite_skipping(accelerator, cfg)
     if start_weights is not None and zero_stage(accelerator) == 3:
         raise ValueError("grpo.beta > 0 with grpo.init_adapter needs the whole adapter on every rank (its SFT weights "
                          "are the KL reference): use ZeRO-2 or DDP, or grpo.beta=0")
@@ -456,15 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         record = step_record(accelerator, step + 1, stage.name, lr, parts, total, samples, stats, generated, rollout_s,
                              time.perf_counter() - tick, grpo.iterations)
         if stats["nonfinite"]:  # counted per optimizer step, as SFT's train.max_nonfinite_steps
-            skipped += stats["nonfinite"]
-            if skipped > cfg.max_nonfinite_steps:
-                newest = checkpoints(out)
-                raise TrainingError(
-                    f"step {step + 1}: loss {record['loss']}, gradient norm {record['grad_norm']} (prompts of this rank: "
-                    f"{', '.join(item.id for item in items)}); stopped before its checkpoint"
-                    + (f" ({skipped - stats['nonfinite']} skipped before, train.max_nonfinite_steps={cfg.max_nonfinite_steps})"
-                       if skipped > stats["nonfinite"] else "")
-                    + f"; newest checkpoint: {newest[-1] if newest else 'none'}")
+            skipped = count_nonfinite(cfg, out, skipped, stats["nonfinite"], f"step {step + 1}: loss {record['loss']}, gradient norm "
+                                      f"{record['grad_norm']} (prompts of this rank: {', '.join(item.id for item in items)}); "
+                                      "stopped before its checkpoint")
             log(f"step {step + 1}: non-finite loss or gradient norm, {stats['nonfinite']} optimizer step(s) skipped "
                 f"({skipped} of at most {cfg.max_nonfinite_steps})")
         with rollouts_path.open("a") as handle:

@@ -294,6 +294,24 @@ NOT_OUTPUT_SETTINGS = {"train.output_dir", "train.resume", "train.stop_after", "
                        "grpo.judge.backoff_s", "grpo.judge.backoff_max_s", "grpo.judge.cache", "grpo.judge.api_key_env"}
 
 
+def check_nonfinite_skipping(accelerator: Accelerator, cfg) -> None:
+    if cfg.max_nonfinite_steps and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise TrainingError("train.max_nonfinite_steps > 0 cannot skip steps under DeepSpeed (its engine updates "
+                            "inside backward); set it to 0: training then stops at a non-finite loss")
+
+
+def count_nonfinite(cfg, out: Path, skipped: int, new: int, what: str) -> int:
+    """`skipped` + `new` non-finite optimizer steps; past train.max_nonfinite_steps a TrainingError: `what`
+    (the step, its loss and norm, its samples), the steps skipped before and the newest checkpoint."""
+    skipped += new
+    if skipped > cfg.max_nonfinite_steps:
+        newest = checkpoints(out)
+        raise TrainingError(
+            what + (f" ({skipped - new} skipped before, train.max_nonfinite_steps={cfg.max_nonfinite_steps})" if skipped > new else "")
+            + f"; newest checkpoint: {newest[-1] if newest else 'none'}")
+    return skipped
+
+
 def check_resumable(recipe: Recipe, out: Path, sections: tuple[str, ...] = ("model", "data", "lora", "train"),
                     also: tuple[str, ...] = ()) -> None:
     """A run folder that holds checkpoints or an adapter may only be continued with the settings that made them:
@@ -372,9 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, total=total_steps, warmup=warmup, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
     )
-    if cfg.max_nonfinite_steps and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise TrainingError("train.max_nonfinite_steps > 0 cannot skip steps under DeepSpeed (its engine updates "
-                            "inside backward); set it to 0: training then stops at a non-finite loss")
+    check_nonfinite_skipping(accelerator, cfg)
     model, optimizer, state, end, metrics_path = start_session(accelerator, model, optimizer, scheduler, recipe, total_steps, log)
     start, skipped = state["step"], state.get("nonfinite_skipped", 0)
     seen_path = out / "seen" / f"rank{rank}.jsonl"
@@ -393,14 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds, tick = time.perf_counter() - tick, time.perf_counter()
         ids = [i for b in micro for i in b["ids"]]
         if not stats["finite"]:
-            skipped += 1
-            if skipped > cfg.max_nonfinite_steps:
-                newest = checkpoints(out)
-                raise TrainingError(
-                    f"step {step + 1}: loss {stats['loss']}, gradient norm {stats['grad_norm']} (samples of this rank: "
-                    f"{', '.join(ids)}); stopped before any update or checkpoint"
-                    + (f" ({skipped - 1} skipped before, train.max_nonfinite_steps={cfg.max_nonfinite_steps})" if skipped > 1 else "")
-                    + f"; newest checkpoint: {newest[-1] if newest else 'none'}")
+            skipped = count_nonfinite(cfg, out, skipped, 1, f"step {step + 1}: loss {stats['loss']}, gradient norm "
+                                      f"{stats['grad_norm']} (samples of this rank: {', '.join(ids)}); stopped before any update or checkpoint")
             log(f"step {step + 1}: non-finite loss or gradient norm, skipped ({skipped} of at most {cfg.max_nonfinite_steps})")
         with seen_path.open("a") as handle:
             handle.write(json.dumps({"step": step + 1, "ids": ids}) + "\n")
