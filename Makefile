@@ -26,11 +26,17 @@ $(VENV)/.installed: pyproject.toml
 # The tiny model's matmuls are too small for a second thread to pay: on a loaded 2-core machine
 # it only spin-waits (pre-training measured 0.8 clips/s with two threads, 15 with one).
 ONE_THREAD := OMP_NUM_THREADS=1
+# Both cores as two processes instead: two DDP ranks under Accelerate, each computing half of every batch.
+ACCELERATE := $(PY) -m accelerate.commands.launch --config_file
+CPU_RANKS  := recipes/accelerate/cpu_ddp_2proc.yaml
+# How `make train` launches train/sft.py: the tiny default on 2 CPU ranks; on GPUs pass yours, e.g.
+# `make train RECIPE=recipes/cogito.yaml LAUNCH_CONFIG=recipes/accelerate/zero3_8gpu.yaml`.
+LAUNCH_CONFIG ?= $(CPU_RANKS)
 
 # The tiny base is pre-trained to caption the synthetic pre-training clips, so it hears (core/tiny_pretrain.py).
 tiny: $(TINY)/config.json
 $(TINY)/config.json: $(SYNTH)/test.jsonl | setup
-	$(ONE_THREAD) $(PY) -m core.tiny $(TINY) --pretrain $(SYNTH)/pretrain.jsonl
+	$(ONE_THREAD) $(ACCELERATE) $(CPU_RANKS) -m core.tiny $(TINY) --pretrain $(SYNTH)/pretrain.jsonl
 
 data: $(SYNTH)/test.jsonl
 $(SYNTH)/test.jsonl: | setup
@@ -47,7 +53,7 @@ prep: tiny data
 
 # LoRA SFT; resumes from the latest checkpoint in train.output_dir. Extra overrides: ARGS="train.lr=1e-4".
 train: tiny data
-	$(PY) train/sft.py $(RECIPE) $(ARGS)
+	$(ONE_THREAD) $(ACCELERATE) $(LAUNCH_CONFIG) train/sft.py $(RECIPE) $(ARGS)
 
 # GRPO from the tiny SFT run's adapter (recipes/grpo_tiny.yaml; resumes). Extra overrides: ARGS="train.stop_after=2".
 grpo: tiny data
@@ -71,13 +77,21 @@ eval: | setup
 DEMO_BASE  := runs/tiny/base/submission.jsonl
 DEMO_TRAIN := runs/tiny/on_train/submission.jsonl
 demo: tiny data
-	$(ONE_THREAD) $(MAKE) --no-print-directory train ARGS=
-	$(ONE_THREAD) $(MAKE) --no-print-directory infer ARGS=
+	$(MAKE) --no-print-directory train ARGS=
+	$(MAKE) --no-print-directory -j2 --output-sync=target demo-answers
 	$(MAKE) --no-print-directory eval SUB=
-	$(ONE_THREAD) $(PY) -m infer run $(RECIPE) infer.adapter=null infer.output=$(DEMO_BASE)
-	$(ONE_THREAD) $(PY) -m infer run $(RECIPE) infer.meta=$(SYNTH)/train.jsonl infer.limit=120 infer.output=$(DEMO_TRAIN)
 	$(PY) -m eval side-by-side $(DEMO_BASE) runs/tiny/submission.jsonl --meta $(SYNTH)/test.jsonl \
 		--train-submission $(DEMO_TRAIN) --train-meta $(SYNTH)/train.jsonl --out runs/tiny/side_by_side.json
+
+# The demo's three answer runs, two at a time (one per core), each printed whole when it ends.
+.PHONY: demo-answers demo-finetuned demo-base demo-on-train
+demo-answers: demo-finetuned demo-base demo-on-train
+demo-finetuned:
+	$(ONE_THREAD) $(PY) -m infer run $(RECIPE)
+demo-base:
+	$(ONE_THREAD) $(PY) -m infer run $(RECIPE) infer.adapter=null infer.output=$(DEMO_BASE)
+demo-on-train:
+	$(ONE_THREAD) $(PY) -m infer run $(RECIPE) infer.meta=$(SYNTH)/train.jsonl infer.limit=120 infer.output=$(DEMO_TRAIN)
 
 # Reproducibility bundle of a finished run (default: the tiny demo's, after `make demo`): RUN/audit/ and
 # RUN/audit.tar.gz, then its verification (checksums, compliance, greedy re-run of 8 ids).

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,13 @@ CORPUS = [
     "A faint tone, then a strong tone at the same pitch. A strong tone, then a faint tone at the same pitch.",
     "One short beep. Two short beeps. Three short beeps. Four short beeps. Five short beeps.",
     "Four notes, each one rising. Four notes, each one falling. Four notes rising, then falling at the end.",
+    # The choices as the prompt lists them and as the answer after "</think>\n\n" writes them: at the
+    # start of a line, with no space before. Without this line "downward" there was "d", "own", "ward",
+    # while the thinking's " downward" was one token: the answer was not a copy of the thinking's
+    # conclusion but a spelling of it, and held-out runs lost whole tasks on it (the thinking right,
+    # the answer wrong).
+    "\n".join(["one", "two", "three", "four", "five", "louder", "softer", "upward", "downward", "up then down",
+               "the first tone", "the second tone", "a pure tone", "a burst of noise"]),
 ]
 
 # Architecture sizes. `build_config` takes one of these (or a copy with overrides) and nothing else.
@@ -353,18 +361,31 @@ def write_processor_files(tokenizer, out: Path) -> None:
 def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0, pretrain: str | Path | None = None) -> Path:
     """Write the miniature of the real checkpoint (see the module docstring) to `out_dir` and return it.
 
-    With `pretrain` (a JSONL of captioned clips), the base is first pre-trained to hear (core/tiny_pretrain.py).
+    With `pretrain` (a JSONL of captioned clips), the base is first pre-trained to hear (core/tiny_pretrain.py),
+    on every rank when launched by `accelerate launch`; rank 0 then writes the checkpoint.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     config = build_config(tokenizer)
     model = build_thinker(config, seed=seed)
     make_audio_tower_responsive(model.audio_tower)
-    if pretrain is not None:
-        from core.tiny_pretrain import pretrain_to_hear
+    if pretrain is None:
+        return write_checkpoint(model, config, tokenizer, out_dir)
+    from accelerate import PartialState
 
-        pretrain_to_hear(model, qo.OmniProcessor(tokenizer, tiny_feature_extractor()), pretrain, seed=seed)
+    from core.tiny_pretrain import pretrain_to_hear
+
+    pretrain_to_hear(model, qo.OmniProcessor(tokenizer, tiny_feature_extractor()), pretrain, seed=seed)
+    state = PartialState()
+    if state.is_main_process:
+        write_checkpoint(model, config, tokenizer, out_dir)
+    state.wait_for_everyone()  # every rank returns a written checkpoint
+    return Path(out_dir)
+
+
+def write_checkpoint(model, config: Qwen3OmniMoeThinkerConfig, tokenizer, out_dir: str | Path) -> Path:
+    """The model and its tokenizer and processor files, in the real repository's layout."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     qo.save_thinker(model, out, composite_config_dict(config, tokenizer), max_shard_size=size // TINY_SHARDS + 1)
     write_tokenizer_files(tokenizer, out)
@@ -382,10 +403,12 @@ def main() -> None:
     parser.add_argument("out_dir", nargs="?", default="artifacts/tiny-omni")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrain", metavar="JSONL", help="captioned clips to pre-train the base on, so it hears "
-                        "(data_prep.synthetic's pretrain.jsonl); without it the weights stay random")
+                        "(data_prep.synthetic's pretrain.jsonl; under `accelerate launch` on every rank); "
+                        "without it the weights stay random")
     args = parser.parse_args()
     out = build_tiny_checkpoint(args.out_dir, args.seed, args.pretrain)
-    print(f"tiny Qwen3-Omni checkpoint (the real repository's layout) written to {out}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"tiny Qwen3-Omni checkpoint (the real repository's layout) written to {out}")
 
 
 if __name__ == "__main__":

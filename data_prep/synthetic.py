@@ -193,8 +193,11 @@ def reference_thinking(clip: Clip) -> str:
     """What is heard, then the answer it implies. Short on purpose: a tiny model cannot write the
     exact frequencies or levels a long reasoning would cite, and whatever it writes wrongly before
     the answer pulls the answer with it; the one fact that decides is written out before it, in
-    words that are not the choice's, so the answer is inferred from it rather than copied."""
-    return f"I hear {clip.caption}, so the answer is {clip.answer}."
+    words that are not the choice's, so the answer is inferred from it rather than copied. The
+    answer is quoted: after a quote its words are the same tokens as the answer after `</think>`
+    (' downward' and 'downward' are two different tokens), so the final answer is a copy of the
+    reasoning's conclusion, not a respelling the tiny model had to learn for every choice."""
+    return f'I hear {clip.caption}, so the answer is "{clip.answer}".'
 
 
 def make_record(split: str, index: int, task_name: str, clip: Clip, duration: float) -> dict:
