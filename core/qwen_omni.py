@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass
@@ -463,17 +464,18 @@ def _index_text(index: tuple) -> str:
 
 def load_thinker_zero3(source: str | Path, dtype="auto", attn_implementation: str | None = None,
                        experts_implementation: str | None = None):
-    """The thinker under DeepSpeed ZeRO-3 without any rank holding the whole model (`load_thinker(zero3=True)`).
+    """The thinker under DeepSpeed ZeRO-3, each rank reading only its own shard (`load_thinker(zero3=True)`).
 
     transformers' own ZeRO-3 load (5.19) reads every shard's full state dict on every rank and fuses the
     experts there; here the model is built as transformers builds it under ZeRO-3 (`get_init_context`:
     `deepspeed.zero.Init`, each rank allocating only its partition, parameters in DeepSpeed's dtype),
-    then module by module the module's own parameters are gathered (`deepspeed.zero.GatheredParameters`,
-    modifier rank 0) and rank 0 alone copies in the checkpoint tensors they need, memory-mapped
-    (`safe_open`), per-expert ones into the fused expert parameters (`thinker_weight_plan`). Buffers
-    (rotary frequencies, audio positions), ties and eval mode are then set as `from_pretrained` sets them.
+    then every rank fills its own partition of each parameter straight from the memory-mapped checkpoint
+    (`safe_open(...).get_slice`): the rows of each tensor that overlap its flat range
+    (`zero_partition_range`), per-expert tensors at their slot of the fused expert parameters
+    (`thinker_weight_plan`). No parameter is gathered and no rank holds more than its partition plus
+    one tensor's overlapping rows. Buffers (rotary frequencies, audio positions), ties and eval mode are
+    then set as `from_pretrained` sets them.
     """
-    import deepspeed
     import torch.distributed as dist
     from safetensors import safe_open
     from transformers import GenerationConfig
@@ -504,36 +506,30 @@ def load_thinker_zero3(source: str | Path, dtype="auto", attn_implementation: st
         sub.dtype = built
 
     params = dict(model.named_parameters())
-    rank0 = dist.get_rank() == 0
-    plan, tensors, failure = {}, {}, [None]
-    if rank0:  # it alone reads the checkpoint; the others learn of a failure by broadcast, so none waits forever
-        try:
-            tensors = checkpoint_tensors(source)
-            plan = thinker_weight_plan({name: shape for name, (_, shape) in tensors.items()},
-                                       {n: tuple(p.ds_shape) for n, p in params.items()}, model.all_tied_weights_keys)
-        except Exception as err:  # any failure here must reach every rank, or the others wait in the gathers below
-            err.add_note(f"loading {source} under ZeRO-3")
-            failure = [err]
-    dist.broadcast_object_list(failure, src=0)
-    if failure[0] is not None:
-        raise failure[0]
-
-    # the same list on every rank (plan is rank 0's): each takes part in every gather
     loaded = {n for n in params if n not in model.all_tied_weights_keys}
-    for module_name, module in model.named_modules():
-        own = [(n, p) for n, p in module.named_parameters(module_name, recurse=False) if n in loaded]
-        if not own:
-            continue
-        with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0):
-            if rank0:
-                # opened per module: the pages mapped are unmapped with it, so rank 0's RSS never holds the checkpoint
-                files = {path: safe_open(str(path), "pt") for path in {tensors[k][0] for n, _ in own for k, _ in plan[n]}}
-                for name, param in own:
-                    for key, index in plan[name]:
-                        param.data[index].copy_(files[tensors[key][0]].get_tensor(key))
-                del files
-        for _, param in own:
-            param._is_hf_initialized = True  # loaded: initialize_weights must leave it alone
+    failure = None
+    try:  # any failure must reach every rank, or the others would wait forever in training's first collective
+        tensors = checkpoint_tensors(source)
+        plan = thinker_weight_plan({name: shape for name, (_, shape) in tensors.items()},
+                                   {n: tuple(p.ds_shape) for n, p in params.items()}, model.all_tied_weights_keys)
+        for module_name, module in model.named_modules():
+            own = [(n, p) for n, p in module.named_parameters(module_name, recurse=False) if n in loaded]
+            # opened per module: the pages mapped are unmapped with it, so no rank's RSS keeps the checkpoint
+            files = {path: safe_open(str(path), "pt") for path in {tensors[k][0] for n, _ in own for k, _ in plan[n]}}
+            for name, param in own:
+                fill_zero3_partition(param, [(files[tensors[key][0]].get_slice(key), index) for key, index in plan[name]])
+                param._is_hf_initialized = True  # loaded: initialize_weights must leave it alone
+            del files
+    except Exception as err:
+        err.add_note(f"loading {source} under ZeRO-3 on rank {dist.get_rank()}")
+        failure = err
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, None if failure is None else repr(failure))
+    if failure is not None:
+        raise failure
+    for rank, text in enumerate(failures):
+        if text is not None:
+            raise RuntimeError(f"loading {source} under ZeRO-3 failed on rank {rank}: {text}")
     # what from_pretrained does after loading: buffers recomputed (every parameter is flagged), ties, eval
     model.initialize_weights()
     model.tie_weights()
@@ -541,6 +537,48 @@ def load_thinker_zero3(source: str | Path, dtype="auto", attn_implementation: st
     if (Path(source) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(source)
     return model
+
+
+def zero_partition_range(param) -> tuple[int, int]:
+    """[start, end) of the flattened parameter that this rank's ZeRO-3 partition holds (`param.ds_tensor`).
+
+    DeepSpeed's layout (partition_parameters.py, `_partition_param`): the flattened parameter, zero-padded
+    to a multiple of the partition group's size, cut into equal consecutive pieces, piece k on rank k
+    of the parameter's group (`ds_process_group`).
+    """
+    import torch.distributed as dist
+
+    size = param.ds_tensor.ds_numel
+    start = size * dist.get_rank(group=param.ds_process_group)
+    return start, start + size
+
+
+def fill_zero3_partition(param, sources: list[tuple[object, tuple]]) -> None:
+    """Copy into this rank's partition of `param` the part of each (safetensors slice, index into the
+    parameter) that falls in it, reading only the source rows that overlap it; padding is zeroed."""
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+    if getattr(param.ds_tensor, "final_location", None) == OffloadDeviceEnum.nvme:
+        raise ValueError("load_thinker(zero3=True) fills the partitions in memory: offload_param to nvme is not supported")
+    start, end = zero_partition_range(param)
+    partition = param.ds_tensor.data
+    with torch.no_grad():
+        if end > param.ds_numel:  # the last partition's padding
+            partition[max(param.ds_numel - start, 0):].zero_()
+        for source, index in sources:
+            region = torch.empty(param.ds_shape, device="meta")[index]
+            if not region.is_contiguous():
+                raise ValueError(f"{_index_text(index)}: not a contiguous block of the parameter")
+            offset = region.storage_offset()  # where the tensor starts in the flattened parameter
+            low, high = max(offset, start), min(offset + region.numel(), end, param.ds_numel)
+            if low >= high:
+                continue
+            shape = source.get_shape()
+            row = math.prod(shape[1:]) if len(shape) > 1 else 1
+            first, last = (low - offset) // row, -(-(high - offset) // row)  # the rows that overlap [low, high)
+            rows = source[first:last]
+            flat = rows.reshape(-1)[low - offset - first * row: high - offset - first * row]
+            partition[low - start: high - start].copy_(flat)
 
 
 def full_numel(param: torch.Tensor) -> int:
