@@ -112,7 +112,7 @@ def test_melody_and_order_are_audible(items):
 def test_captions_say_what_is_heard_and_the_reasoning_rests_on_them(items):
     for item in items:
         facts, caption = item.meta["facts"], item.meta["caption"]
-        assert item.thinking == f"I hear {caption}, so the answer is {item.answer}."
+        assert item.thinking == f'I hear {caption}, so the answer is "{item.answer}".'
         task = item.id.rsplit("-", 1)[-1]
         heard = {
             "beep_count": lambda: caption.startswith(NUMBER_WORDS[facts["count"] - 1] + " short beep"),

@@ -362,10 +362,12 @@ def step_record(accelerator, step: int, stage: str, lr: float, parts: dict, tota
 # ---------------------------------------------------------------- main
 
 
-def load_policy(recipe: Recipe):
-    """The thinker with its trainable adapter: the SFT adapter (grpo.init_adapter) or a fresh one placed as in SFT."""
+def load_policy(recipe: Recipe, zero3: bool = False):
+    """The thinker with its trainable adapter: the SFT adapter (grpo.init_adapter) or a fresh one placed as in SFT.
+    Under ZeRO-3 (`zero3`) each rank loads only its shard of the thinker, as in SFT."""
     model = qo.load_thinker(recipe.model.path, recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
-                            experts_implementation=recipe.model.experts_implementation, allow_hub=recipe.model.allow_hub)
+                            experts_implementation=recipe.model.experts_implementation, allow_hub=recipe.model.allow_hub,
+                            zero3=zero3)
     if recipe.grpo.init_adapter is None:
         return prepare_for_training(model, recipe)
     adapter = Path(recipe.grpo.init_adapter)
@@ -416,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      for s, i in zip(grpo.stages, schedule.items))
         + f"; {schedule.prompts_per_rank} prompts x {grpo.num_generations} completions per rank, {world} rank(s)")
 
-    model, placed = load_policy(recipe)
+    model, placed = load_policy(recipe, zero3=zero_stage(accelerator) == 3)
     log("lora: adapted modules " + ", ".join(f"{g}={placed[g]}" for g in ("text_attention", "experts", "audio_tower", "other")))
     params = [p for p in model.parameters() if p.requires_grad]
     # The KL reference: the SFT adapter as loaded, before a resume moves the weights (reference_policy).
