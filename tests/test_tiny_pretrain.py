@@ -10,7 +10,7 @@ import torch
 from core import qwen_omni as qo
 from core.items import DataError
 from core.tiny import build_config, build_thinker, build_tokenizer, make_audio_tower_responsive, tiny_feature_extractor
-from core.tiny_pretrain import CAPTION_PROMPT, caption_examples, caption_reply, pretrain_to_hear
+from core.tiny_pretrain import CAPTION_PROMPT, pretrain_examples, caption_reply, pretrain_to_hear
 
 
 @pytest.fixture(scope="module")
@@ -18,12 +18,16 @@ def processor():
     return qo.OmniProcessor(build_tokenizer(), tiny_feature_extractor())
 
 
-def test_examples_ask_for_a_caption_and_reply_with_it(synthetic_dir, processor):
-    examples = caption_examples(synthetic_dir / "train.jsonl", processor)
+def test_examples_describe_each_clip_and_answer_its_question(synthetic_dir, processor):
+    examples = pretrain_examples(synthetic_dir / "train.jsonl", processor)
     first = json.loads((synthetic_dir / "train.jsonl").read_text().splitlines()[0])
     assert examples[0]["prompt"] == qo.render_chat(processor.tokenizer, CAPTION_PROMPT)
     assert examples[0]["target"] == caption_reply(first["caption"]) == first["caption"].capitalize() + "." + qo.IM_END
     assert examples[0]["features"].shape[0] == 128
+    # the same clip's question, answered in plain words: the record's reasoning, no thinking block
+    assert examples[1]["prompt"] == qo.render_prompt(processor.tokenizer, first["question"], first["choices"])
+    assert examples[1]["target"] == first["thinking"] + qo.IM_END and "<think>" not in examples[1]["target"]
+    assert examples[1]["features"] is examples[0]["features"] and len(examples) == 2 * len((synthetic_dir / "train.jsonl").read_text().splitlines())
 
 
 def test_a_record_without_caption_is_named(synthetic_dir, processor, tmp_path):
@@ -34,7 +38,7 @@ def test_a_record_without_caption_is_named(synthetic_dir, processor, tmp_path):
     path.write_text(lines[0] + "\n" + json.dumps(broken) + "\n")
     try:
         with pytest.raises(DataError, match=rf"no_caption.jsonl:2 \(id={broken['id']}\): caption: missing"):
-            caption_examples(path, processor)
+            pretrain_examples(path, processor)
     finally:
         path.unlink()
 
