@@ -1,5 +1,5 @@
-"""The challenge's answer rule (MMAR's official scorer), the one home shared by inference, data
-preparation and evaluation. Standard library only: scoring 1,000 items must not import torch.
+"""The challenge's answer rule (MMAR's official scorer) and its thinking length limit, the one home
+shared by inference, data preparation and evaluation. Standard library only: scoring 1,000 items must not import torch.
 
 Lower-case both strings and take the SET of `\\b\\w+\\b` tokens. A prediction is correct when it has
 at least one token, holds every token of the answer, and holds no token that belongs only to a
@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import re
 from typing import Sequence
+
+# The submission rule beside it: `thinking_prediction` must be UNDER this many characters (the official
+# scorer warns and still judges; inference cuts to stay under it, submission checks refuse it).
+THINKING_LENGTH_LIMIT = 10_000
 
 _WORD = re.compile(r"\b\w+\b")
 

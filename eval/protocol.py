@@ -19,7 +19,6 @@ JUDGE_SYSTEM_PROMPT = (
     "ground truth information and the detailed scoring rubric."
 )
 OFFICIAL_JUDGE_MODEL = "gpt-4o-2024-11-20"
-THINKING_LENGTH_LIMIT = 10_000  # characters; the official script warns but still judges
 
 # The official parser: the outermost `[ {...} ]` span, greedy across lines; else the whole reply.
 _JSON_LIST = re.compile(r"\[\s*\{.*\}\s*\]", re.DOTALL)

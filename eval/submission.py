@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from core.answer_rule import THINKING_LENGTH_LIMIT
 from core.records import record_problem
-from eval.protocol import THINKING_LENGTH_LIMIT
 
 THINK_TAGS = ("<think>", "</think>")
 # (thinking key, answer key) of each submission schema, tried in this order on the first record.

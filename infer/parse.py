@@ -28,10 +28,9 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from core.answer_rule import answer_tokens, is_correct
+from core.answer_rule import THINKING_LENGTH_LIMIT, answer_tokens, is_correct
 from core.qwen_omni import THINK_CLOSE, THINK_OPEN
 
-MAX_THINKING_CHARS = 10_000  # the rule: thinking_prediction must be UNDER this many characters
 # A sentence end: terminal punctuation (and closing quotes or brackets) before a space or the end.
 _SENTENCE_END = re.compile(r"[.!?。！？…]+[\"'”’)\]]*(?=\s|$)")
 
@@ -49,7 +48,7 @@ POLICY = {
     "rules": list(RULES),
     "unmatched": "answer_prediction = stripped answer text as written",
     "truncated": "thinking = whole output; answer from the last paragraph by containment rules, else empty",
-    "thinking_limit": f"< {MAX_THINKING_CHARS} chars: cut after the last sentence end under it; nothing inserted",
+    "thinking_limit": f"< {THINKING_LENGTH_LIMIT} chars: cut after the last sentence end under it; nothing inserted",
 }
 
 LETTERS = "ABCDEFGHIJ"
@@ -70,12 +69,12 @@ _WORDS = re.compile(r"\w+")
 
 @dataclass(frozen=True)
 class Parsed:
-    thinking: str  # tags removed, cut under MAX_THINKING_CHARS
+    thinking: str  # tags removed, cut under THINKING_LENGTH_LIMIT
     answer: str  # the matched choice verbatim, else the stripped answer text
     answer_text: str  # what the model wrote as its answer (after the last </think>), stripped
     rule: str  # the rule of RULES that fired (prefixed "truncated:" for truncated outputs), "unmatched" or "empty"
     truncated: bool  # no </think> in the output
-    thinking_cut: bool  # the thinking was cut to stay under MAX_THINKING_CHARS
+    thinking_cut: bool  # the thinking was cut to stay under THINKING_LENGTH_LIMIT
 
     @property
     def matched(self) -> bool:
@@ -94,7 +93,7 @@ def split_output(text: str) -> tuple[str, str, bool]:
     return strip_tags(head), strip_tags(tail), False
 
 
-def cut_thinking(thinking: str, limit: int = MAX_THINKING_CHARS) -> tuple[str, bool]:
+def cut_thinking(thinking: str, limit: int = THINKING_LENGTH_LIMIT) -> tuple[str, bool]:
     """(the thinking, whether it was cut): a prefix strictly shorter than `limit`, ending after the last
     sentence end that fits, else the last space, else at the limit. No character is added."""
     if len(thinking) < limit:

@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from core.answer_rule import THINKING_LENGTH_LIMIT
 from core.items import DataError, load_items
 from core.qwen_omni import THINK_CLOSE, THINK_OPEN
-from infer.parse import MAX_THINKING_CHARS
 
 SUBMISSION_KEYS = ("id", "thinking_prediction", "answer_prediction")
 
@@ -120,8 +120,8 @@ def validate_submission(path: str | Path, meta: str | Path, allow_unmatched: boo
                 continue
             thinking = obj.get("thinking_prediction")
             if isinstance(thinking, str):
-                if len(thinking) >= MAX_THINKING_CHARS:
-                    errors.append(f"{label}: thinking_prediction: {len(thinking)} characters, must be under {MAX_THINKING_CHARS}")
+                if len(thinking) >= THINKING_LENGTH_LIMIT:
+                    errors.append(f"{label}: thinking_prediction: {len(thinking)} characters, must be under {THINKING_LENGTH_LIMIT}")
                 for tag in (THINK_OPEN, THINK_CLOSE):
                     if tag in thinking:
                         errors.append(f"{label}: thinking_prediction: contains the tag {tag}")

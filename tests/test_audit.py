@@ -16,9 +16,9 @@ from audit import compliance
 from audit.__main__ import main as audit_cli
 from audit.bundle import MANIFEST, sha256_file
 from audit.verify import choose_ids, verify
+from core.answer_rule import THINKING_LENGTH_LIMIT
 from core.items import load_items
 from core.recipe import load_recipe
-from infer.parse import MAX_THINKING_CHARS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,10 +202,10 @@ def test_compliance_reports_a_thinking_over_the_limit(demo, tmp_path, capsys):
     for src, dst in zip((original.submission, original.raw, original.run, original.recipe), (copy.submission, copy.raw, copy.run, copy.recipe)):
         shutil.copy(src, dst)
     rid = first_checked_id(demo)
-    edit_line(copy.submission, rid, thinking_prediction="x" * MAX_THINKING_CHARS)
+    edit_line(copy.submission, rid, thinking_prediction="x" * THINKING_LENGTH_LIMIT)
     assert audit_cli(["compliance", "--train-run", str(demo["run"]), "--infer-output", str(copy.submission)]) == 1
     out = capsys.readouterr().out
-    assert "FAIL submission" in out and f"(id={rid}): thinking_prediction: {MAX_THINKING_CHARS} characters, must be under" in out
+    assert "FAIL submission" in out and f"(id={rid}): thinking_prediction: {THINKING_LENGTH_LIMIT} characters, must be under" in out
     assert f"(id={rid}): thinking_prediction: not what string matching extracts" in out  # and it no longer parses back
 
 

@@ -3,11 +3,11 @@ from pathlib import Path
 
 import pytest
 
+from core.answer_rule import THINKING_LENGTH_LIMIT
 from core.items import load_items
 from core.recipe import load_recipe
 from infer.cli import main
 from infer.engine import load_engine
-from infer.parse import MAX_THINKING_CHARS
 from infer.run import RunPaths, run
 from infer.submission import SUBMISSION_KEYS, read_records, validate_submission
 
@@ -127,8 +127,8 @@ def write(path, records):
         (lambda rs, items: rs.append(dict(rs[3])), "(id={id3}): id: duplicate of line 4"),
         (lambda rs, items: rs[3].pop("answer_prediction"), "(id={id3}): answer_prediction: missing"),
         (lambda rs, items: rs[3].update(answer="x"), "(id={id3}): answer: unexpected key"),
-        (lambda rs, items: rs[3].update(thinking_prediction="x" * MAX_THINKING_CHARS),
-         f"(id={{id3}}): thinking_prediction: {MAX_THINKING_CHARS} characters, must be under"),
+        (lambda rs, items: rs[3].update(thinking_prediction="x" * THINKING_LENGTH_LIMIT),
+         f"(id={{id3}}): thinking_prediction: {THINKING_LENGTH_LIMIT} characters, must be under"),
         (lambda rs, items: rs[3].update(thinking_prediction="<think>why</think>"),
          "(id={id3}): thinking_prediction: contains the tag <think>"),
         (lambda rs, items: rs[3].update(answer_prediction="B"), "(id={id3}): answer_prediction: 'B' is not one of its choices"),

@@ -1,6 +1,7 @@
 import pytest
 
-from infer.parse import MAX_THINKING_CHARS, cut_thinking, match_choice, parse_output, split_output
+from core.answer_rule import THINKING_LENGTH_LIMIT
+from infer.parse import cut_thinking, match_choice, parse_output, split_output
 
 CHOICES = ["the first tone", "the second tone", "both are equal"]
 
@@ -82,7 +83,7 @@ def test_long_thinking_is_cut_at_the_last_sentence_end_without_inserting_text():
     sentence = "The second tone is higher (about 880 Hz). "  # 42 characters
     thinking = sentence * 300  # 12,600 characters
     kept, was_cut = cut_thinking(thinking)
-    assert was_cut and len(kept) < MAX_THINKING_CHARS
+    assert was_cut and len(kept) < THINKING_LENGTH_LIMIT
     assert thinking.startswith(kept) and kept.endswith("(about 880 Hz).")  # a prefix: nothing inserted
     assert len(kept) == 238 * 42 - 1  # the last whole sentence that fits: 238 x 42 = 9,996 characters
     # A period inside a word ("880.5") or at the very limit is no sentence end; a question mark with a quote is.
@@ -90,7 +91,7 @@ def test_long_thinking_is_cut_at_the_last_sentence_end_without_inserting_text():
     assert cut_thinking(tricky)[0] == tricky[:9_000] + ' Is it "higher?"'
     # No sentence end: the last space; no space either: the limit.
     assert cut_thinking("w" * 9_995 + " " + "v" * 10)[0] == "w" * 9_995
-    assert cut_thinking("u" * 12_000)[0] == "u" * (MAX_THINKING_CHARS - 1)
-    assert cut_thinking("x" * (MAX_THINKING_CHARS - 1)) == ("x" * (MAX_THINKING_CHARS - 1), False)
+    assert cut_thinking("u" * 12_000)[0] == "u" * (THINKING_LENGTH_LIMIT - 1)
+    assert cut_thinking("x" * (THINKING_LENGTH_LIMIT - 1)) == ("x" * (THINKING_LENGTH_LIMIT - 1), False)
     parsed = parse_output("<think>" + thinking + "</think>the first tone", CHOICES)
     assert parsed.thinking_cut and parsed.thinking == kept.strip() and parsed.answer == "the first tone"
