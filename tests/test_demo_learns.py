@@ -9,18 +9,16 @@ with the rest of the suite.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from core.recipe import load_recipe
+from tests.test_train import launch_ranks
 
 REPO = Path(__file__).resolve().parents[1]
-RANKS = REPO / "recipes" / "accelerate" / "cpu_ddp_2proc.yaml"  # what the Makefile launches `make tiny` and `make train` with
+RANKS = "cpu_ddp_2proc.yaml"  # what the Makefile launches `make tiny` and `make train` with
 
 # The targets are format >= 95 % and accuracy >= 80 %, above chance on every task type. This
 # recipe measured 98.3 % format and accuracy in `make demo` (README), and 98.3 % accuracy over three
@@ -28,13 +26,6 @@ RANKS = REPO / "recipes" / "accelerate" / "cpu_ddp_2proc.yaml"  # what the Makef
 # float rounding on another CPU to flip a few borderline items (each of 120 moves a rate by 0.83 points).
 MIN_FORMAT = 95.0
 MIN_ACCURACY = 85.0
-
-
-def launch(*args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RANKS), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the answers, in this process
@@ -50,7 +41,7 @@ def test_tiny_recipe_learns_to_answer_from_the_audio(tmp_path):
     synthetic = tmp_path / "synthetic"
     generate(synthetic, seed=0, pretrain=960)  # the demo's sizes: `make data`
     checkpoint = tmp_path / "tiny-omni"
-    launch("-m", "core.tiny", str(checkpoint), "--pretrain", str(synthetic / "pretrain.jsonl"))
+    launch_ranks(RANKS, "-m", "core.tiny", str(checkpoint), "--pretrain", str(synthetic / "pretrain.jsonl"), timeout=900)
     recipe_file = tmp_path / "recipe.yaml"
     tree = yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())
     tree["model"]["path"] = str(checkpoint)
@@ -60,7 +51,7 @@ def test_tiny_recipe_learns_to_answer_from_the_audio(tmp_path):
                          adapter=str(tmp_path / "run" / "adapter"))
     recipe_file.write_text(yaml.safe_dump(tree))
 
-    launch(str(REPO / "train" / "sft.py"), str(recipe_file))
+    launch_ranks(RANKS, str(REPO / "train" / "sft.py"), str(recipe_file), timeout=900)
     # two ranks, each with its half of every step: the launch is not two single-process runs
     seen = [(tmp_path / "run" / "seen" / f"rank{r}.jsonl").read_text().splitlines() for r in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 360

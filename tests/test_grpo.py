@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,7 @@ from core.recipe import JudgeConfig, RecipeError, load_recipe
 from infer.parse import parse_output
 from train.grpo import check_grpo_resumable, group_advantages, grpo_loss
 from train.sft import TrainingError
-from tests.test_train import adapter_weights, metrics
+from tests.test_train import adapter_weights, launch_ranks, metrics
 from train.rewards import (
     REASONING_RUBRIC, EmbeddingReward, JudgeReward, Rollout, TextEmbedder, answer_reward, format_reward, length_reward,
 )
@@ -431,13 +428,8 @@ def test_group_size_must_divide_the_step(grpo_recipe):
 def test_two_processes_zero2(grpo_recipe, tmp_path):
     """Two gloo ranks under DeepSpeed ZeRO-2 (SFT's launch form): each rolls out its own prompts, the
     step's statistics cover both ranks, checkpoints and the adapter are written once."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "recipes/accelerate/cpu_zero2_2proc.yaml"), str(REPO / "train/grpo.py"), str(grpo_recipe),
-           f"train.output_dir={two}"]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    launch_ranks("cpu_zero2_2proc.yaml", str(REPO / "train/grpo.py"), str(grpo_recipe), f"train.output_dir={two}")
     per_rank = [[json.loads(line) for line in (two / "rollouts" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
     for step in range(1, 5):
         prompts = [{r["id"].split("#")[0] for r in rank if r["step"] == step} for rank in per_rank]

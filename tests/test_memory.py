@@ -146,22 +146,15 @@ def test_two_processes_zero3_take_the_single_process_steps(recipe_file, tmp_path
     """Two gloo ranks under ZeRO-3, each holding half of every parameter from loading on, take the
     same steps as one process with the whole batch."""
     import json
-    import os
     import re
-    import subprocess
-    import sys
 
     import numpy as np
 
-    from tests.test_train import REPO, adapter_weights, metrics, run_sft
+    from tests.test_train import REPO, adapter_weights, launch_ranks, metrics, run_sft
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "recipes/accelerate/cpu_zero3_2proc.yaml"), str(REPO / "train/sft.py"), str(recipe_file),
-           f"train.output_dir={two}", "train.batch_size=2", "train.zero_stage=3"]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = launch_ranks("cpu_zero3_2proc.yaml", str(REPO / "train/sft.py"), str(recipe_file),
+                        f"train.output_dir={two}", "train.batch_size=2", "train.zero_stage=3")
     one = run_sft(recipe_file, f"train.output_dir={tmp_path}/one", "train.batch_size=4")
     # the logged parameter count is the full model's (+ LoRA) although each rank holds half of it
     base = sum(p.numel() for p in qo.load_thinker(load_recipe(recipe_file).model.path).parameters())
@@ -313,21 +306,14 @@ def test_two_processes_zero3_stream_the_stock_weights(tiny_checkpoint, tmp_path,
     from the checkpoint; gathered, every parameter and buffer equals transformers' plain load bit for bit
     and one forward with audio gives the same logits. A checkpoint that does not match fails on both ranks."""
     import math
-    import os
-    import subprocess
-    import sys
 
-    from tests.test_train import REPO
+    from tests.test_train import REPO, launch_ranks
     from tests.zero3_load_worker import forward_batch
 
     broken = renamed_copy(tiny_checkpoint, tmp_path / "broken", "thinker.model.layers.0.mlp.experts.1.up_proj.weight",
                           "thinker.model.layers.0.mlp.experts.7.up_proj.weight")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "recipes/accelerate/cpu_zero3_2proc.yaml"), str(REPO / "tests/zero3_load_worker.py"),
-           str(tiny_checkpoint), str(broken), str(tmp_path)]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    launch_ranks("cpu_zero3_2proc.yaml", str(REPO / "tests/zero3_load_worker.py"), str(tiny_checkpoint), str(broken),
+                 str(tmp_path))
     stock = qo.load_thinker(tiny_checkpoint, "bfloat16")
     with torch.no_grad():
         logits = stock(**forward_batch(str(tiny_checkpoint))).logits

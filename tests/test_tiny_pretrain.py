@@ -10,7 +10,7 @@ import torch
 from core import qwen_omni as qo
 from core.items import DataError
 from core.tiny import build_config, build_thinker, build_tokenizer, make_audio_tower_responsive, tiny_feature_extractor
-from core.tiny_pretrain import CAPTION_PROMPT, pretrain_examples, caption_reply, pretrain_to_hear
+from core.tiny_pretrain import CAPTION_PROMPT, caption_reply, pretrain_examples, pretrain_to_hear
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,17 @@ def run_sft(recipe_file: Path, *overrides: str) -> Path:
     return Path(load_recipe(recipe_file, list(overrides)).train.output_dir)
 
 
+def launch_ranks(config: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file recipes/accelerate/CONFIG ARGS` from the repo root, one torch thread
+    per rank; asserts it succeeded and returns it (stdout and stderr captured)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(REPO / "recipes" / "accelerate" / config), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -169,13 +180,9 @@ def test_resume_gives_the_uninterrupted_run(recipe_file, tmp_path):
 def test_two_processes_zero2_split_the_data(recipe_file, tmp_path):
     """Two gloo ranks under DeepSpeed ZeRO-2 train on disjoint halves of each global batch and take
     the same steps as one process with the whole batch (per-token loss over ranks)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "recipes/accelerate/cpu_zero2_2proc.yaml"), str(REPO / "train/sft.py"), str(recipe_file),
-           f"train.output_dir={two}", "train.batch_size=2", "train.save_every=2"]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    launch_ranks("cpu_zero2_2proc.yaml", str(REPO / "train/sft.py"), str(recipe_file),
+                 f"train.output_dir={two}", "train.batch_size=2", "train.save_every=2")
     seen = [[json.loads(line) for line in (two / "seen" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
     ids = [{i for step in rank for i in step["ids"]} for rank in seen]
     assert len(ids[0]) == len(ids[1]) == 3 * 2 and not ids[0] & ids[1]
