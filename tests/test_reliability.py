@@ -575,7 +575,7 @@ def test_hub_ids_load_only_with_the_opt_in(tiny_checkpoint, synthetic_dir, tmp_p
         def from_pretrained(source, **kwargs):
             asked.append(source)
 
-    monkeypatch.setattr(qo, "thinker_class", lambda: Thinker)
+    monkeypatch.setattr(qo.checkpoint, "thinker_class", lambda: Thinker)  # where load_thinker looks it up
     qo.load_thinker("Qwen/Qwen3-Omni-30B-A3B-Thinking", allow_hub=True)
     assert asked == ["Qwen/Qwen3-Omni-30B-A3B-Thinking"]
 
