@@ -1,49 +1,18 @@
-"""Everything specific to Qwen3-Omni, in one place.
-
-Training, inference, data preparation and evaluation all build prompts, tokenise audio and load
-the thinker through this module, so the prompt seen at training time cannot drift from the one
-seen at inference time. Facts and their sources are in ../shared/QWEN3_OMNI_NOTES.md.
-"""
+"""Checkpoint files: the released checkpoint's layout, loading the thinker and its tokenizer, and saving
+in that layout (composite config, `thinker.*` shards and their index)."""
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
-SAMPLE_RATE = 16_000
-HOP_LENGTH = 160  # the Whisper-style feature extractor's hop: 100 mel frames per second
-IGNORE_INDEX = -100
-
-# Special tokens of the Qwen3-Omni tokenizer. Their ids always come from the tokenizer in use.
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-AUDIO_START, AUDIO_PAD, AUDIO_END = "<|audio_start|>", "<|audio_pad|>", "<|audio_end|>"
-VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-# What a thinking budget appends when the thinking runs out of tokens: the same separator the
-# model writes between its thinking and its answer (see render_target).
-THINK_BUDGET_CLOSE = f"\n{THINK_CLOSE}\n\n"
-ENDOFTEXT = "<|endoftext|>"
-SPECIAL_TOKENS = [
-    ENDOFTEXT, IM_START, IM_END, AUDIO_START, AUDIO_END, AUDIO_PAD,
-    VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, THINK_OPEN, THINK_CLOSE,
-]
-
-# Attributes the stock Qwen3OmniMoeProcessor reads from the tokenizer (tokenizer_config.json keys of the
-# real checkpoint; vLLM builds that processor too).
-TOKENIZER_TOKEN_ATTRIBUTES = {
-    "audio_token": AUDIO_PAD, "audio_bos_token": AUDIO_START, "audio_eos_token": AUDIO_END,
-    "image_token": IMAGE_PAD, "video_token": VIDEO_PAD,
-    "vision_bos_token": VISION_START, "vision_eos_token": VISION_END,
-}
+from core.qwen_omni.model import modeling_module, thinker_class
 
 # The files of the released Qwen/Qwen3-Omni-30B-A3B-Thinking and their roles (docs/real_checkpoint.md
 # says where each was verified). The tiny kit writes the same set; merge writes the weight files anew and
@@ -64,257 +33,6 @@ WEIGHT_INDEX = "model.safetensors.index.json"
 THINKER_PREFIX = "thinker."
 # Where a chat template can live, in the order transformers' processor looks (5.x).
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
-
-# Parts of the thinker that LoRA must leave alone unless a recipe asks otherwise.
-NON_TEXT_MODULES = ("audio_tower", "visual")
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-# transformers 5 fuses the experts into 3-D parameters; LoRA reaches them via `target_parameters`.
-EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
-
-# The challenge baseline prompt (PROTOCOL.md) and Qwen's own advice for the Thinking model.
-PROMPT_SYSTEMS: dict[str, str | None] = {
-    "baseline": "You are a multi-task audio understanding and reasoning model.",
-    "qwen": None,
-}
-
-
-def _modeling():
-    # transformers is imported on first use: it takes ~5 s (it pulls in sklearn), which light
-    # commands (data generation, scoring) do not need to pay.
-    from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe
-
-    return modeling_qwen3_omni_moe
-
-
-def thinker_class():
-    return _modeling().Qwen3OmniMoeThinkerForConditionalGeneration
-
-
-def moe_block_class():
-    """The sparse MoE block: ZeRO-3 must treat it as a leaf, else it hangs on experts that get no tokens."""
-    return _modeling().Qwen3OmniMoeThinkerTextSparseMoeBlock
-
-
-def audio_tower_class():
-    return _modeling().Qwen3OmniMoeAudioEncoder
-
-
-def question_text(question: str, choices: Sequence[str]) -> str:
-    """The user's text turn: the question and the choices, as the challenge baseline writes it."""
-    return question + "\nSelect one option from the provided choices:\n" + "\n".join(choices)
-
-
-def prompt_system(prompt_style: str) -> str | None:
-    if prompt_style not in PROMPT_SYSTEMS:
-        raise ValueError(f"unknown prompt style {prompt_style!r}; known: {sorted(PROMPT_SYSTEMS)}")
-    return PROMPT_SYSTEMS[prompt_style]
-
-
-def chat_messages(user_text: str, system: str | None = None, with_audio: bool = True) -> list[dict]:
-    """One user turn (the audio first, then the text), after an optional system turn."""
-    messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
-    content = ([{"type": "audio"}] if with_audio else []) + [{"type": "text", "text": user_text}]
-    messages.append({"role": "user", "content": content})
-    return messages
-
-
-def render_chat(tokenizer, user_text: str, system: str | None = None, with_audio: bool = True) -> str:
-    """Generation prompt for any single-turn request (MCQ, QA construction, judging, ...).
-
-    With audio it holds exactly one <|audio_pad|> placeholder, which the processor expands to the
-    clip's length; without audio it holds none.
-    """
-    prompt = tokenizer.apply_chat_template(
-        chat_messages(user_text, system, with_audio), tokenize=False, add_generation_prompt=True
-    )
-    expected = 1 if with_audio else 0
-    if prompt.count(AUDIO_PAD) != expected:
-        raise ValueError(f"chat template must render exactly {expected} {AUDIO_PAD}, got {prompt.count(AUDIO_PAD)}")
-    return prompt
-
-
-def build_messages(question: str, choices: Sequence[str], prompt_style: str = "baseline") -> list[dict]:
-    """Chat messages holding only what Track 1 allows: audio, question, choices and a fixed prompt."""
-    return chat_messages(question_text(question, choices), prompt_system(prompt_style))
-
-
-def render_prompt(tokenizer, question: str, choices: Sequence[str], prompt_style: str = "baseline") -> str:
-    """Prompt text up to and including the assistant header, with one audio placeholder."""
-    return render_chat(tokenizer, question_text(question, choices), prompt_system(prompt_style))
-
-
-def render_target(prompt: str, thinking: str, answer: str) -> str:
-    """Assistant continuation for SFT, written by hand.
-
-    The stock template drops <think>...</think> from assistant turns whose user content is a list
-    (always so with audio), so the target is appended to the generation prompt instead. Whatever
-    the generation prompt already opens (some templates end with "<think>\\n") is not repeated.
-    """
-    full = f"{THINK_OPEN}\n{thinking.strip()}\n{THINK_CLOSE}\n\n{answer}{IM_END}"
-    # The longest prefix of `full` that ends the prompt starts at one of the prompt's last len(full)
-    # characters equal to full[0]; trying only those, earliest first, is linear (trying every
-    # length was quadratic in the reasoning's: ~0.5 ms of CPU a 1.3k-character record, 10^5 records a run).
-    start = prompt.find(full[0], max(0, len(prompt) - len(full)))
-    while start != -1:
-        if full.startswith(prompt[start:]):
-            return full[len(prompt) - start:]
-        start = prompt.find(full[0], start + 1)
-    return full
-
-
-def align_to_hop(audio: np.ndarray) -> np.ndarray:
-    """The waveform zero-padded to a whole number of hops (160 samples): the one waveform-to-features rule.
-
-    vLLM pads every clip so before extracting features (its Qwen3-Omni processor, "pad_to_hop_length");
-    the stock processor gives a clip inside a padded batch the same ceil(n / 160) frames, alone only
-    floor(n / 160). Training and the hf engine pad the same way, so a clip gets the same number of
-    audio tokens on every path. Aligned clips come back unchanged (vLLM's padding is then a no-op).
-    """
-    rest = len(audio) % HOP_LENGTH
-    return audio if rest == 0 else np.pad(audio, (0, HOP_LENGTH - rest))
-
-
-def feature_frames(num_samples: int) -> int:
-    """Mel frames of a 16 kHz clip of `num_samples` samples after `align_to_hop` (10 ms hop)."""
-    return -(-num_samples // HOP_LENGTH)
-
-
-@functools.lru_cache(maxsize=1 << 16)  # a pure function of an int that costs a torch call (~0.1 ms); 10^5 records ask it
-def audio_token_count(feature_frames: int) -> int:
-    """Number of <|audio_pad|> tokens the thinker expects for `feature_frames` mel frames."""
-    return int(_modeling()._get_feat_extract_output_lengths(torch.tensor(feature_frames)))
-
-
-def eos_token_ids(tokenizer) -> list[int]:
-    """Tokens that end a generation: end of turn, and end of text (also the padding token)."""
-    ids = [tokenizer.convert_tokens_to_ids(token) for token in (IM_END, ENDOFTEXT)]
-    if any(i is None or i == tokenizer.unk_token_id for i in ids):
-        raise KeyError(f"tokenizer lacks {IM_END} or {ENDOFTEXT}")
-    return ids
-
-
-@dataclass
-class OmniProcessor:
-    """Tokenizer + Whisper-style feature extractor, expanding the audio placeholder per clip.
-
-    The stock Qwen3OmniMoeProcessor also needs image/video processors (torchvision); audio
-    reasoning needs neither, so this does the audio part with the same length rule.
-    """
-
-    tokenizer: object
-    feature_extractor: object  # transformers.WhisperFeatureExtractor
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, allow_hub: bool = False) -> "OmniProcessor":
-        from transformers import WhisperFeatureExtractor
-
-        path = checkpoint_source(path, allow_hub)
-        return cls(tokenizer=load_tokenizer(path), feature_extractor=WhisperFeatureExtractor.from_pretrained(str(path)))
-
-    def token_id(self, token: str) -> int:
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == self.tokenizer.unk_token_id:
-            raise KeyError(f"tokenizer has no special token {token}")
-        return token_id
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        return eos_token_ids(self.tokenizer)
-
-    def clip_features(self, audio: np.ndarray) -> np.ndarray:
-        """Log-mel features of one clip, `[mel_bins, feature_frames(samples)]` float32 (`align_to_hop` first).
-
-        Each clip is extracted on its own, never inside a padded batch: Whisper's extractor on a
-        padded batch gives a clip's last frames (and its frame count) that depend on the other
-        clips in the batch, so the same item would look different at batch size 1 and 8. Alone,
-        a clip always gets what batch-size-1 inference gives it, and the result can be cached.
-        """
-        feats = self.feature_extractor(
-            align_to_hop(audio), sampling_rate=SAMPLE_RATE, padding=True, truncation=False, return_tensors="np"
-        )
-        return feats["input_features"][0]
-
-    def audio_features(
-        self, audios: Sequence[np.ndarray] | None = None, features: Sequence[np.ndarray] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Padded batch of features, from waveforms or from per-clip `clip_features` computed earlier
-        (e.g. by core.feature_cache); both give identical tensors."""
-        if (audios is None) == (features is None):
-            raise ValueError("give exactly one of audios and features")
-        if features is None:
-            features = [self.clip_features(audio) for audio in audios]
-        return pad_features(features)
-
-    def expand_audio(self, prompt: str, feature_frames: int) -> str:
-        return prompt.replace(AUDIO_PAD, AUDIO_PAD * audio_token_count(feature_frames), 1)
-
-    def expanded_token_count(self, prompt_tokens: int, feature_frames: int) -> int:
-        """Tokens of `expand_audio(prompt, feature_frames)` from the prompt's own count, without tokenising
-        hundreds of placeholders: the one <|audio_pad|> (a special token, never merged) becomes that many."""
-        return prompt_tokens - 1 + audio_token_count(feature_frames)
-
-    def __call__(
-        self,
-        prompts: Sequence[str],
-        audios: Sequence[np.ndarray] | None = None,
-        targets: Sequence[str] | None = None,
-        padding_side: str = "left",
-        features: Sequence[np.ndarray] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Batch of model inputs from waveforms (`audios`), precomputed per-clip `features`, or
-        neither (a text-only batch: prompts rendered with `with_audio=False`).
-        With `targets`, adds `labels` that are -100 outside the targets."""
-        if audios is not None and features is not None:
-            raise ValueError("give audios or features, not both")
-        clips = audios if features is None else features
-        if (clips is not None and len(prompts) != len(clips)) or (targets is not None and len(targets) != len(prompts)):
-            raise ValueError("prompts, audios (or features) and targets must have the same length")
-        batch = self.audio_features(audios, features) if clips is not None else {}
-        frames = batch["feature_attention_mask"].sum(-1).tolist() if clips is not None else None
-        sequences, label_rows = [], []
-        for i, prompt in enumerate(prompts):
-            text = self.expand_audio(prompt, frames[i]) if frames is not None else prompt
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            labels = [IGNORE_INDEX] * len(ids)
-            if targets is not None:
-                target_ids = self.tokenizer(targets[i], add_special_tokens=False)["input_ids"]
-                ids = ids + target_ids
-                labels = labels + target_ids
-            sequences.append(ids)
-            label_rows.append(labels)
-        batch.update(pad_sequences(sequences, label_rows, self.tokenizer.pad_token_id, padding_side))
-        if targets is None:
-            del batch["labels"]
-        return batch
-
-
-def pad_features(features: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
-    """Right-pad per-clip `[mel_bins, frames]` features into a batch with its frame mask.
-    Padded frames hold 0; the thinker reads only the frames the mask keeps."""
-    if not features:
-        raise ValueError("no audio features to batch")
-    width = max(f.shape[-1] for f in features)
-    input_features = torch.zeros((len(features), features[0].shape[0], width), dtype=torch.float32)
-    mask = torch.zeros((len(features), width), dtype=torch.int32)
-    for row, clip in enumerate(features):
-        input_features[row, :, : clip.shape[-1]] = torch.from_numpy(np.asarray(clip, dtype=np.float32))
-        mask[row, : clip.shape[-1]] = 1
-    return {"input_features": input_features, "feature_attention_mask": mask}
-
-
-def pad_sequences(sequences: list[list[int]], labels: list[list[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
-    if side not in ("left", "right"):
-        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    label_ids = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, (ids, labs) in enumerate(zip(sequences, labels)):
-        span = slice(width - len(ids), width) if side == "left" else slice(0, len(ids))
-        input_ids[row, span] = torch.tensor(ids)
-        label_ids[row, span] = torch.tensor(labs)
-        attention[row, span] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": label_ids}
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -581,11 +299,6 @@ def fill_zero3_partition(param, sources: list[tuple[object, tuple]]) -> None:
             partition[low - start: high - start].copy_(flat)
 
 
-def full_numel(param: torch.Tensor) -> int:
-    """Elements of a parameter, also when ZeRO-3 holds only this rank's shard of it."""
-    return getattr(param, "ds_numel", param.numel())
-
-
 def load_tokenizer(path: str | Path):
     """The checkpoint's tokenizer, with the chat template from wherever the checkpoint keeps it.
 
@@ -646,7 +359,7 @@ def save_thinker(thinker, out: str | Path, config: dict, max_shard_size: int | s
     # The composite model is built on the meta device (no memory) and only carries the real thinker,
     # so save_pretrained's own naming and format conversion apply, as they did to the released files.
     with torch.device("meta"):
-        wrapper = _modeling().Qwen3OmniMoeForConditionalGeneration(Qwen3OmniMoeConfig(**config))
+        wrapper = modeling_module().Qwen3OmniMoeForConditionalGeneration(Qwen3OmniMoeConfig(**config))
     wrapper.thinker = thinker
     wrapper.save_pretrained(out, max_shard_size=max_shard_size)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -675,48 +388,3 @@ def copy_checkpoint_files(base: str | Path, out: str | Path) -> list[str]:
             shutil.copy2(path, Path(out) / path.name)
             copied.append(path.name)
     return copied
-
-
-def text_layers(model) -> torch.nn.ModuleList:
-    """The decoder layers of the thinker's language model, wherever this transformers version puts them."""
-    text_model = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
-    layers = getattr(text_model, "layers", None) or getattr(getattr(text_model, "language_model", None), "layers", None)
-    if layers is None:
-        raise AttributeError("cannot find the thinker's text decoder layers")
-    return layers
-
-
-def lora_target_names(model, projections: Sequence[str], include_audio_tower: bool = False) -> list[str]:
-    """Exact module names for LoRA: the given projections in the text layers (and the audio tower if asked).
-
-    Exact names, not a regex: peft widens patterns to suffix matches, which on this model also
-    hits the audio tower's q/k/v projections.
-    """
-    wanted = set(projections)
-    names = []
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf not in wanted or not isinstance(module, torch.nn.Linear):
-            continue
-        in_non_text = any(part in NON_TEXT_MODULES for part in name.split("."))
-        if in_non_text and not (include_audio_tower and ".audio_tower." in f".{name}."):
-            continue
-        names.append(name)
-    return names
-
-
-def expert_parameter_names(model) -> list[str]:
-    """Fused expert parameters (transformers 5) for peft's `target_parameters`."""
-    return [
-        name for name, _ in model.named_parameters()
-        if re.search(r"\.experts\.(%s)$" % "|".join(EXPERT_PARAMETERS), name)
-        and not any(part in NON_TEXT_MODULES for part in name.split("."))
-    ]
-
-
-def context_length(config) -> int | None:
-    """Positions the text model takes (prompt + generation), from a thinker, composite or plain LM config."""
-    for cfg in (config, getattr(config, "text_config", None), getattr(getattr(config, "thinker_config", None), "text_config", None)):
-        if cfg is not None and getattr(cfg, "max_position_embeddings", None):
-            return int(cfg.max_position_embeddings)
-    return None
