@@ -7,7 +7,7 @@ Writes the real 30B-A3B thinker's shapes with 1 text, 1 audio and 1 vision layer
 (2.5 GB) in the real checkpoint's layout (`qo.save_thinker`: per-expert weights that transformers fuses
 while loading, 1 GB shards), then per mode launches 2 gloo ranks under DeepSpeed (recipes/accelerate/cpu_zero{2,3}_2proc.yaml)
 that each do what train/sft.py does before training: create the Accelerator, then
-`core.qwen_omni.load_thinker(..., zero3=stage == 3)` (ZeRO-3: the streaming loader, `load_thinker_zero3`);
+`train.zero3.load_thinker_zero3` under ZeRO-3 (the streaming loader), `core.qwen_omni.load_thinker` otherwise;
 mode zero3-stock loads with transformers' own ZeRO-3 path instead (`from_pretrained`, what
 `load_thinker` did before). Each rank reports its peak RSS (VmHWM: anonymous
 memory + the checkpoint's pages it touched through mmap) and its peak anonymous memory (RssAnon,
@@ -47,6 +47,7 @@ def worker(checkpoint: str, out_dir: str, mode: str) -> None:
 
     from core import qwen_omni as qo
     from train.sft import zero_stage
+    from train.zero3 import load_thinker_zero3
 
     # bf16 as recipes/cogito.yaml trains: DeepSpeed's zero.Init takes the parameters' dtype from it
     accelerator = Accelerator(mixed_precision="bf16", kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
@@ -67,7 +68,7 @@ def worker(checkpoint: str, out_dir: str, mode: str) -> None:
     if mode == "zero3-stock":
         model = qo.thinker_class().from_pretrained(checkpoint, dtype=torch.bfloat16)
     else:
-        model = qo.load_thinker(checkpoint, "bfloat16", zero3=stage == 3)
+        model = (load_thinker_zero3 if stage == 3 else qo.load_thinker)(checkpoint, "bfloat16")
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()

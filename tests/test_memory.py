@@ -11,6 +11,7 @@ from core.tiny import REAL_SIZES, build_config
 from train import memory
 from train.loss import ChunkedLoss, chunked_cross_entropy, model_loss
 from train.sft import prepare_for_training
+from train.zero3 import checkpoint_tensors, fill_zero3_partition, load_thinker_zero3, thinker_weight_plan
 from tests.test_train import recipe_file  # noqa: F401  (the training tests' recipe fixture)
 
 # The estimate must be within this fraction of the measured peak (tensor bytes, not RSS).
@@ -183,7 +184,7 @@ def test_a_launch_with_another_zero_stage_than_the_recipe_is_refused(recipe_file
 
 def test_zero3_loading_needs_transformers_to_see_the_zero3_config(tiny_checkpoint):
     with pytest.raises(RuntimeError, match="does not see a ZeRO-3 DeepSpeed config"):
-        qo.load_thinker(tiny_checkpoint, zero3=True)
+        load_thinker_zero3(tiny_checkpoint)
 
 
 def test_weight_plan_fuses_the_experts_as_transformers_does(tiny_checkpoint):
@@ -192,10 +193,10 @@ def test_weight_plan_fuses_the_experts_as_transformers_does(tiny_checkpoint):
     from safetensors import safe_open
 
     stock = qo.load_thinker(tiny_checkpoint, "float32")
-    tensors = qo.checkpoint_tensors(tiny_checkpoint)
+    tensors = checkpoint_tensors(tiny_checkpoint)
     assert len({path for path, _ in tensors.values()}) == 4
-    plan = qo.thinker_weight_plan({k: shape for k, (_, shape) in tensors.items()},
-                                  {n: tuple(p.shape) for n, p in stock.named_parameters()})
+    plan = thinker_weight_plan({k: shape for k, (_, shape) in tensors.items()},
+                               {n: tuple(p.shape) for n, p in stock.named_parameters()})
     experts = stock.config.text_config.num_experts
     assert len(plan["model.layers.0.mlp.experts.gate_up_proj"]) == 2 * experts
     assert len(plan["model.layers.0.mlp.experts.down_proj"]) == experts
@@ -220,7 +221,7 @@ def plan_tensors() -> dict[str, tuple]:
 
 
 def test_weight_plan_places_each_expert_and_skips_the_other_sub_models():
-    plan = qo.thinker_weight_plan(plan_tensors(), PLAN_PARAMS)
+    plan = thinker_weight_plan(plan_tensors(), PLAN_PARAMS)
     assert plan["norm.weight"] == [("thinker.norm.weight", ())]
     assert sorted(plan["l.mlp.experts.gate_up_proj"], key=str) == [
         ("thinker.l.mlp.experts.0.gate_proj.weight", (0, slice(0, 4))), ("thinker.l.mlp.experts.0.up_proj.weight", (0, slice(4, 8))),
@@ -230,7 +231,7 @@ def test_weight_plan_places_each_expert_and_skips_the_other_sub_models():
     assert "talker.head.weight" not in str(plan)
     # a thinker-only checkpoint (no prefix) and an already fused expert tensor load too
     fused = {"norm.weight": (3,), "l.mlp.experts.gate_up_proj": (2, 8, 3), "l.mlp.experts.down_proj": (2, 3, 4)}
-    assert qo.thinker_weight_plan(fused, PLAN_PARAMS)["l.mlp.experts.gate_up_proj"] == [("l.mlp.experts.gate_up_proj", ())]
+    assert thinker_weight_plan(fused, PLAN_PARAMS)["l.mlp.experts.gate_up_proj"] == [("l.mlp.experts.gate_up_proj", ())]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -246,12 +247,12 @@ def test_weight_plan_places_each_expert_and_skips_the_other_sub_models():
 def test_weight_plan_names_what_does_not_match(change, message):
     shapes = {k: v for k, v in {**plan_tensors(), **change}.items() if v is not None}
     with pytest.raises(ValueError, match=message):
-        qo.thinker_weight_plan(shapes, PLAN_PARAMS)
+        thinker_weight_plan(shapes, PLAN_PARAMS)
 
 
 def test_weight_plan_leaves_a_tied_parameter_to_the_tie():
     shapes = {k: v for k, v in plan_tensors().items() if k != "thinker.norm.weight"}
-    assert "norm.weight" not in qo.thinker_weight_plan(shapes, PLAN_PARAMS, tied=["norm.weight"])
+    assert "norm.weight" not in thinker_weight_plan(shapes, PLAN_PARAMS, tied=["norm.weight"])
 
 
 def renamed_copy(checkpoint, out, old: str, new: str):
@@ -294,7 +295,7 @@ def test_each_rank_fills_its_own_zero3_partition_from_the_checkpoint(tmp_path, m
             partition = torch.full((53,), float("nan"))  # ceil(210 / 4): the last one holds 2 padding elements
             partition.ds_numel = 53
             param = SimpleNamespace(ds_shape=fused.shape, ds_numel=210, ds_process_group=None, ds_tensor=partition)
-            qo.fill_zero3_partition(param, [(f.get_slice(key), index) for key, index in plan])
+            fill_zero3_partition(param, [(f.get_slice(key), index) for key, index in plan])
             parts.append(partition)
     together = torch.cat(parts)
     assert torch.equal(together[:210], fused.reshape(-1)) and torch.equal(together[210:], torch.zeros(2))

@@ -2,7 +2,7 @@
 
     accelerate launch --config_file recipes/accelerate/cpu_zero3_2proc.yaml tests/zero3_load_worker.py CHECKPOINT BROKEN OUT
 
-Loads CHECKPOINT as train/sft.py does under ZeRO-3 (Accelerator in bf16, then `load_thinker(zero3=True)`)
+Loads CHECKPOINT as train/sft.py does under ZeRO-3 (Accelerator in bf16, then `load_thinker_zero3`)
 and writes OUT/rank{R}.pt: the parameter elements this rank holds, then, gathered, every parameter,
 buffer and the logits of one forward with audio; then tries BROKEN, which must fail on every rank.
 """
@@ -32,10 +32,10 @@ def main(checkpoint: str, broken: str, out: str) -> None:
     import torch
     from accelerate import Accelerator, InitProcessGroupKwargs
 
-    from core import qwen_omni as qo
+    from train.zero3 import load_thinker_zero3
 
     accelerator = Accelerator(mixed_precision="bf16", kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
-    model = qo.load_thinker(checkpoint, "bfloat16", zero3=True)
+    model = load_thinker_zero3(checkpoint, "bfloat16")
     result = {"held": sum(p.ds_tensor.numel() for p in model.parameters()), "training": model.training,
               "config_dtype": str(model.config.dtype), "generation": model.generation_config.to_dict()}
     with deepspeed.zero.GatheredParameters(list(model.parameters())), torch.no_grad():
@@ -43,7 +43,7 @@ def main(checkpoint: str, broken: str, out: str) -> None:
         result["buffers"] = {n: b.clone() for n, b in model.named_buffers()}
         result["logits"] = model(**forward_batch(checkpoint)).logits
     try:
-        qo.load_thinker(broken, "bfloat16", zero3=True)
+        load_thinker_zero3(broken, "bfloat16")
     except ValueError as err:
         result["broken"] = str(err)
     torch.save(result, Path(out) / f"rank{accelerator.process_index}.pt")

@@ -57,6 +57,7 @@ from train.sft import (  # noqa: E402
     check_nonfinite_skipping, check_resumable, cli, count_nonfinite, finish, finite_or_null, log_and_save, lr_factor,
     make_accelerator, peak_memory_gb, prepare_for_training, reset_metrics, start_session, zero_stage,
 )
+from train.zero3 import load_thinker_zero3  # noqa: E402
 
 
 # ---------------------------------------------------------------- the objective (pure functions)
@@ -365,9 +366,9 @@ def step_record(accelerator, step: int, stage: str, lr: float, parts: dict, tota
 def load_policy(recipe: Recipe, zero3: bool = False):
     """The thinker with its trainable adapter: the SFT adapter (grpo.init_adapter) or a fresh one placed as in SFT.
     Under ZeRO-3 (`zero3`) each rank loads only its shard of the thinker, as in SFT."""
-    model = qo.load_thinker(recipe.model.path, recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
-                            experts_implementation=recipe.model.experts_implementation, allow_hub=recipe.model.allow_hub,
-                            zero3=zero3)
+    model = (load_thinker_zero3 if zero3 else qo.load_thinker)(
+        recipe.model.path, recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
+        experts_implementation=recipe.model.experts_implementation, allow_hub=recipe.model.allow_hub)
     if recipe.grpo.init_adapter is None:
         return prepare_for_training(model, recipe)
     adapter = Path(recipe.grpo.init_adapter)

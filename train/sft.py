@@ -48,6 +48,7 @@ from core.recipe import Recipe, RecipeError, changed_settings, dotted_keys, reci
 from train.data import SFTCollator, SFTDataset, build_examples, epoch_batches, feature_cache_for  # noqa: E402
 from train.lora import apply_lora  # noqa: E402
 from train.loss import make_loss, model_loss  # noqa: E402
+from train.zero3 import load_thinker_zero3  # noqa: E402
 
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete and ignored
@@ -367,11 +368,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{steps_per_epoch} steps/epoch, {total_steps} steps")
 
     # Model: LoRA on the text attention (and experts if asked); the audio tower and visual stay frozen.
-    # Under ZeRO-3 each rank creates its 1/world shard of every parameter and rank 0 streams the weights
-    # in, one gathered module at a time (qo.load_thinker_zero3): no process holds the full model.
-    model = qo.load_thinker(recipe.model.path, recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
-                            experts_implementation=recipe.model.experts_implementation, allow_hub=recipe.model.allow_hub,
-                            zero3=stage == 3)
+    # Under ZeRO-3 each rank creates its 1/world shard of every parameter and fills it straight from the
+    # checkpoint (train.zero3): no process holds the full model.
+    model = (load_thinker_zero3 if stage == 3 else qo.load_thinker)(
+        recipe.model.path, recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
+        experts_implementation=recipe.model.experts_implementation, allow_hub=recipe.model.allow_hub)
     model, placed = prepare_for_training(model, recipe)
     trainable = sum(qo.full_numel(p) for p in model.parameters() if p.requires_grad)
     log("lora: adapted modules " + ", ".join(f"{g}={placed[g]}" for g in ("text_attention", "experts", "audio_tower", "other"))

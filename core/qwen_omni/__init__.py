@@ -10,6 +10,7 @@ One module per job, each importing only the ones listed before it:
 - checkpoint: the released checkpoint's files, loading the thinker and tokenizer, saving in that layout;
 - processor: the waveform-to-features rule, audio token counts, OmniProcessor (model inputs, padding);
 - lora_targets: the text layers, the exact LoRA module names and the fused expert parameters.
+Loading under DeepSpeed ZeRO-3 is training's own: train/zero3.py.
 """
 
 from core.qwen_omni.model import (  # noqa: F401
@@ -23,7 +24,6 @@ from core.qwen_omni.chat import (  # noqa: F401
 from core.qwen_omni.checkpoint import (  # noqa: F401
     CHAT_TEMPLATE_FILES, CHECKPOINT_FILES, SHARD_PATTERN, THINKER_PREFIX, WEIGHT_INDEX, CheckpointNotFound,
     checkpoint_source, composite_config, copy_checkpoint_files, load_thinker, load_tokenizer, save_thinker, weight_files,
-    checkpoint_tensors, fill_zero3_partition, load_thinker_zero3, thinker_weight_plan, zero_partition_range,
 )
 from core.qwen_omni.processor import (  # noqa: F401
     HOP_LENGTH, IGNORE_INDEX, SAMPLE_RATE, OmniProcessor, align_to_hop, audio_token_count, feature_frames,
