@@ -14,7 +14,7 @@ Loading under DeepSpeed ZeRO-3 is training's own: train/zero3.py.
 """
 
 from core.qwen_omni.model import (  # noqa: F401
-    audio_tower_class, context_length, full_numel, moe_block_class, thinker_class,
+    audio_tower_class, context_length, full_numel, modeling_module, moe_block_class, thinker_class,
 )
 from core.qwen_omni.chat import (  # noqa: F401
     AUDIO_END, AUDIO_PAD, AUDIO_START, ENDOFTEXT, IM_END, IM_START, IMAGE_PAD, PROMPT_SYSTEMS, SPECIAL_TOKENS,
