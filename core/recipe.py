@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Iterable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,6 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 class RecipeError(ValueError):
     """A recipe that does not validate; the message names the file and each bad key."""
+
+
+class NoEffect:
+    """Tags a setting that does not change what a run computes or writes, only where it writes, how fast it
+    runs or how it reports: `log_every: Annotated[int, NoEffect] = Field(1, gt=0)`. Every other setting changes results,
+    and a run that holds results may only be resumed with the values that made them (`result_keys`)."""
 
 
 class Section(BaseModel):
@@ -30,13 +36,13 @@ class ModelConfig(Section):
     """local checkpoint folder (thinker-only or full Qwen3-Omni)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """weights dtype; auto: the checkpoint's (bf16 for Qwen3-Omni)"""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+    attn_implementation: Annotated[Literal["sdpa", "eager", "flash_attention_2"] | None, NoEffect] = None
     """attention kernel; None: transformers' default (sdpa)"""
-    experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = None
+    experts_implementation: Annotated[Literal["eager", "grouped_mm", "batched_mm"] | None, NoEffect] = None
     """MoE experts: grouped GEMM, batched GEMM or the per-expert loop; None: transformers' default (grouped_mm)"""
     prompt_style: Literal["baseline", "qwen"] = "baseline"
     """baseline: the challenge's system prompt; qwen: no system prompt, Qwen's advice"""
-    allow_hub: bool = False
+    allow_hub: Annotated[bool, NoEffect] = False
     """let a model.path that is no local folder be fetched from the Hugging Face hub"""
 
 
@@ -58,9 +64,9 @@ class DataConfig(Section):
     """clips are cut to this length (training and inference)"""
     max_length: int = Field(4096, gt=0)
     """tokens; longer samples are dropped and counted"""
-    num_workers: int = Field(0, ge=0)
+    num_workers: Annotated[int, NoEffect] = Field(0, ge=0)
     """DataLoader worker processes (same batches as 0)"""
-    feature_cache: str | None = None
+    feature_cache: Annotated[str | None, NoEffect] = None
     """folder of core.feature_cache: per-clip features computed once, read every epoch; None: from the waveforms"""
     cache: str | None = None
     """folder of the training-data cache (train/data_cache.py: records rendered, tokenised and measured once,
@@ -91,7 +97,7 @@ class LoraConfig(Section):
 
 
 class TrainConfig(Section):
-    output_dir: str = "runs/tiny"
+    output_dir: Annotated[str, NoEffect] = "runs/tiny"
     """recipe, metrics, checkpoints and the adapter go here"""
     seed: int = 42
     """data order, LoRA init and dropout"""
@@ -115,7 +121,7 @@ class TrainConfig(Section):
     """micro-batches per optimizer step"""
     max_grad_norm: float = Field(1.0, gt=0)
     """gradient clipping"""
-    max_nonfinite_steps: int = Field(0, ge=0)
+    max_nonfinite_steps: Annotated[int, NoEffect] = Field(0, ge=0)
     """steps with a non-finite loss or gradient norm that are skipped (no update, counted) before training stops with
     an error; 0: stop at the first. Not with DeepSpeed, whose engine steps inside backward."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -125,25 +131,26 @@ class TrainConfig(Section):
     zero_stage: Literal[0, 2, 3] | None = None
     """ZeRO stage the recipe is planned for (python -m train.memory); train/sft.py refuses a launch with another one.
     None: whatever the accelerate config gives."""
-    loss_chunk_tokens: int | None = Field(None, gt=0)
+    # the same loss and gradients as the model's own (train/loss.py)
+    loss_chunk_tokens: Annotated[int | None, NoEffect] = Field(None, gt=0)
     """Cross-entropy over this many target tokens at a time, each chunk's logits recomputed in backward
     (train/loss.py): the full-vocabulary fp32 logits of long samples never exist at once. None: the model's own loss
     over all positions."""
     group_by_length: bool = True
     """batches of similar length (less padding)"""
-    save_every: int = Field(100, gt=0)
+    save_every: Annotated[int, NoEffect] = Field(100, gt=0)
     """optimizer steps"""
-    keep_last: int = Field(2, gt=0)
+    keep_last: Annotated[int, NoEffect] = Field(2, gt=0)
     """checkpoints kept (older ones deleted)"""
-    resume: bool = True
+    resume: Annotated[bool, NoEffect] = True
     """pick up the latest checkpoint in output_dir"""
-    stop_after: int | None = Field(None, gt=0)
+    stop_after: Annotated[int | None, NoEffect] = Field(None, gt=0)
     """stop (with a checkpoint) after this step; the schedule is unchanged"""
-    log_every: int = Field(1, gt=0)
+    log_every: Annotated[int, NoEffect] = Field(1, gt=0)
     """optimizer steps between metrics lines"""
-    report_to: Literal["none", "wandb", "tensorboard"] = "none"
+    report_to: Annotated[Literal["none", "wandb", "tensorboard"], NoEffect] = "none"
     """experiment tracker besides metrics.jsonl"""
-    wandb_project: str = "audio-reasoning"
+    wandb_project: Annotated[str, NoEffect] = "audio-reasoning"
     """wandb project name"""
 
 
@@ -152,13 +159,15 @@ class InferConfig(Section):
     """hf: transformers; vllm: GPUs"""
     meta: str = "artifacts/synthetic/test.jsonl"
     """benchmark metadata JSONL (MMAR schema)"""
-    audio_root: str | None = None
+    audio_root: Annotated[str | None, NoEffect] = None
     """folder audio_path is relative to; default: the metadata's folder"""
-    output: str = "runs/tiny/submission.jsonl"
+    output: Annotated[str, NoEffect] = "runs/tiny/submission.jsonl"
     """the submission JSONL; its sidecars are written beside it"""
     adapter: str | None = None
     """LoRA adapter folder applied on top of model.path (hf backend)"""
-    batch_size: int = Field(8, gt=0)
+    # greedy answers do not depend on it (tests/test_engine.py); sampled ones already depend on where a resume
+    # cut the batches
+    batch_size: Annotated[int, NoEffect] = Field(8, gt=0)
     """requests per generate call"""
     max_new_tokens: int = Field(16384, gt=0)
     """generation budget (thinking + answer)"""
@@ -178,30 +187,31 @@ class InferConfig(Section):
     """None: from the checkpoint's generation config; 0: off"""
     seed: int = 0
     """sampling seed"""
-    limit: int | None = Field(None, gt=0)
+    limit: Annotated[int | None, NoEffect] = Field(None, gt=0)
     """first N items only"""
-    fail_fast: bool = False
-    """stop at the first unreadable clip or over-long prompt; false: list them, record them as failed, answer the rest"""
-    tensor_parallel_size: int = Field(1, gt=0)
+    fail_fast: Annotated[bool, NoEffect] = False
+    """stop at the first unreadable clip or over-long prompt; false: list them, record them as failed, answer the
+    rest"""
+    tensor_parallel_size: Annotated[int, NoEffect] = Field(1, gt=0)
     """vllm"""
-    data_parallel_size: int = Field(1, gt=0)
+    data_parallel_size: Annotated[int, NoEffect] = Field(1, gt=0)
     """worker processes, each on its own tensor_parallel_size GPUs"""
-    data_parallel_rank: int | None = Field(None, ge=0)
+    data_parallel_rank: Annotated[int | None, NoEffect] = Field(None, ge=0)
     """set by `infer run` for its workers, not by hand"""
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    gpu_memory_utilization: Annotated[float, NoEffect] = Field(0.9, gt=0, le=1)
     """vllm"""
-    max_model_len: int | None = Field(None, gt=0)
+    max_model_len: Annotated[int | None, NoEffect] = Field(None, gt=0)
     """vllm; None: the checkpoint's"""
     max_audio_seconds: float | None = Field(None, gt=0)
     """Inference hears whole clips, as the stock processor and vLLM take them (MMAR has clips over 30 s); a number cuts
     every clip to that many seconds. data.max_audio_seconds applies to training only."""
-    limit_mm_per_prompt: dict[Literal["audio", "image", "video"], int] = Field(
+    limit_mm_per_prompt: Annotated[dict[Literal["audio", "image", "video"], int], NoEffect] = Field(
         default_factory=lambda: {"audio": 1, "image": 0, "video": 0})
     """vllm: clips per prompt; image and video 0 so vLLM neither loads nor profiles the vision tower"""
-    kv_cache_gib: float | None = Field(None, gt=0)
+    kv_cache_gib: Annotated[float | None, NoEffect] = Field(None, gt=0)
     """vllm: KV-cache size in GiB. Needed on a CPU, where vLLM otherwise takes gpu_memory_utilization of the machine's
     RAM; None on GPUs (vLLM sizes the cache from gpu_memory_utilization)."""
-    enforce_eager: bool = False
+    enforce_eager: Annotated[bool, NoEffect] = False
     """vllm: skip torch.compile (and CUDA graphs); minutes less to load on a CPU"""
 
 
@@ -212,7 +222,8 @@ class JudgeConfig(Section):
     """endpoint model name; for backend local, the checkpoint folder"""
     base_url: str = "https://api.openai.com/v1"
     """any OpenAI-compatible server (e.g. vLLM)"""
-    api_key_env: str = "OPENAI_API_KEY"
+    # the judge's key, pacing and reply cache: not the ratings
+    api_key_env: Annotated[str, NoEffect] = "OPENAI_API_KEY"
     """name of the environment variable holding the key"""
     temperature: float = 0.0
     """judge sampling temperature (official: 0)"""
@@ -224,21 +235,21 @@ class JudgeConfig(Section):
     """ratings per item; the middle 3 are averaged"""
     max_attempts: int = Field(20, gt=0)
     """requests per rating until a reply parses (official: 20)"""
-    concurrency: int = Field(8, gt=0)
+    concurrency: Annotated[int, NoEffect] = Field(8, gt=0)
     """requests in flight"""
-    requests_per_minute: float | None = Field(None, gt=0)
+    requests_per_minute: Annotated[float | None, NoEffect] = Field(None, gt=0)
     """rate limit; None: none"""
-    timeout_s: float = Field(120.0, gt=0)
+    timeout_s: Annotated[float, NoEffect] = Field(120.0, gt=0)
     """per-request timeout"""
-    backoff_s: float = Field(1.0, ge=0)
+    backoff_s: Annotated[float, NoEffect] = Field(1.0, ge=0)
     """first pause after 429/5xx/timeout, doubling up to backoff_max_s"""
-    backoff_max_s: float = Field(60.0, ge=0)
+    backoff_max_s: Annotated[float, NoEffect] = Field(60.0, ge=0)
     """longest pause between retries"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """local backend"""
     device: str | None = None
     """local backend"""
-    cache: str = "runs/judge_cache.sqlite"
+    cache: Annotated[str, NoEffect] = "runs/judge_cache.sqlite"
     """SQLite cache of parsed replies (resume, no repeated calls)"""
 
 
@@ -578,6 +589,31 @@ def changed_settings(saved: str | Path, recipe: Recipe, keys: list[str]) -> list
         if old != new:
             changed.append(f"{key}: {old!r} -> {new!r}")
     return changed
+
+
+def changes_results(recipe: Recipe, key: str) -> bool:
+    """Whether the setting at dotted `key` changes results: no field on its path is tagged NoEffect."""
+    node: Any = recipe
+    for part in key.split("."):
+        if not isinstance(node, Section):  # an entry of a mapping (infer.limit_mm_per_prompt.audio): its field's tag
+            return True
+        if NoEffect in type(node).model_fields[part].metadata:
+            return False
+        node = getattr(node, part)
+    return True
+
+
+def result_keys(recipe: Recipe, reads: Iterable[str]) -> list[str]:
+    """The dotted keys a stage's results depend on: each key under `reads` (sections or single keys, e.g.
+    ("model", "infer.thinking_budget")) that changes results, in recipe order per read. A run that holds
+    results may only be resumed with these unchanged (`changed_settings`)."""
+    tree = recipe.model_dump(mode="json")
+    keys = []
+    for read in reads:
+        value = _lookup(tree, read)
+        keys += [key for key in (dotted_keys(value, read + ".") if isinstance(value, dict) else [read])
+                 if changes_results(recipe, key)]
+    return keys
 
 
 def description(section: type[Section], name: str) -> str:
