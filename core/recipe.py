@@ -200,7 +200,8 @@ class InferConfig(Section):
     """set by `infer run` for its workers, not by hand"""
     gpu_memory_utilization: Annotated[float, NoEffect] = Field(0.9, gt=0, le=1)
     """vllm"""
-    max_model_len: Annotated[int | None, NoEffect] = Field(None, gt=0)
+    # changes answers where it binds: vLLM ends a generation at the context, and a longer prompt fails
+    max_model_len: int | None = Field(None, gt=0)
     """vllm; None: the checkpoint's"""
     max_audio_seconds: float | None = Field(None, gt=0)
     """Inference hears whole clips, as the stock processor and vLLM take them (MMAR has clips over 30 s); a number cuts
