@@ -68,10 +68,12 @@ class DataConfig(Section):
     """DataLoader worker processes (same batches as 0)"""
     feature_cache: Annotated[str | None, NoEffect] = None
     """folder of core.feature_cache: per-clip features computed once, read every epoch; None: from the waveforms"""
-    cache: str | None = None
+    # the same rows wherever the cache lives and however many build it: it is keyed by what they depend on and
+    # keeps file order (train/data_cache.py)
+    cache: Annotated[str | None, NoEffect] = None
     """folder of the training-data cache (train/data_cache.py: records rendered, tokenised and measured once,
     memory-mapped by every rank); None: `train.output_dir`/data_cache"""
-    cache_workers: int | None = Field(None, gt=0)
+    cache_workers: Annotated[int | None, NoEffect] = Field(None, gt=0)
     """processes that build it; None: every CPU this process may use"""
 
 

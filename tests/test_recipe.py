@@ -96,7 +96,7 @@ def test_every_field_has_a_docstring():
 
 
 TRAINING = ["model.path", "model.dtype", "model.prompt_style",
-            "data.train", "data.max_audio_seconds", "data.max_length", "data.cache", "data.cache_workers",
+            "data.train", "data.max_audio_seconds", "data.max_length",
             "lora.r", "lora.alpha", "lora.dropout", "lora.targets", "lora.experts", "lora.include_audio_tower",
             "train.seed", "train.epochs", "train.max_steps", "train.lr", "train.min_lr_ratio", "train.schedule",
             "train.warmup_ratio", "train.weight_decay", "train.batch_size", "train.grad_accum", "train.max_grad_norm",
@@ -131,7 +131,7 @@ def test_training_resumes_with_other_no_effect_settings_and_refuses_others(tmp_p
     save_recipe(load_recipe(RECIPES / "tiny.yaml", [f"train.output_dir={out}"]), out / "recipe.yaml")
     (out / "adapter").mkdir()
     moved = [f"train.output_dir={out}", "train.log_every=5", "train.save_every=3", "data.num_workers=2",
-             "model.attn_implementation=eager", "grpo.judge.timeout_s=5", "infer.batch_size=1"]
+             "data.cache_workers=3", "model.attn_implementation=eager", "grpo.judge.timeout_s=5", "infer.batch_size=1"]
 
     def rerun(*changed):
         return load_recipe(RECIPES / "tiny.yaml", [*moved, *changed])
