@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Iterable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,47 +20,76 @@ class RecipeError(ValueError):
     """A recipe that does not validate; the message names the file and each bad key."""
 
 
+class NoEffect:
+    """Tags a setting that does not change what a run computes or writes, only where it writes, how fast it
+    runs or how it reports: `log_every: Annotated[int, NoEffect] = Field(1, gt=0)`. Every other setting changes results,
+    and a run that holds results may only be resumed with the values that made them (`result_keys`)."""
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # a string literal under a field is its description: the one place a key is documented
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ModelConfig(Section):
-    path: str = "artifacts/tiny-omni"  # local checkpoint folder (thinker-only or full Qwen3-Omni)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights dtype; auto: the checkpoint's (bf16 for Qwen3-Omni)
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None  # attention kernel; None: transformers' default (sdpa)
-    # MoE experts: grouped GEMM, batched GEMM or the per-expert loop; None: transformers' default (grouped_mm)
-    experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = None
-    prompt_style: Literal["baseline", "qwen"] = "baseline"  # baseline: the challenge's system prompt; qwen: no system prompt, Qwen's advice
-    allow_hub: bool = False  # let a model.path that is no local folder be fetched from the Hugging Face hub
+    path: str = "artifacts/tiny-omni"
+    """local checkpoint folder (thinker-only or full Qwen3-Omni)"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """weights dtype; auto: the checkpoint's (bf16 for Qwen3-Omni)"""
+    attn_implementation: Annotated[Literal["sdpa", "eager", "flash_attention_2"] | None, NoEffect] = None
+    """attention kernel; None: transformers' default (sdpa)"""
+    experts_implementation: Annotated[Literal["eager", "grouped_mm", "batched_mm"] | None, NoEffect] = None
+    """MoE experts: grouped GEMM, batched GEMM or the per-expert loop; None: transformers' default (grouped_mm)"""
+    prompt_style: Literal["baseline", "qwen"] = "baseline"
+    """baseline: the challenge's system prompt; qwen: no system prompt, Qwen's advice"""
+    allow_hub: Annotated[bool, NoEffect] = False
+    """let a model.path that is no local folder be fetched from the Hugging Face hub"""
 
 
 class DatasetSpec(Section):
-    path: str  # MMAR-schema or SFT JSONL
-    audio_root: str | None = None  # folder that `audio_path` is relative to; default: the JSONL's folder
-    weight: float = Field(1.0, gt=0)  # mixing ratio relative to the other datasets
+    path: str
+    """MMAR-schema or SFT JSONL"""
+    audio_root: str | None = None
+    """folder that `audio_path` is relative to; default: the JSONL's folder"""
+    weight: float = Field(1.0, gt=0)
+    """mixing ratio relative to the other datasets"""
     max_samples: int | None = Field(None, gt=0)
+    """a seeded random subset of at most this many of the file's samples, in file order; None: all"""
 
 
 class DataConfig(Section):
-    train: list[DatasetSpec] = Field(default_factory=list)  # training datasets: [{path, audio_root, weight, max_samples}]
-    max_audio_seconds: float = Field(30.0, gt=0)  # clips are cut to this length (training and inference)
-    max_length: int = Field(4096, gt=0)  # tokens; longer samples are dropped and counted
-    num_workers: int = Field(0, ge=0)  # DataLoader worker processes (same batches as 0)
-    # folder of core.feature_cache: per-clip features computed once, read every epoch; None: from the waveforms
-    feature_cache: str | None = None
-    # folder of the training-data cache (train/data_cache.py: records rendered, tokenised and measured
-    # once, memory-mapped by every rank); None: `train.output_dir`/data_cache
-    cache: str | None = None
-    cache_workers: int | None = Field(None, gt=0)  # processes that build it; None: every CPU this process may use
+    train: list[DatasetSpec] = Field(default_factory=list)
+    """training datasets: [{path, audio_root, weight, max_samples}]"""
+    max_audio_seconds: float = Field(30.0, gt=0)
+    """clips are cut to this length (training and inference)"""
+    max_length: int = Field(4096, gt=0)
+    """tokens; longer samples are dropped and counted"""
+    num_workers: Annotated[int, NoEffect] = Field(0, ge=0)
+    """DataLoader worker processes (same batches as 0)"""
+    feature_cache: Annotated[str | None, NoEffect] = None
+    """folder of core.feature_cache: per-clip features computed once, read every epoch; None: from the waveforms"""
+    # the same rows wherever the cache lives and however many build it: it is keyed by what they depend on and
+    # keeps file order (train/data_cache.py)
+    cache: Annotated[str | None, NoEffect] = None
+    """folder of the training-data cache (train/data_cache.py: records rendered, tokenised and measured once,
+    memory-mapped by every rank); None: `train.output_dir`/data_cache"""
+    cache_workers: Annotated[int | None, NoEffect] = Field(None, gt=0)
+    """processes that build it; None: every CPU this process may use"""
 
 
 class LoraConfig(Section):
-    r: int = Field(16, gt=0)  # LoRA rank
-    alpha: int = Field(32, gt=0)  # LoRA scaling numerator (scale = alpha / r)
-    dropout: float = Field(0.05, ge=0, lt=1)  # dropout on the LoRA input
-    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # module names adapted (exact text-attention names; lm_head allowed)
-    experts: bool = False  # also adapt the fused MoE experts (target_parameters)
-    include_audio_tower: bool = False  # allow targets inside the audio tower (frozen otherwise)
+    r: int = Field(16, gt=0)
+    """LoRA rank"""
+    alpha: int = Field(32, gt=0)
+    """LoRA scaling numerator (scale = alpha / r)"""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """dropout on the LoRA input"""
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """module names adapted (exact text-attention names; lm_head allowed)"""
+    experts: bool = False
+    """also adapt the fused MoE experts (target_parameters)"""
+    include_audio_tower: bool = False
+    """allow targets inside the audio tower (frozen otherwise)"""
 
     @model_validator(mode="after")
     def _no_dropout_on_experts(self) -> "LoraConfig":
@@ -70,120 +99,198 @@ class LoraConfig(Section):
 
 
 class TrainConfig(Section):
-    output_dir: str = "runs/tiny"  # recipe, metrics, checkpoints and the adapter go here
-    seed: int = 42  # data order, LoRA init and dropout
-    epochs: float = Field(1.0, gt=0)  # passes over the data (whole optimizer steps only)
-    max_steps: int | None = Field(None, gt=0)  # overrides epochs when set
-    lr: float = Field(1e-5, gt=0)  # peak learning rate (AdamW)
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # the schedule decays to lr x this
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)  # share of the steps with linear warmup
-    weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
-    batch_size: int = Field(1, gt=0)  # per device
-    grad_accum: int = Field(1, gt=0)  # micro-batches per optimizer step
-    max_grad_norm: float = Field(1.0, gt=0)  # gradient clipping
-    # steps with a non-finite loss or gradient norm that are skipped (no update, counted) before training
-    # stops with an error; 0: stop at the first. Not with DeepSpeed, whose engine steps inside backward.
-    max_nonfinite_steps: int = Field(0, ge=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # Accelerate mixed precision
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~13% slower
-    # ZeRO stage the recipe is planned for (python -m train.memory); train/sft.py refuses a launch with
-    # another one. None: whatever the accelerate config gives.
+    output_dir: Annotated[str, NoEffect] = "runs/tiny"
+    """recipe, metrics, checkpoints and the adapter go here"""
+    seed: int = 42
+    """data order, LoRA init and dropout"""
+    epochs: float = Field(1.0, gt=0)
+    """passes over the data (whole optimizer steps only)"""
+    max_steps: int | None = Field(None, gt=0)
+    """overrides epochs when set"""
+    lr: float = Field(1e-5, gt=0)
+    """peak learning rate (AdamW)"""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """the schedule decays to lr x this"""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """decay after warmup"""
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """share of the steps with linear warmup"""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay"""
+    batch_size: int = Field(1, gt=0)
+    """per device"""
+    grad_accum: int = Field(1, gt=0)
+    """micro-batches per optimizer step"""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """gradient clipping"""
+    max_nonfinite_steps: Annotated[int, NoEffect] = Field(0, ge=0)
+    """steps with a non-finite loss or gradient norm that are skipped (no update, counted) before training stops with
+    an error; 0: stop at the first. Not with DeepSpeed, whose engine steps inside backward."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Accelerate mixed precision"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward: less memory, ~13% slower"""
     zero_stage: Literal[0, 2, 3] | None = None
-    # Cross-entropy over this many target tokens at a time, each chunk's logits recomputed in backward
-    # (train/loss.py): the full-vocabulary fp32 logits of long samples never exist at once. None: the
-    # model's own loss over all positions.
-    loss_chunk_tokens: int | None = Field(None, gt=0)
-    group_by_length: bool = True  # batches of similar length (less padding)
-    save_every: int = Field(100, gt=0)  # optimizer steps
-    keep_last: int = Field(2, gt=0)  # checkpoints kept (older ones deleted)
-    resume: bool = True  # pick up the latest checkpoint in output_dir
-    stop_after: int | None = Field(None, gt=0)  # stop (with a checkpoint) after this step; the schedule is unchanged
-    log_every: int = Field(1, gt=0)  # optimizer steps between metrics lines
-    report_to: Literal["none", "wandb", "tensorboard"] = "none"  # experiment tracker besides metrics.jsonl
-    wandb_project: str = "audio-reasoning"  # wandb project name
+    """ZeRO stage the recipe is planned for (python -m train.memory); train/sft.py refuses a launch with another one.
+    None: whatever the accelerate config gives."""
+    # the same loss and gradients as the model's own (train/loss.py)
+    loss_chunk_tokens: Annotated[int | None, NoEffect] = Field(None, gt=0)
+    """Cross-entropy over this many target tokens at a time, each chunk's logits recomputed in backward
+    (train/loss.py): the full-vocabulary fp32 logits of long samples never exist at once. None: the model's own loss
+    over all positions."""
+    group_by_length: bool = True
+    """batches of similar length (less padding)"""
+    save_every: Annotated[int, NoEffect] = Field(100, gt=0)
+    """optimizer steps"""
+    keep_last: Annotated[int, NoEffect] = Field(2, gt=0)
+    """checkpoints kept (older ones deleted)"""
+    resume: Annotated[bool, NoEffect] = True
+    """pick up the latest checkpoint in output_dir"""
+    stop_after: Annotated[int | None, NoEffect] = Field(None, gt=0)
+    """stop (with a checkpoint) after this step; the schedule is unchanged"""
+    log_every: Annotated[int, NoEffect] = Field(1, gt=0)
+    """optimizer steps between metrics lines"""
+    report_to: Annotated[Literal["none", "wandb", "tensorboard"], NoEffect] = "none"
+    """experiment tracker besides metrics.jsonl"""
+    wandb_project: Annotated[str, NoEffect] = "audio-reasoning"
+    """wandb project name"""
 
 
 class InferConfig(Section):
-    backend: Literal["hf", "vllm"] = "hf"  # hf: transformers; vllm: GPUs
-    meta: str = "artifacts/synthetic/test.jsonl"  # benchmark metadata JSONL (MMAR schema)
-    audio_root: str | None = None  # folder audio_path is relative to; default: the metadata's folder
-    output: str = "runs/tiny/submission.jsonl"  # the submission JSONL; its sidecars are written beside it
-    adapter: str | None = None  # LoRA adapter folder applied on top of model.path (hf backend)
-    batch_size: int = Field(8, gt=0)  # requests per generate call
-    max_new_tokens: int = Field(16384, gt=0)  # generation budget (thinking + answer)
-    min_new_tokens: int = Field(0, ge=0)  # >0 suppresses end-of-turn until then (benchmarks, tests)
-    # Thinking tokens before "\n</think>\n\n" is appended and the model goes on to its answer (null: no
-    # budget). 2,000 = the 10,000-character thinking limit / 5 characters per token, a high figure
-    # for English under Qwen's tokenizer (~4 on average), so a budgeted thinking ends near 8,000.
+    backend: Literal["hf", "vllm"] = "hf"
+    """hf: transformers; vllm: GPUs"""
+    meta: str = "artifacts/synthetic/test.jsonl"
+    """benchmark metadata JSONL (MMAR schema)"""
+    audio_root: Annotated[str | None, NoEffect] = None
+    """folder audio_path is relative to; default: the metadata's folder"""
+    output: Annotated[str, NoEffect] = "runs/tiny/submission.jsonl"
+    """the submission JSONL; its sidecars are written beside it"""
+    adapter: str | None = None
+    """LoRA adapter folder applied on top of model.path (hf backend)"""
+    # greedy answers do not depend on it (tests/test_engine.py); sampled ones already depend on where a resume
+    # cut the batches
+    batch_size: Annotated[int, NoEffect] = Field(8, gt=0)
+    """requests per generate call"""
+    max_new_tokens: int = Field(16384, gt=0)
+    """generation budget (thinking + answer)"""
+    min_new_tokens: int = Field(0, ge=0)
+    """>0 suppresses end-of-turn until then (benchmarks, tests)"""
     thinking_budget: int | None = Field(2000, gt=0)
-    do_sample: bool | None = None  # None: from the checkpoint's generation config
-    temperature: float | None = Field(None, ge=0)  # None: from the checkpoint's generation config
-    top_p: float | None = Field(None, gt=0, le=1)  # None: from the checkpoint's generation config
-    top_k: int | None = Field(None, ge=0)  # None: from the checkpoint's generation config; 0: off
-    seed: int = 0  # sampling seed
-    limit: int | None = Field(None, gt=0)  # first N items only
-    # stop at the first unreadable clip or over-long prompt; false: list them, record them as failed, answer the rest
-    fail_fast: bool = False
-    tensor_parallel_size: int = Field(1, gt=0)  # vllm
-    data_parallel_size: int = Field(1, gt=0)  # worker processes, each on its own tensor_parallel_size GPUs
-    data_parallel_rank: int | None = Field(None, ge=0)  # set by `infer run` for its workers, not by hand
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vllm
-    max_model_len: int | None = Field(None, gt=0)  # vllm; None: the checkpoint's
-    # Inference hears whole clips, as the stock processor and vLLM take them (MMAR has clips over 30 s);
-    # a number cuts every clip to that many seconds. data.max_audio_seconds applies to training only.
+    r"""Thinking tokens before "\n</think>\n\n" is appended and the model goes on to its answer (null: no budget). 2,000
+    = the 10,000-character thinking limit / 5 characters per token, a high figure for English under Qwen's tokenizer
+    (~4 on average), so a budgeted thinking ends near 8,000."""
+    do_sample: bool | None = None
+    """None: from the checkpoint's generation config"""
+    temperature: float | None = Field(None, ge=0)
+    """None: from the checkpoint's generation config"""
+    top_p: float | None = Field(None, gt=0, le=1)
+    """None: from the checkpoint's generation config"""
+    top_k: int | None = Field(None, ge=0)
+    """None: from the checkpoint's generation config; 0: off"""
+    seed: int = 0
+    """sampling seed"""
+    limit: Annotated[int | None, NoEffect] = Field(None, gt=0)
+    """first N items only"""
+    fail_fast: Annotated[bool, NoEffect] = False
+    """stop at the first unreadable clip or over-long prompt; false: list them, record them as failed, answer the
+    rest"""
+    tensor_parallel_size: Annotated[int, NoEffect] = Field(1, gt=0)
+    """vllm"""
+    data_parallel_size: Annotated[int, NoEffect] = Field(1, gt=0)
+    """worker processes, each on its own tensor_parallel_size GPUs"""
+    data_parallel_rank: Annotated[int | None, NoEffect] = Field(None, ge=0)
+    """set by `infer run` for its workers, not by hand"""
+    gpu_memory_utilization: Annotated[float, NoEffect] = Field(0.9, gt=0, le=1)
+    """vllm"""
+    # changes answers where it binds: vLLM ends a generation at the context, and a longer prompt fails
+    max_model_len: int | None = Field(None, gt=0)
+    """vllm; None: the checkpoint's"""
     max_audio_seconds: float | None = Field(None, gt=0)
-    # vllm: clips per prompt; image and video 0 so vLLM neither loads nor profiles the vision tower
-    limit_mm_per_prompt: dict[Literal["audio", "image", "video"], int] = Field(
+    """Inference hears whole clips, as the stock processor and vLLM take them (MMAR has clips over 30 s); a number cuts
+    every clip to that many seconds. data.max_audio_seconds applies to training only."""
+    limit_mm_per_prompt: Annotated[dict[Literal["audio", "image", "video"], int], NoEffect] = Field(
         default_factory=lambda: {"audio": 1, "image": 0, "video": 0})
-    # vllm: KV-cache size in GiB. Needed on a CPU, where vLLM otherwise takes gpu_memory_utilization of
-    # the machine's RAM; None on GPUs (vLLM sizes the cache from gpu_memory_utilization).
-    kv_cache_gib: float | None = Field(None, gt=0)
-    enforce_eager: bool = False  # vllm: skip torch.compile (and CUDA graphs); minutes less to load on a CPU
+    """vllm: clips per prompt; image and video 0 so vLLM neither loads nor profiles the vision tower"""
+    kv_cache_gib: Annotated[float | None, NoEffect] = Field(None, gt=0)
+    """vllm: KV-cache size in GiB. Needed on a CPU, where vLLM otherwise takes gpu_memory_utilization of the machine's
+    RAM; None on GPUs (vLLM sizes the cache from gpu_memory_utilization)."""
+    enforce_eager: Annotated[bool, NoEffect] = False
+    """vllm: skip torch.compile (and CUDA graphs); minutes less to load on a CPU"""
 
 
 class JudgeConfig(Section):
-    backend: Literal["openai", "local", "none"] = "none"  # none: Accuracy only, Rubrics not computed
-    model: str = "gpt-4o-2024-11-20"  # endpoint model name; for backend local, the checkpoint folder
-    base_url: str = "https://api.openai.com/v1"  # any OpenAI-compatible server (e.g. vLLM)
-    api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key
-    temperature: float = 0.0  # judge sampling temperature (official: 0)
-    seed: int | None = 42  # judge seed (official: 42)
-    max_tokens: int | None = None  # openai: not sent when None (as officially); local: default 1024
-    ratings: int = Field(5, gt=0)  # ratings per item; the middle 3 are averaged
-    max_attempts: int = Field(20, gt=0)  # requests per rating until a reply parses (official: 20)
-    concurrency: int = Field(8, gt=0)  # requests in flight
-    requests_per_minute: float | None = Field(None, gt=0)  # rate limit; None: none
-    timeout_s: float = Field(120.0, gt=0)  # per-request timeout
-    backoff_s: float = Field(1.0, ge=0)  # first pause after 429/5xx/timeout, doubling up to backoff_max_s
-    backoff_max_s: float = Field(60.0, ge=0)  # longest pause between retries
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # local backend
-    device: str | None = None  # local backend
-    cache: str = "runs/judge_cache.sqlite"  # SQLite cache of parsed replies (resume, no repeated calls)
+    backend: Literal["openai", "local", "none"] = "none"
+    """none: Accuracy only, Rubrics not computed"""
+    model: str = "gpt-4o-2024-11-20"
+    """endpoint model name; for backend local, the checkpoint folder"""
+    base_url: str = "https://api.openai.com/v1"
+    """any OpenAI-compatible server (e.g. vLLM)"""
+    # the judge's key, pacing and reply cache: not the ratings
+    api_key_env: Annotated[str, NoEffect] = "OPENAI_API_KEY"
+    """name of the environment variable holding the key"""
+    temperature: float = 0.0
+    """judge sampling temperature (official: 0)"""
+    seed: int | None = 42
+    """judge seed (official: 42)"""
+    max_tokens: int | None = None
+    """openai: not sent when None (as officially); local: default 1024"""
+    ratings: int = Field(5, gt=0)
+    """ratings per item; the middle 3 are averaged"""
+    max_attempts: int = Field(20, gt=0)
+    """requests per rating until a reply parses (official: 20)"""
+    concurrency: Annotated[int, NoEffect] = Field(8, gt=0)
+    """requests in flight"""
+    requests_per_minute: Annotated[float | None, NoEffect] = Field(None, gt=0)
+    """rate limit; None: none"""
+    timeout_s: Annotated[float, NoEffect] = Field(120.0, gt=0)
+    """per-request timeout"""
+    backoff_s: Annotated[float, NoEffect] = Field(1.0, ge=0)
+    """first pause after 429/5xx/timeout, doubling up to backoff_max_s"""
+    backoff_max_s: Annotated[float, NoEffect] = Field(60.0, ge=0)
+    """longest pause between retries"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """local backend"""
+    device: str | None = None
+    """local backend"""
+    cache: Annotated[str, NoEffect] = "runs/judge_cache.sqlite"
+    """SQLite cache of parsed replies (resume, no repeated calls)"""
 
 
 class EvalConfig(Section):
-    meta: str = "artifacts/synthetic/test.jsonl"  # benchmark metadata JSONL with answers and rubrics
-    submission: str = "runs/tiny/submission.jsonl"  # the submission to score
-    report_dir: str = "runs/tiny/eval"  # report.md, report.json and charts go here
-    bootstrap: int = Field(1000, ge=0)  # resamples for the 95% confidence intervals (0: none)
-    bootstrap_seed: int = 0  # seed of the bootstrap resampling
-    charts: bool = True  # write the per-modality/category PNG charts
+    meta: str = "artifacts/synthetic/test.jsonl"
+    """benchmark metadata JSONL with answers and rubrics"""
+    submission: str = "runs/tiny/submission.jsonl"
+    """the submission to score"""
+    report_dir: str = "runs/tiny/eval"
+    """report.md, report.json and charts go here"""
+    bootstrap: int = Field(1000, ge=0)
+    """resamples for the 95% confidence intervals (0: none)"""
+    bootstrap_seed: int = 0
+    """seed of the bootstrap resampling"""
+    charts: bool = True
+    """write the per-modality/category PNG charts"""
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    """the Rubrics judge"""
 
 
 class SourceSpec(Section):
     """One raw dataset of the Cogito-Pipe mixture: an adapter name (data_prep.sources) and its local copy."""
 
-    name: str  # adapter name, e.g. clotho, audioset, synthetic
-    root: str  # folder holding the dataset's official release layout (see the adapter's docstring)
-    count: int | None = Field(None, gt=0)  # exactly this many clips (all of them if fewer exist)
-    ratio: float | None = Field(None, gt=0, le=1)  # this share of data_prep.total
-    # The dataset's sample count in the mixture a recipe reproduces (e.g. Audio-Cogito Table 1); selects
-    # nothing, the data card shows it beside the achieved share.
+    name: str
+    """adapter name, e.g. clotho, audioset, synthetic"""
+    root: str
+    """folder holding the dataset's official release layout (see the adapter's docstring)"""
+    count: int | None = Field(None, gt=0)
+    """exactly this many clips (all of them if fewer exist)"""
+    ratio: float | None = Field(None, gt=0, le=1)
+    """this share of data_prep.total"""
     reference_samples: int | None = Field(None, gt=0)
-    options: dict[str, Any] = Field(default_factory=dict)  # adapter keyword arguments (splits, subset, ...)
-    licence: str | None = None  # overrides the adapter's licence in the manifest and the data card
+    """The dataset's sample count in the mixture a recipe reproduces (e.g. Audio-Cogito Table 1); selects nothing, the
+    data card shows it beside the achieved share."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """adapter keyword arguments (splits, subset, ...)"""
+    licence: str | None = None
+    """overrides the adapter's licence in the manifest and the data card"""
 
     @model_validator(mode="after")
     def _count_or_ratio(self) -> "SourceSpec":
@@ -195,25 +302,39 @@ class SourceSpec(Section):
 class PrepGeneration(Section):
     """How one Cogito-Pipe stage decodes; `batch_size` requests are generated and journaled together."""
 
-    max_new_tokens: int = Field(1024, gt=0)  # generation budget
-    min_new_tokens: int = Field(0, ge=0)  # >0 suppresses end-of-turn until then
-    do_sample: bool = False  # false: greedy
-    temperature: float = Field(1.0, gt=0)  # sampling temperature
-    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling
-    top_k: int = Field(0, ge=0)  # 0: off
-    seed: int = 0  # sampling seed
-    batch_size: int = Field(8, gt=0)  # requests per engine call and per journal flush
+    max_new_tokens: int = Field(1024, gt=0)
+    """generation budget"""
+    min_new_tokens: int = Field(0, ge=0)
+    """>0 suppresses end-of-turn until then"""
+    do_sample: bool = False
+    """false: greedy"""
+    temperature: float = Field(1.0, gt=0)
+    """sampling temperature"""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """nucleus sampling"""
+    top_k: int = Field(0, ge=0)
+    """0: off"""
+    seed: int = 0
+    """sampling seed"""
+    batch_size: int = Field(8, gt=0)
+    """requests per engine call and per journal flush"""
 
 
 class PrepQAConfig(PrepGeneration):
     """Stage 2: an instruction model writes multiple-choice questions about each clip."""
 
-    model: str = "checkpoints/Qwen3-Omni-30B-A3B-Instruct"  # the instruction model that writes the questions
-    prompt: str = "data_prep/prompts/qa.txt"  # prompt template file
-    n_shots: int = Field(20, ge=0)  # few-shot questions drawn from data_prep.seed_questions per clip
-    max_questions: int = Field(3, ge=1)  # per clip; a reply with more is malformed
-    max_attempts: int = Field(3, ge=1)  # a malformed reply is retried with other shots and seed, then dropped
-    shuffle_choices: bool = True  # seeded shuffle: the answer's position carries no signal
+    model: str = "checkpoints/Qwen3-Omni-30B-A3B-Instruct"
+    """the instruction model that writes the questions"""
+    prompt: str = "data_prep/prompts/qa.txt"
+    """prompt template file"""
+    n_shots: int = Field(20, ge=0)
+    """few-shot questions drawn from data_prep.seed_questions per clip"""
+    max_questions: int = Field(3, ge=1)
+    """per clip; a reply with more is malformed"""
+    max_attempts: int = Field(3, ge=1)
+    """a malformed reply is retried with other shots and seed, then dropped"""
+    shuffle_choices: bool = True
+    """seeded shuffle: the answer's position carries no signal"""
     do_sample: bool = True
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(0.8, gt=0, le=1)
@@ -223,7 +344,8 @@ class PrepQAConfig(PrepGeneration):
 class PrepCoTConfig(PrepGeneration):
     """Stage 3: the Thinking model (model.path) answers with the inference prompt (model.prompt_style)."""
 
-    max_new_tokens: int = Field(4096, gt=0)  # ~10,000 characters of thinking, the submission limit
+    max_new_tokens: int = Field(4096, gt=0)
+    """~10,000 characters of thinking, the submission limit"""
     do_sample: bool = True
     temperature: float = Field(0.6, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
@@ -233,25 +355,40 @@ class PrepCoTConfig(PrepGeneration):
 class PrepJudgeConfig(PrepGeneration):
     """Stage 4: a text-only judge checks each reasoning for hallucination and logic."""
 
-    model: str = "checkpoints/Qwen3-Omni-30B-A3B-Instruct"  # the text-only judge model
-    prompt: str = "data_prep/prompts/judge.txt"  # prompt template file
+    model: str = "checkpoints/Qwen3-Omni-30B-A3B-Instruct"
+    """the text-only judge model"""
+    prompt: str = "data_prep/prompts/judge.txt"
+    """prompt template file"""
     max_new_tokens: int = Field(512, gt=0)
 
 
 class DataPrepConfig(Section):
-    work_dir: str = "runs/tiny/data_prep"  # every stage's output, parts, report and the data card
-    seed: int = 0  # mixture sampling (and later stages' few-shot sampling)
-    total: int | None = Field(None, gt=0)  # clips in the mixture; sources with a ratio share it
-    sources: list[SourceSpec] = Field(default_factory=list)  # raw datasets of the mixture: [{name, root, count | ratio, options, licence}]
-    shard: str = Field("0/1", pattern=r"^\d+/[1-9]\d*$")  # "i/n": this process handles shard i of n
-    min_seconds: float = Field(0.5, ge=0)  # shorter clips are rejected (too_short)
-    max_seconds: float | None = Field(None, gt=0)  # longer clips are rejected (too_long)
-    mmar_meta: str | None = None  # benchmark metadata for the contamination guard
-    mmar_audio_root: str | None = None  # the benchmark audio, when present: enables the audio-hash guard
-    seed_questions: str = "data_prep/seed_questions.jsonl"  # few-shot question pool of the QA stage
+    work_dir: str = "runs/tiny/data_prep"
+    """every stage's output, parts, report and the data card"""
+    seed: int = 0
+    """mixture sampling (and later stages' few-shot sampling)"""
+    total: int | None = Field(None, gt=0)
+    """clips in the mixture; sources with a ratio share it"""
+    sources: list[SourceSpec] = Field(default_factory=list)
+    """raw datasets of the mixture: [{name, root, count | ratio, options, licence}]"""
+    shard: str = Field("0/1", pattern=r"^\d+/[1-9]\d*$")
+    '''"i/n": this process handles shard i of n'''
+    min_seconds: float = Field(0.5, ge=0)
+    """shorter clips are rejected (too_short)"""
+    max_seconds: float | None = Field(None, gt=0)
+    """longer clips are rejected (too_long)"""
+    mmar_meta: str | None = None
+    """benchmark metadata for the contamination guard"""
+    mmar_audio_root: str | None = None
+    """the benchmark audio, when present: enables the audio-hash guard"""
+    seed_questions: str = "data_prep/seed_questions.jsonl"
+    """few-shot question pool of the QA stage"""
     qa: PrepQAConfig = Field(default_factory=PrepQAConfig)
+    """stage 2: the questions"""
     cot: PrepCoTConfig = Field(default_factory=PrepCoTConfig)
+    """stage 3: the reasonings"""
     judge: PrepJudgeConfig = Field(default_factory=PrepJudgeConfig)
+    """stage 4: the reasoning check"""
 
     @model_validator(mode="after")
     def _valid_mixture(self) -> "DataPrepConfig":
@@ -275,11 +412,14 @@ RewardName = Literal["answer", "format", "length", "judge", "embedding"]  # trai
 class GRPOStage(Section):
     """One curriculum stage of train/grpo.py: its prompts, its length and its reward weights."""
 
-    name: str  # shown in the logs and metrics.jsonl
-    data: list[DatasetSpec] = Field(min_length=1)  # MMAR-schema JSONL; `thinking` needed by judge/embedding rewards
-    steps: int = Field(gt=0)  # rollout steps (each: rollouts, rewards, grpo.iterations optimizer steps)
-    # weight per reward (train/rewards.py); the weighted sum is the reward the advantages are made of
+    name: str
+    """shown in the logs and metrics.jsonl"""
+    data: list[DatasetSpec] = Field(min_length=1)
+    """MMAR-schema JSONL; `thinking` needed by judge/embedding rewards"""
+    steps: int = Field(gt=0)
+    """rollout steps (each: rollouts, rewards, grpo.iterations optimizer steps)"""
     rewards: dict[RewardName, float] = Field(default_factory=lambda: {"answer": 1.0, "format": 0.2})
+    """weight per reward (train/rewards.py); the weighted sum is the reward the advantages are made of"""
 
     @model_validator(mode="after")
     def _some_reward(self) -> "GRPOStage":
@@ -292,21 +432,36 @@ class GRPOConfig(Section):
     """RL after SFT (train/grpo.py): G sampled completions per prompt, group-normalised advantages,
     clipped ratio, optional KL to the policy it starts from (the SFT adapter, or the base for a fresh one)."""
 
-    init_adapter: str | None = None  # LoRA adapter to start from (the SFT run's); None: a fresh one from `lora`
-    num_generations: int = Field(8, ge=2)  # G completions per prompt
-    max_new_tokens: int = Field(4096, gt=0)  # per rollout; a completion cut here scores 0 on length
-    temperature: float = Field(1.0, gt=0)  # rollout sampling; log-probabilities are scored at it too
-    top_p: float = Field(1.0, gt=0, le=1)  # rollout sampling (1: off)
-    top_k: int = Field(0, ge=0)  # rollout sampling (0: off)
-    rollout_batch_size: int = Field(16, gt=0)  # sequences per generate() call
-    clip_low: float = Field(0.2, ge=0, lt=1)  # ratio clipped to [1 - clip_low, 1 + clip_high]
-    clip_high: float = Field(0.2, ge=0)  # upper clip; above clip_low keeps exploring (DAPO's clip-higher)
-    beta: float = Field(0.0, ge=0)  # KL(policy || starting policy) coefficient; 0: no reference forward
-    iterations: int = Field(1, ge=1)  # optimizer steps on each batch of rollouts (PPO epochs)
-    scale_rewards: Literal["group", "none"] = "group"  # divide by the group's std, or only centre
-    embedding_model: str | None = None  # local sentence-embedding folder (transformers; mean pooling)
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)  # the reasoning judge of the `judge` reward
-    stages: list[GRPOStage] = Field(default_factory=list)  # the curriculum, run in order
+    init_adapter: str | None = None
+    """LoRA adapter to start from (the SFT run's); None: a fresh one from `lora`"""
+    num_generations: int = Field(8, ge=2)
+    """G completions per prompt"""
+    max_new_tokens: int = Field(4096, gt=0)
+    """per rollout; a completion cut here scores 0 on length"""
+    temperature: float = Field(1.0, gt=0)
+    """rollout sampling; log-probabilities are scored at it too"""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """rollout sampling (1: off)"""
+    top_k: int = Field(0, ge=0)
+    """rollout sampling (0: off)"""
+    rollout_batch_size: int = Field(16, gt=0)
+    """sequences per generate() call"""
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    """ratio clipped to [1 - clip_low, 1 + clip_high]"""
+    clip_high: float = Field(0.2, ge=0)
+    """upper clip; above clip_low keeps exploring (DAPO's clip-higher)"""
+    beta: float = Field(0.0, ge=0)
+    """KL(policy || starting policy) coefficient; 0: no reference forward"""
+    iterations: int = Field(1, ge=1)
+    """optimizer steps on each batch of rollouts (PPO epochs)"""
+    scale_rewards: Literal["group", "none"] = "group"
+    """divide by the group's std, or only centre"""
+    embedding_model: str | None = None
+    """local sentence-embedding folder (transformers; mean pooling)"""
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    """the reasoning judge of the `judge` reward"""
+    stages: list[GRPOStage] = Field(default_factory=list)
+    """the curriculum, run in order"""
 
     @model_validator(mode="after")
     def _rewards_have_their_models(self) -> "GRPOConfig":
@@ -319,15 +474,24 @@ class GRPOConfig(Section):
 
 
 class Recipe(Section):
-    name: str = "unnamed"  # the run's name (trackers, reports)
+    name: str = "unnamed"
+    """the run's name (trackers, reports)"""
     model: ModelConfig = Field(default_factory=ModelConfig)
+    """the checkpoint and its prompt"""
     data: DataConfig = Field(default_factory=DataConfig)
+    """SFT data"""
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    """the adapter trained"""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """SFT (train/sft.py), and the optimizer and run folder of GRPO"""
     infer: InferConfig = Field(default_factory=InferConfig)
+    """benchmark answers (python -m infer run)"""
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    """scoring a submission (python -m eval score)"""
     data_prep: DataPrepConfig = Field(default_factory=DataPrepConfig)
+    """the Cogito-Pipe data pipeline (python -m data_prep)"""
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    """RL after SFT (train/grpo.py)"""
 
     @model_validator(mode="after")
     def _length_reward_has_a_budget(self) -> "Recipe":
@@ -430,36 +594,43 @@ def changed_settings(saved: str | Path, recipe: Recipe, keys: list[str]) -> list
     return changed
 
 
-def _comments() -> dict[str, dict[str, str]]:
-    """{class: {field: its comment}} from this file's source: the comment on a field's line, else the
-    comment lines right above it. The comments are the one place a key is documented."""
-    import ast
-    import io
-    import tokenize
+def changes_results(recipe: Recipe, key: str) -> bool:
+    """Whether the setting at dotted `key` changes results: no field on its path is tagged NoEffect."""
+    node: Any = recipe
+    for part in key.split("."):
+        if not isinstance(node, Section):  # an entry of a mapping (infer.limit_mm_per_prompt.audio): its field's tag
+            return True
+        if NoEffect in type(node).model_fields[part].metadata:
+            return False
+        node = getattr(node, part)
+    return True
 
-    source = Path(__file__).read_text()
-    comments = {tok.start[0]: tok.string.lstrip("#").strip()
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
-    lines = source.splitlines()
-    found: dict[str, dict[str, str]] = {}
-    for node in ast.parse(source).body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        fields = found.setdefault(node.name, {})
-        for stmt in node.body:
-            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-                text, above = comments.get(stmt.lineno), []
-                line = stmt.lineno - 1
-                while line >= 1 and lines[line - 1].strip().startswith("#"):
-                    above.insert(0, comments[line])
-                    line -= 1
-                fields[stmt.target.id] = " ".join(above + ([text] if text else []))
-    return found
+
+def result_keys(recipe: Recipe, reads: Iterable[str]) -> list[str]:
+    """The dotted keys a stage's results depend on: each key under `reads` (sections or single keys, e.g.
+    ("model", "infer.thinking_budget")) that changes results, in recipe order per read. A run that holds
+    results may only be resumed with these unchanged (`changed_settings`)."""
+    tree = recipe.model_dump(mode="json")
+    keys = []
+    for read in reads:
+        value = _lookup(tree, read)
+        keys += [key for key in (dotted_keys(value, read + ".") if isinstance(value, dict) else [read])
+                 if changes_results(recipe, key)]
+    return keys
+
+
+def description(section: type[Section], name: str) -> str:
+    """A field's docstring on one line; a field that a subclass redefines (PrepQAConfig.do_sample) without one
+    keeps its base section's (PrepGeneration)."""
+    for cls in section.__mro__:
+        field = getattr(cls, "model_fields", {}).get(name)
+        if field is not None and field.description:
+            return " ".join(field.description.split())
+    return ""
 
 
 def describe(recipe: Recipe) -> list[tuple[str, Any, Any, str]]:
     """(dotted key, value, default, description) for every key of a resolved recipe, in recipe order."""
-    comments = _comments()
     rows = []
 
     def walk(section: BaseModel, default: BaseModel, prefix: str) -> None:
@@ -470,9 +641,7 @@ def describe(recipe: Recipe) -> list[tuple[str, Any, Any, str]]:
                 continue
             dump = lambda v: v.model_dump(mode="json") if isinstance(v, BaseModel) else (  # noqa: E731
                 [dump(x) for x in v] if isinstance(v, list) else v)
-            note = comments.get(type(section).__name__, {}).get(name, "")
-            for cls in type(section).__mro__[1:]:  # a field of a base section (PrepGeneration) is documented there
-                note = note or comments.get(cls.__name__, {}).get(name, "")
+            note = description(type(section), name)
             if isinstance(value, dict):  # a mapping (infer.limit_mm_per_prompt): a key per entry, as overrides address it
                 rows.extend((f"{prefix}{name}.{k}", v, (base or {}).get(k), note) for k, v in value.items())
             else:

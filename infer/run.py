@@ -38,7 +38,7 @@ from typing import Callable
 from core import qwen_omni as qo
 from core.items import DataError, Item, load_items
 from core.progress import library_bars_off_a_terminal, progress
-from core.recipe import Recipe, changed_settings, save_recipe
+from core.recipe import Recipe, changed_settings, result_keys, save_recipe
 from infer.engine import (Engine, Generation, Request, SamplingConfig, checkpoint_generation_defaults, load_engine,
                           request_length)
 from infer.parse import POLICY, parse_output
@@ -186,17 +186,16 @@ def benchmark_items(recipe: Recipe) -> tuple[list[Item], list[Item]]:
     return items, items[: recipe.infer.limit] if recipe.infer.limit is not None else items
 
 
-# What decides an inference output: resuming with other values would mix two runs in one file.
-OUTPUT_SETTINGS = ("model.path", "model.dtype", "model.prompt_style", "infer.backend", "infer.adapter", "infer.meta",
-                   "infer.max_new_tokens", "infer.min_new_tokens", "infer.do_sample", "infer.temperature",
-                   "infer.top_p", "infer.top_k", "infer.seed", "infer.thinking_budget", "infer.max_audio_seconds")
+# What inference reads (data.max_audio_seconds is training's: infer.max_audio_seconds cuts its clips).
+SECTIONS = ("model", "infer")
 
 
 def check_resumable(paths: RunPaths, recipe: Recipe) -> None:
-    """An output that holds answers may only be continued with the settings that wrote them."""
+    """An output that holds answers may only be continued with the settings that wrote them: every model.* and
+    infer.* key that changes results (core.recipe.result_keys); other values would mix two runs in one file."""
     if not paths.recipe.is_file() or not read_records(paths.submission):
         return
-    changed = changed_settings(paths.recipe, recipe, list(OUTPUT_SETTINGS))
+    changed = changed_settings(paths.recipe, recipe, result_keys(recipe, SECTIONS))
     if changed:
         raise DataError(f"{paths.submission}: holds answers written with other settings ({paths.recipe}); resuming "
                         "would mix two runs in one file. Differing: " + "; ".join(changed)

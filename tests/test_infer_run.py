@@ -198,3 +198,20 @@ def test_only_audio_question_choices_and_prompt_reach_the_model(synthetic_dir, p
     assert request.prompt == qo.render_prompt(processor.tokenizer, item.question, item.choices, "qwen")
     assert item.category not in request.prompt and item.thinking not in request.prompt  # ...but never in the prompt
     assert len(request.audio) == 16_000  # cut to data.max_audio_seconds
+
+
+def test_resume_check_accepts_other_no_effect_settings_and_refuses_others(tmp_path):
+    from core.items import DataError
+    from core.recipe import save_recipe
+    from infer.run import check_resumable
+
+    out = tmp_path / "submission.jsonl"
+    paths = RunPaths.beside(out)
+    save_recipe(load_recipe("recipes/tiny.yaml", [f"infer.output={out}"]), paths.recipe)
+    out.write_text('{"id": "a"}\n')  # an output that holds an answer
+    moved = [f"infer.output={out}", "infer.batch_size=1", "infer.limit=3", "infer.data_parallel_size=2",
+             "infer.limit_mm_per_prompt.image=1", "model.experts_implementation=eager", "train.lr=1",
+             "data.max_audio_seconds=5"]  # tagged NoEffect, or not read by inference
+    check_resumable(paths, load_recipe("recipes/tiny.yaml", moved))
+    with pytest.raises(DataError, match=r"Differing: model\.prompt_style: 'baseline' -> 'qwen'; infer\.seed: 0 -> 7\. "):
+        check_resumable(paths, load_recipe("recipes/tiny.yaml", [*moved, "infer.seed=7", "model.prompt_style=qwen"]))

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.recipe import RecipeError, load_recipe, save_recipe, split_cli
+from core.recipe import RecipeError, Section, description, load_recipe, result_keys, save_recipe, split_cli
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -79,3 +79,67 @@ def test_resolved_recipe_round_trips(tmp_path):
     saved = save_recipe(recipe, tmp_path / "run" / "recipe.yaml")
     assert load_recipe(saved) == recipe
     assert yaml.safe_load(saved.read_text())["train"]["seed"] == 7
+
+
+def sections(cls=None):
+    """Every recipe section class."""
+    found = []
+    for sub in (cls or Section).__subclasses__():
+        found += [sub, *sections(sub)]
+    return found
+
+
+def test_every_field_has_a_docstring():
+    undocumented = [f"{cls.__name__}.{name}" for cls in sections() for name in cls.model_fields
+                    if not description(cls, name)]
+    assert undocumented == [], "add a docstring under these fields in core/recipe.py"
+
+
+TRAINING = ["model.path", "model.dtype", "model.prompt_style",
+            "data.train", "data.max_audio_seconds", "data.max_length",
+            "lora.r", "lora.alpha", "lora.dropout", "lora.targets", "lora.experts", "lora.include_audio_tower",
+            "train.seed", "train.epochs", "train.max_steps", "train.lr", "train.min_lr_ratio", "train.schedule",
+            "train.warmup_ratio", "train.weight_decay", "train.batch_size", "train.grad_accum", "train.max_grad_norm",
+            "train.mixed_precision", "train.gradient_checkpointing", "train.zero_stage", "train.group_by_length"]
+GRPO = TRAINING + [
+    "grpo.init_adapter", "grpo.num_generations", "grpo.max_new_tokens", "grpo.temperature", "grpo.top_p", "grpo.top_k",
+    "grpo.rollout_batch_size", "grpo.clip_low", "grpo.clip_high", "grpo.beta", "grpo.iterations", "grpo.scale_rewards",
+    "grpo.embedding_model", "grpo.judge.backend", "grpo.judge.model", "grpo.judge.base_url", "grpo.judge.temperature",
+    "grpo.judge.seed", "grpo.judge.max_tokens", "grpo.judge.ratings", "grpo.judge.max_attempts", "grpo.judge.dtype",
+    "grpo.judge.device", "grpo.stages", "infer.thinking_budget"]
+INFERENCE = ["model.path", "model.dtype", "model.prompt_style", "infer.backend", "infer.meta", "infer.adapter",
+             "infer.max_new_tokens", "infer.min_new_tokens", "infer.thinking_budget", "infer.do_sample",
+             "infer.temperature", "infer.top_p", "infer.top_k", "infer.seed", "infer.max_model_len", "infer.max_audio_seconds"]
+
+
+def test_the_settings_that_change_results_are_the_ones_listed():
+    # a new field lands in one of these lists or is tagged NoEffect: a decision, not a default
+    from infer.run import SECTIONS
+
+    recipe = load_recipe(None)
+    assert result_keys(recipe, ("model", "data", "lora", "train")) == TRAINING
+    assert result_keys(recipe, ("model", "data", "lora", "train", "grpo", "infer.thinking_budget")) == GRPO
+    assert result_keys(recipe, SECTIONS) == INFERENCE
+    assert result_keys(recipe, ("infer.limit_mm_per_prompt", "grpo.judge.concurrency", "train.lr")) == ["train.lr"]
+
+
+def test_training_resumes_with_other_no_effect_settings_and_refuses_others(tmp_path):
+    from train.grpo import check_grpo_resumable
+    from train.sft import TrainingError, check_resumable
+
+    out = tmp_path / "run"
+    save_recipe(load_recipe(RECIPES / "tiny.yaml", [f"train.output_dir={out}"]), out / "recipe.yaml")
+    (out / "adapter").mkdir()
+    moved = [f"train.output_dir={out}", "train.log_every=5", "train.save_every=3", "data.num_workers=2",
+             "data.cache_workers=3", "model.attn_implementation=eager", "grpo.judge.timeout_s=5", "infer.batch_size=1"]
+
+    def rerun(*changed):
+        return load_recipe(RECIPES / "tiny.yaml", [*moved, *changed])
+
+    check_resumable(rerun(), out)
+    check_grpo_resumable(rerun(), out)
+    with pytest.raises(TrainingError, match=r"Differing: train\.lr: 0\.003 -> 0\.001\. Restore them"):
+        check_resumable(rerun("train.lr=1e-3"), out)
+    with pytest.raises(TrainingError, match=r"Differing: grpo\.judge\.ratings: 5 -> 3; infer\.thinking_budget: 2000 -> 50\."):
+        check_grpo_resumable(rerun("grpo.judge.ratings=3", "infer.thinking_budget=50"), out)
+    check_resumable(rerun("grpo.beta=0.5"), out)  # SFT does not read grpo

@@ -44,7 +44,7 @@ from core import qwen_omni as qo  # noqa: E402
 from core.items import DataError  # noqa: E402
 from core.progress import library_bars_off_a_terminal, progress  # noqa: E402
 from core.provenance import record_session  # noqa: E402
-from core.recipe import Recipe, RecipeError, changed_settings, dotted_keys, recipe_cli, save_recipe  # noqa: E402
+from core.recipe import Recipe, RecipeError, changed_settings, recipe_cli, result_keys, save_recipe  # noqa: E402
 from train.data import SFTCollator, SFTDataset, build_examples, epoch_batches, feature_cache_for  # noqa: E402
 from train.lora import apply_lora  # noqa: E402
 from train.loss import make_loss, model_loss  # noqa: E402
@@ -285,16 +285,6 @@ def finish(accelerator: Accelerator, model, out: Path, end: int, total_steps: in
     accelerator.end_training()
 
 
-# Settings that do not change what a run computes: a rerun may change them and still resume.
-NOT_OUTPUT_SETTINGS = {"train.output_dir", "train.resume", "train.stop_after", "train.log_every", "train.report_to",
-                       "train.wandb_project", "train.save_every", "train.keep_last", "train.max_nonfinite_steps",
-                       "train.loss_chunk_tokens",  # the same loss and gradients (train/loss.py)
-                       "data.num_workers", "data.feature_cache", "model.attn_implementation", "model.experts_implementation",
-                       # the GRPO judge's pacing and where its replies are cached, not the ratings
-                       "grpo.judge.concurrency", "grpo.judge.requests_per_minute", "grpo.judge.timeout_s",
-                       "grpo.judge.backoff_s", "grpo.judge.backoff_max_s", "grpo.judge.cache", "grpo.judge.api_key_env"}
-
-
 def check_nonfinite_skipping(accelerator: Accelerator, cfg) -> None:
     if cfg.max_nonfinite_steps and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise TrainingError("train.max_nonfinite_steps > 0 cannot skip steps under DeepSpeed (its engine updates "
@@ -316,12 +306,10 @@ def count_nonfinite(cfg, out: Path, skipped: int, new: int, what: str) -> int:
 def check_resumable(recipe: Recipe, out: Path, sections: tuple[str, ...] = ("model", "data", "lora", "train"),
                     also: tuple[str, ...] = ()) -> None:
     """A run folder that holds checkpoints or an adapter may only be continued with the settings that made them:
-    every key of the recipe's `sections` (less NOT_OUTPUT_SETTINGS) and the single keys `also`."""
+    every key of the recipe's `sections` and the single keys `also` that changes results (core.recipe.result_keys)."""
     if not (out / "recipe.yaml").is_file() or not (checkpoints(out) or (out / "adapter").is_dir()):
         return
-    tree = recipe.model_dump(mode="json")
-    keys = [k for k in dotted_keys({s: tree[s] for s in sections}) if k not in NOT_OUTPUT_SETTINGS] + list(also)
-    changed = changed_settings(out / "recipe.yaml", recipe, keys)
+    changed = changed_settings(out / "recipe.yaml", recipe, result_keys(recipe, sections + also))
     if changed:
         raise TrainingError(f"{out}: holds a run made with other settings ({out / 'recipe.yaml'}); continuing would "
                             "mix two runs. Differing: " + "; ".join(changed)
