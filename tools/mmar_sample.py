@@ -1,6 +1,6 @@
 """Build the tests' MMAR sample and facts table from the official MMAR metadata.
 
-    python tools/mmar_sample.py data/mmar/MMAR-meta.jsonl [--out tests/data]
+    python -m tools.mmar_sample data/mmar/MMAR-meta.jsonl [--out tests/data]
 
 Writes `mmar_sample.jsonl` (whole records, copied verbatim, in the official file's order) and
 `mmar_facts.json` (figures that need all 1,000 records: counts per modality, category,
