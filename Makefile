@@ -11,7 +11,7 @@ RECIPE     ?= recipes/tiny.yaml
 TINY       := artifacts/tiny-omni
 SYNTH      := artifacts/synthetic
 
-.PHONY: setup setup-vllm tiny data prep train grpo merge infer eval encoder demo audit test test-vllm bench clean
+.PHONY: setup setup-vllm tiny data prep train grpo merge infer eval encoder demo readme-demo audit test test-vllm bench clean
 
 setup: $(VENV)/.installed
 
@@ -83,6 +83,11 @@ demo: tiny data
 	$(PY) -m eval side-by-side $(DEMO_BASE) runs/tiny/submission.jsonl --meta $(SYNTH)/test.jsonl \
 		--train-submission $(DEMO_TRAIN) --train-meta $(SYNTH)/train.jsonl --out runs/tiny/side_by_side.json
 
+# The README's demo table, from the side_by_side.json the last `make demo` wrote (tools/readme_demo_table.py):
+# rewrites only the block between <!-- demo-table:begin --> and <!-- demo-table:end -->, with date and CPU model.
+readme-demo: | setup
+	$(PY) -m tools.readme_demo_table runs/tiny/side_by_side.json --readme README.md
+
 # The demo's three answer runs, two at a time (one per core), each printed whole when it ends.
 .PHONY: demo-answers demo-finetuned demo-base demo-on-train
 demo-answers: demo-finetuned demo-base demo-on-train
@@ -96,15 +101,17 @@ demo-on-train:
 # Reproducibility bundle of a finished run (default: the tiny demo's, after `make demo`): RUN/audit/ and
 # RUN/audit.tar.gz, then its verification (checksums, compliance, greedy re-run of 8 ids).
 # The data card declares what the run trained on (AUDIT_DATA: the tiny recipe's training file); the
-# contamination guard runs when the MMAR metadata is at MMAR_META.
+# contamination guard runs when the MMAR metadata is at MMAR_META (where to get it: docs/eval.md), and is
+# left out, saying so, when it is not.
 AUDIT_RUN  ?= runs/tiny
 AUDIT_DATA ?= $(SYNTH)/train.jsonl
-MMAR_META  ?= ../shared/data/MMAR-meta.jsonl
+MMAR_META  ?= data/mmar/MMAR-meta.jsonl
 audit: | setup
 	$(PY) -m data_prep card $(RECIPE) --data $(AUDIT_DATA)
 	$(PY) -m audit bundle --train-run $(AUDIT_RUN) --infer-output $(AUDIT_RUN)/submission.jsonl --out $(AUDIT_RUN)/audit \
 		$(if $(wildcard $(MMAR_META)),--mmar-meta $(MMAR_META))
 	$(PY) -m audit verify $(AUDIT_RUN)/audit $(if $(wildcard $(MMAR_META)),--mmar-meta $(MMAR_META))
+	$(if $(wildcard $(MMAR_META)),,@echo "audit: no MMAR metadata at $(MMAR_META), contamination guard not run (docs/eval.md says where to put it)")
 
 # The audio tower as an Audio Encoder Challenge (XARES-LLM) encoder folder, and linear probes on it.
 ENCODER := runs/tiny/audio_encoder
@@ -146,7 +153,7 @@ bench: setup
 	$(PY) -m bench.train_bench $(BENCH_DEVICE) --json runs/bench/train_bench.json
 	$(PY) -m bench.infer_bench $(BENCH_DEVICE) --json runs/bench/infer_bench.json
 	$(PY) -m bench.audio_bench --json runs/bench/audio_bench.json
-	$(PY) -m bench.eval_bench --json runs/bench/eval_bench.json
+	$(if $(wildcard $(MMAR_META)),$(PY) -m bench.eval_bench --meta $(MMAR_META) --json runs/bench/eval_bench.json,@echo "bench.eval_bench skipped: no MMAR metadata at $(MMAR_META) (docs/eval.md)")
 	$(PY) -m bench.load_bench --json runs/bench/load_bench.json
 	$(PY) -m bench.data_bench --json runs/bench/data_bench.json
 	$(PY) -m bench.grpo_bench --json runs/bench/grpo_bench.json

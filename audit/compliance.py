@@ -1,4 +1,4 @@
-"""The Track 1 rules that code can check (../shared/PROTOCOL.md), on a submission and the runs behind it.
+"""The Track 1 rules that code can check (docs/protocol.md), on a submission and the runs behind it.
 
 | check | rule | how |
 |---|---|---|

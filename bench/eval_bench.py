@@ -1,6 +1,6 @@
 """Scoring speed on the real benchmark: 1,000 items, synthetic predictions, a warm judge cache.
 
-    python -m bench.eval_bench [--meta ../shared/data/MMAR-meta.jsonl]
+    python -m bench.eval_bench [--meta data/mmar/MMAR-meta.jsonl]   (the official file: docs/eval.md)
 
 Baseline in the same run: Accuracy-only scoring (judge backend `none`). The cache is filled first
 by an instant in-process judge (so "cold" measures our overhead, not an API's latency); then the
@@ -35,7 +35,8 @@ class InstantJudge:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--meta", default=str(REPO.parent / "shared" / "data" / "MMAR-meta.jsonl"))
+    p.add_argument("--meta", default=str(REPO / "data" / "mmar" / "MMAR-meta.jsonl"),
+                   help="the official MMAR-meta.jsonl (default: data/mmar/, where docs/eval.md says to put it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--warm-only", help=argparse.SUPPRESS)  # the fresh-process leg: JSON list of overrides
@@ -44,6 +45,8 @@ def main() -> None:
         report = score(load_recipe(None, json.loads(args.warm_only)), progress=False, backend=InstantJudge())
         assert report["judge"]["calls_made"] == 0
         return
+    if not Path(args.meta).is_file():
+        sys.exit(f"{args.meta}: file not found (the official MMAR-meta.jsonl: docs/eval.md says where to get it)")
     records = [json.loads(line) for line in Path(args.meta).read_text(encoding="utf-8").splitlines() if line.strip()]
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:

@@ -90,7 +90,7 @@ TINY_SIZES = dict(
 # - audio encoder: d_model 1280, 32 layers, 20 heads, ffn 5120, output_dim 2048, downsample_hidden_size
 #   480 (n_window 50, n_window_infer 800, max_source_positions 1500, conv_chunksize 500 are the
 #   config-class defaults and the released values): the same config dump, and the defaults of
-#   transformers 5.20.2 Qwen3OmniMoeAudioEncoderConfig (whose output_dim default, 3584, is NOT the 30B's).
+#   transformers 5.19.0 Qwen3OmniMoeAudioEncoderConfig (whose output_dim default, 3584, is NOT the 30B's; 5.20.2 the same).
 # - vision encoder: depth 27, hidden 1152, 16 heads, ffn 4304, 2304 position embeddings, deepstack
 #   [8, 16, 24], out_hidden_size 2048: the same config dump.
 REAL_SIZES = dict(
@@ -281,7 +281,7 @@ def make_audio_tower_responsive(tower: torch.nn.Module) -> None:
                     torch.nn.init.normal_(module.bias, std=0.1)
 
 
-# Keys of the released config.json that transformers 5.20.2's config classes no longer write but
+# Keys of the released config.json that transformers 5.19.0's config classes (and 5.20.2's) no longer write but
 # vLLM reads (the thinker_config of Qwen3-Omni-30B-A3B as saved by transformers 5.7; see
 # docs/real_checkpoint.md). Values that depend on the sizes are filled in by `composite_config_dict`.
 REAL_CONFIG_KEYS = {

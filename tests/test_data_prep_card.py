@@ -110,11 +110,11 @@ def test_cogito_recipe_mixture_is_table_1():
     assert sum(wanted.values()) == config.total == 545_000
     assert all(abs(wanted[name] - pct / 100 * config.total) < 1 for name, (pct, _) in TABLE_1.items())
 
-    shared = REPO.parent / "shared" / "AUDIO_COGITO.md"
-    if shared.is_file():  # the team's copy of the paper's facts must say the same
-        rows = [line.split("|")[1:-1] for line in shared.read_text().splitlines() if line.startswith("| ") and "k |" in line]
-        from_shared = {PAPER_NAMES[r[1].strip()]: (float(r[4]), int(r[3].strip()[:-1]) * 1000) for r in rows}
-        assert from_shared == TABLE_1
+    # docs/audio_cogito.md, the project's copy of the paper's facts, must say the same
+    doc = REPO / "docs" / "audio_cogito.md"
+    rows = [line.split("|")[1:-1] for line in doc.read_text().splitlines() if line.startswith("| ") and "k |" in line]
+    from_doc = {PAPER_NAMES[r[1].strip()]: (float(r[4]), int(r[3].strip()[:-1]) * 1000) for r in rows}
+    assert from_doc == TABLE_1
 
 
 def test_card_sets_the_mixture_against_the_recipe_and_shows_the_seed_pool(tmp_path):

@@ -1,4 +1,4 @@
-"""The contamination guard against the real MMAR metadata, with planted overlaps."""
+"""The contamination guard against MMAR metadata (tests/data/mmar_sample.jsonl, real records), with planted overlaps."""
 
 import json
 from pathlib import Path
@@ -39,12 +39,13 @@ def test_planted_question_duplicate_is_caught(mmar_meta):
 
 
 def test_planted_audio_duplicate_is_caught(tmp_path, mmar_meta):
-    target = mmar_records(mmar_meta)[3]
+    records = mmar_records(mmar_meta)
+    target = records[3]
     rng = np.random.default_rng(0)
     signal = (0.2 * rng.standard_normal(16000)).astype(np.float32)
     write_wav(tmp_path / "mmar" / target["audio_path"], signal)  # a stand-in for one MMAR clip
     index = ContaminationIndex.from_meta(mmar_meta, audio_root=tmp_path / "mmar")
-    assert len(index.audio) == 1 and index.audio_missing == 999
+    assert len(index.audio) == 1 and index.audio_missing == len(records) - 1
     (tmp_path / "train").mkdir()
     pcm, rate = sf.read(tmp_path / "mmar" / target["audio_path"], dtype="int16")
     sf.write(tmp_path / "train" / "copy.flac", pcm, rate)  # the same samples in another container ...

@@ -359,11 +359,17 @@ def test_unparseable_judge_replies_are_named(reply, kind):
     assert err.value.kind == kind
 
 
-def test_seed_pool_is_valid_varied_and_not_mmar(mmar_meta):
+def test_seed_pool_is_valid_varied_and_not_mmar(mmar_meta, mmar_facts):
     pool = load_seed_pool(REPO / "data_prep" / "seed_questions.jsonl")
     assert len(pool) >= 40 and len({normalise_question(q["question"]) for q in pool}) == len(pool)
     index = ContaminationIndex.from_meta(mmar_meta)
     assert [q["question"] for q in pool if index.check(q)] == []
+    # ... and against all 1,000 MMAR questions, as hashes of the guard's normalised text (tests/data/mmar_facts.json)
+    from tools.mmar_sample import question_hash
+
+    hashes = set(mmar_facts["question_hashes"])
+    assert all(question_hash(r["question"]) in hashes for _, r in read_jsonl(mmar_meta))  # the same hashing as the table's
+    assert [q["question"] for q in pool if question_hash(q["question"]) in hashes] == []
     raw = [r for _, r in read_jsonl(REPO / "data_prep" / "seed_questions.jsonl")]
     assert {r["domain"].split("-")[0] for r in raw} == {"sound", "speech", "music", "mix"}
     shots = pick_shots(pool, 20, 0, "clip-a", 0)

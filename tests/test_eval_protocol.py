@@ -48,12 +48,16 @@ def test_hand_made_cases_on_a_real_item(meta):
     assert check(rec, "The answer is Open Grassland.")  # no wrong choice has 'the', 'answer' or 'is'
 
 
-def test_the_answer_is_fails_when_a_wrong_choice_holds_those_words(meta):
+def test_the_answer_is_fails_when_a_wrong_choice_holds_those_words(meta, mmar_facts):
     rec = meta["6Nd-v8lmIDc_00-00-10_00-00-30"]  # a wrong choice is "Stay the same": 'the' is a wrong-choice token
     assert check(rec, "Gradually speeding up")
     assert not check(rec, "The answer is Gradually speeding up.")
-    failing = [r for r in meta.values() if not check(r, f"The answer is {r['answer']}.")]
-    assert len(failing) == 90  # 9.0 % of MMAR, as PROTOCOL.md states
+    # Over the whole benchmark 90 items fail so (9.0 %, docs/protocol.md), listed in tests/data/mmar_facts.json;
+    # on the records at hand the rule must fail exactly on the listed ones.
+    listed = set(mmar_facts["the_answer_is_fails"])
+    assert len(listed) == 90
+    failing = {r["id"] for r in meta.values() if not check(r, f"The answer is {r['answer']}.")}
+    assert failing and failing == listed & set(meta)
 
 
 def test_choices_with_the_answers_token_set_are_ignored(meta):

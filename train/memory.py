@@ -15,8 +15,9 @@ What is counted, per GPU (a = bytes of `model.dtype`, L = LoRA parameters, N = G
   (the CPU check): fp32 adapters (peft keeps them fp32), fp32 gradients, two fp32 moments = 16L.
 - DeepSpeed buffers: the gradient reduce bucket (`reduce_bucket_size` elements; ZeRO-2 with
   `overlap_comm` holds two).
-- activations saved for backward, per token and decoder layer, as transformers 5.20.2 saves them
-  with sdpa/flash attention (memory linear in length; counted tensor by tensor on a real-shaped
+- activations saved for backward, per token and decoder layer, as transformers saves them (counted
+  under 5.20.2, the pin on 2026-12-02; tests/test_memory.py checks the estimate against measured
+  peaks under the pin, 5.19.0) with sdpa/flash attention (memory linear in length; counted tensor by tensor on a real-shaped
   layer, see `layer_activation_bytes`); with gradient checkpointing only each layer's input is kept,
   and one layer's activations come back during its recompute, with the gradients of the experts'
   activations and of a few hidden-size tensors while its backward runs.
@@ -83,8 +84,9 @@ def lora_parameters(config, lora) -> int:
 def layer_activation_bytes(text, lora, act: int, lora_act: int, first: bool = False) -> int:
     """Bytes one decoder layer saves for backward per token (gradient checkpointing off).
 
-    Tensor by tensor, as counted on a real-shaped layer with saved-tensor hooks (transformers 5.20.2,
-    sdpa, grouped_mm experts): the RMSNorms keep their fp32 input and 1/rms; LoRA keeps its input
+    Tensor by tensor, as counted on a real-shaped layer with saved-tensor hooks (transformers 5.20.2 on
+    2026-12-02, the pin then; under 5.19.0 since, tests/test_memory.py still holds the estimate within
+    10%; sdpa, grouped_mm experts): the RMSNorms keep their fp32 input and 1/rms; LoRA keeps its input
     cast to the adapter dtype (and dropout's mask when dropout > 0) and the rank-r projection;
     attention keeps q, k, v, its output and the fp32 log-sum-exp; the router its fp32 softmax and
     top-k; the experts, per routed (token, expert) pair, gate_up's output, the activation's output and

@@ -8,7 +8,7 @@ tensors in `model-0000N-of-0000M.safetensors` shards no larger than the base's, 
 every tokenizer, chat-template, processor and generation file of the base copied byte for byte
 (preprocessor_config.json keeps its processor_class). So a merged folder replaces the base in
 every command, and vLLM, which cannot apply a LoRA adapter to this model (see
-../shared/QWEN3_OMNI_NOTES.md), serves it like the base. The merge runs in the base's dtype (bf16
+docs/qwen3_omni.md), serves it like the base. The merge runs in the base's dtype (bf16
 for the real model: ~63 GB of CPU RAM for the 30B thinker).
 """
 
