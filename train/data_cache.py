@@ -26,7 +26,7 @@ A process pool over byte ranges rather than `datasets.map(num_proc)`: map needs 
 Arrow table first (every line in the parent's memory, ~1.4 GB at 545k records) and pickles the
 tokenizer to each worker; here a worker reads only its own range and inherits the tokenizer by fork.
 
-Sharing. The first process to find the folder missing takes a POSIX lock on DIR/<key>.lock, builds
+Sharing. The first process to find the folder missing takes the lock DIR/<key>.lock (core.locks), builds
 into DIR/<key>.tmp-<pid> and renames it into place (atomic); every other process (the other ranks of
 a node, or of every node when DIR is on shared storage) blocks on the lock, then memory-maps the
 finished folder. A build that crashed leaves a tmp folder that the next builder removes.
@@ -35,7 +35,6 @@ finished folder. A build that crashed leaves a tmp folder that the next builder 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -54,6 +53,7 @@ import pyarrow as pa
 
 from core import qwen_omni as qo
 from core.items import DataError, Item, check_item, parse_item, parse_line
+from core.locks import file_lock
 
 FORMAT_VERSION = 1
 INFO = "info.json"  # written last into the folder: a folder with it is complete
@@ -228,27 +228,11 @@ def cached_records(
     key, description = cache_key(digest, audio_root, processor, prompt_style, max_audio_seconds)
     folder = Path(root) / key
     if not (folder / INFO).is_file():
-        with _exclusive(Path(root) / f"{key}.lock", lambda: log(f"data cache: {path}: waiting for another process to build {folder}")):
+        with file_lock(Path(root) / f"{key}.lock", on_wait=lambda: log(f"data cache: {path}: waiting for another process to build {folder}")):
             if not (folder / INFO).is_file():
                 renderer = RangeRenderer(processor, audio_root, prompt_style, max_audio_seconds)
                 build(path, ranges, folder, renderer, workers, {**description, "data_file": str(path)}, log)
     return load(folder)
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path, on_wait: Callable[[], object]):
-    """Hold an exclusive POSIX lock on `lock_path` (fcntl locks also hold across NFS clients)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a+") as handle:
-        try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            on_wait()
-            fcntl.lockf(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(handle, fcntl.LOCK_UN)
 
 
 def build(path: Path, ranges: list[tuple[int, int, int]], folder: Path, renderer: RangeRenderer, workers: int, description: dict, log) -> None:
