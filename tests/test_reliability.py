@@ -603,6 +603,11 @@ def test_progress_off_a_terminal_is_a_line_per_interval_with_rate_and_eta():
         "infer: 90/100 (90%), 1 item/s, elapsed 0:01:30, ETA 0:00:10, tok_s=12.5",
         "infer: 100/100 (100%), 1 item/s, elapsed 0:01:40, ETA 0:00:00, tok_s=12.5",
     ]
+    out = io.StringIO()  # bytes, as the audit's checksums count them
+    bar = LogProgress(3 << 30, "sha256", unit="B", stream=out, interval=30, clock=lambda: now[0], unit_scale=True)
+    now[0] += 40
+    bar.update(1 << 30)
+    assert out.getvalue() == "sha256: 1.07G/3.22G (33%), 26.8MB/s, elapsed 0:00:40, ETA 0:01:20\n"
 
 
 def test_a_redirected_training_log_has_lines_not_carriage_returns(recipe_file, capsys, monkeypatch):
