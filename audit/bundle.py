@@ -39,10 +39,10 @@ from pathlib import Path
 
 from audit import compliance
 from core import provenance
-from core.progress import progress
-from core.redact import redact
 from core.items import DataError, load_items
+from core.progress import progress
 from core.recipe import Recipe, load_recipe
+from core.redact import redact
 from infer.run import RunPaths
 
 BUNDLE_FORMAT = 1

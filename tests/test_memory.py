@@ -8,10 +8,10 @@ import torch
 from core import qwen_omni as qo
 from core.recipe import load_recipe
 from core.tiny import REAL_SIZES, build_config
+from tests.test_train import recipe_file  # noqa: F401  (the training tests' recipe fixture)
 from train import memory
 from train.loss import ChunkedLoss, chunked_cross_entropy, model_loss
 from train.sft import prepare_for_training
-from tests.test_train import recipe_file  # noqa: F401  (the training tests' recipe fixture)
 
 # The estimate must be within this fraction of the measured peak (tensor bytes, not RSS).
 TOLERANCE = 0.10

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -206,7 +206,8 @@ def test_a_planted_key_reaches_no_output_of_train_infer_eval_audit(recipe_file, 
     captured = capsys.readouterr()
     for where, text in [("train and infer", every_output_text(run_dir)), ("eval", every_output_text(tmp_path / "eval")),
                         ("audit", every_output_text(tmp_path / "audit")),
-                        ("audit tarball", every_output_text(tmp_path / "audit.tar.gz")), ("stdout", captured.out), ("stderr", captured.err)]:
+                        ("audit tarball", every_output_text(tmp_path / "audit.tar.gz")), ("stdout", captured.out),
+                        ("stderr", captured.err)]:
         assert PLANTED not in text, where  # ...and written nowhere
 
 
@@ -463,7 +464,8 @@ HELP_COMMANDS = [
     ("infer.cli", ["--help"]), ("infer.cli", ["run", "--help"]), ("infer.cli", ["run", "recipes/tiny.yaml", "--help"]),
     ("infer.cli", ["validate", "--help"]), ("eval.__main__", ["--help"]), ("eval.__main__", ["score", "--help"]),
     ("eval.__main__", ["compare", "--help"]), ("eval.__main__", ["convert", "--help"]),
-    ("data_prep.__main__", ["--help"]), *[("data_prep.__main__", [c, "--help"]) for c in ("collect", "qa", "cot", "verify", "card", "guard")],
+    ("data_prep.__main__", ["--help"]),
+    *[("data_prep.__main__", [c, "--help"]) for c in ("collect", "qa", "cot", "verify", "card", "guard")],
     ("audit.__main__", ["--help"]), *[("audit.__main__", [c, "--help"]) for c in ("bundle", "verify", "compliance")],
     ("core.recipe", ["--help"]), ("core.recipe", ["show", "--help"]), ("core.feature_cache", ["--help"]),
     ("encoder.audio_encoder", ["--help"]), ("encoder.probe", ["--help"]),
