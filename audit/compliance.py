@@ -161,7 +161,8 @@ def check_submission(submission: Path, meta: str, complete_expected: bool) -> Ch
     if not complete_expected:
         n = len(read_records(submission))
         details.append(f"warning: a partial run (infer.limit): {n} lines, not every item of {meta}")
-    return Check("submission", "fail" if errors else "pass", details or ["challenge format; every thinking under 10,000 characters, no tags"])
+    return Check("submission", "fail" if errors else "pass",
+                 details or ["challenge format; every thinking under 10,000 characters, no tags"])
 
 
 def read_card(path: Path) -> dict:
@@ -200,7 +201,8 @@ def check_contamination(train_recipe: Recipe | None, mmar_meta: Path | None, tra
     problems, details = [], []
     for _, spec in training_data(train_recipe, trainer):
         report = guard_file(spec.path, index, spec.audio_root)
-        details.append(f"{spec.path}: {report['records']} records, {report['flagged']} overlap MMAR (checks: {', '.join(report['checks'])})")
+        details.append(f"{spec.path}: {report['records']} records, {report['flagged']} overlap MMAR "
+                       f"(checks: {', '.join(report['checks'])})")
         problems += [f"{spec.path}:{o['line']} (id={o['id']}): overlaps MMAR: {', '.join(o['overlaps'])}" for o in report["overlaps"]]
     return Check("contamination", "fail" if problems else "pass", problems + details)
 

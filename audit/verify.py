@@ -103,7 +103,8 @@ def check_artifacts(folder: Path, report: Report) -> None:
             recorded.add(path)
             if not path.is_file():
                 (report.problems if root is not None else report.notes).append(
-                    f"{path} ({role}): " + ("missing from its folder (removed after bundling)" if root is not None else "not on disk, not checked"))
+                    f"{path} ({role}): "
+                    + ("missing from its folder (removed after bundling)" if root is not None else "not on disk, not checked"))
                 if root is not None:
                     report.bad_roles.add(role)
             elif path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:

@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=int, default=44_100, help="sample rate of the generated clips")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--max-seconds", type=float, default=30.0)
-    parser.add_argument("--checkpoint", default=None, help="feature extractor config folder (default: Whisper, 128 mel bins, as Qwen3-Omni)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="feature extractor config folder (default: Whisper, 128 mel bins, as Qwen3-Omni)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 

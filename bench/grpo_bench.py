@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
           f"held-out accuracy {paired['accuracy_a']:.1f} -> {paired['accuracy_b']:.1f} (B-A {paired['accuracy_delta']:+.1f}, "
           f"95% CI {lo:+.1f} to {hi:+.1f}, McNemar p={paired['mcnemar_p']:.3g})")
     write_json(args.json, {"machine": info, "load_average": load, "steps": steps, "train_seconds": train_seconds,
-                           "bench_seconds": time.perf_counter() - bench_start, "reward_windows": rows, "reward_by_task": per_task, "metrics": records,
+                           "bench_seconds": time.perf_counter() - bench_start, "reward_windows": rows, "reward_by_task": per_task,
+                           "metrics": records,
                            "held_out": paired, "held_out_by_task": tasks, "rollout_throughput": throughput})
     return 0
 

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                      lambda: engine.generate(requests, sampling))]
         if batch_size > 1:
             chunks = [list(range(s, min(s + batch_size, len(requests)))) for s in range(0, len(requests), batch_size)]
-            variants.append(("arrival order", chunks, lambda: arrival_order(batch_size)))
+            variants.append(("arrival order", chunks, lambda size=batch_size: arrival_order(size)))
         # Interleaved repeats: a load spike on a shared machine hits both variants, not one.
         best = [float("inf")] * len(variants)
         for _ in range(args.repeats):
@@ -127,7 +127,7 @@ def compare_vllm(args, recipe, requests, sampling) -> list[dict]:
         engine = load_engine(load_recipe("recipes/tiny.yaml", overrides), device=args.device)
         load_s = time.perf_counter() - started
         engine.generate(requests[:batch_size], sampling)  # warm-up
-        seconds = best_time(lambda: engine.generate(requests, sampling), args.repeats)
+        seconds = best_time(lambda engine=engine: engine.generate(requests, sampling), args.repeats)
         rows.append({"backend": backend, "model": path, "load s": load_s, "samples/s": len(requests) / seconds,
                      "generated tok/s": len(requests) * args.new_tokens / seconds})
         del engine  # vLLM claims a share of the GPU's memory: free the hf model first

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from core.audio import AudioError, decode_audio
+from core.progress import progress
 from core.qwen_omni import SAMPLE_RATE, OmniProcessor
 
 FORMAT_VERSION = 2  # 2: clips hop-aligned before extraction (qwen_omni.align_to_hop)
@@ -132,8 +133,6 @@ def _fill(path: str) -> tuple[bool, int]:
 
 def build(meta: str, checkpoint: str, out: str, audio_root: str | None, max_seconds: float | None, workers: int) -> dict:
     """Cache the features of every clip `meta` names; returns a summary (clips, hits, throughput)."""
-    from tqdm import tqdm
-
     from core.items import load_items
 
     paths = sorted({str(item.audio_path) for item in load_items(meta, audio_root, check_audio=True)})
@@ -144,7 +143,7 @@ def build(meta: str, checkpoint: str, out: str, audio_root: str | None, max_seco
     pool = _Serial() if workers <= 1 else ProcessPoolExecutor(
         workers, initializer=_init_worker, initargs=(out, checkpoint, max_seconds)
     )
-    with pool, tqdm(total=len(paths), unit="clip", desc="features") as bar:
+    with pool, progress(len(paths), "features", unit="clip") as bar:
         for hit, n in pool.map(_fill, paths, chunksize=8):
             hits += hit
             frames += n

@@ -22,8 +22,9 @@ class LogProgress:
     """The part of tqdm's interface the stages use (update, set_postfix, close, context manager)."""
 
     def __init__(self, total: int | None, desc: str, unit: str = "it", initial: int = 0, stream=None,
-                 interval: float | None = None, clock=time.monotonic):
+                 interval: float | None = None, clock=time.monotonic, unit_scale: bool = False):
         self.total, self.desc, self.unit, self.n, self.initial = total, desc, unit, initial, initial
+        self.unit_scale = unit_scale  # counts and rate with SI prefixes (bytes), as tqdm's unit_scale
         self.stream = stream or sys.stderr
         self.interval = PROGRESS_INTERVAL_S if interval is None else interval
         self.clock = clock
@@ -44,13 +45,22 @@ class LogProgress:
         self.last, self.shown = now, self.n
         elapsed = now - self.started
         rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
-        line = f"{self.desc}: {self.n}" + (f"/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else "")
-        line += f", {rate:.3g} {self.unit}/s, elapsed {_clock_text(elapsed)}"
+        line = f"{self.desc}: {self._amount(self.n)}"
+        line += f"/{self._amount(self.total)} ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        line += f", {self._amount(rate) + self.unit if self.unit_scale else f'{rate:.3g} {self.unit}'}/s"
+        line += f", elapsed {_clock_text(elapsed)}"
         if self.total and rate > 0:
             line += f", ETA {_clock_text((self.total - self.n) / rate)}"
         if self.postfix:
             line += ", " + ", ".join(f"{k}={v}" for k, v in self.postfix.items())
         print(line, file=self.stream, flush=True)
+
+    def _amount(self, n: float) -> str:
+        if not self.unit_scale:
+            return str(n)
+        from tqdm import tqdm
+
+        return tqdm.format_sizeof(n)
 
     def close(self) -> None:
         if self.shown != self.n:
@@ -71,10 +81,12 @@ def library_bars_off_a_terminal() -> None:
         transformers_logging.disable_progress_bar()
 
 
-def progress(total: int | None, desc: str, unit: str = "it", initial: int = 0, disable: bool = False):
+def progress(total: int | None, desc: str, unit: str = "it", initial: int = 0, disable: bool = False,
+             unit_scale: bool = False):
     """A tqdm bar on a terminal, `LogProgress` lines elsewhere; nothing with `disable`."""
     from tqdm.auto import tqdm
 
     if disable or sys.stderr.isatty():
-        return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=disable, dynamic_ncols=True)
-    return LogProgress(total, desc, unit, initial)
+        return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=disable, dynamic_ncols=True,
+                    unit_scale=unit_scale)
+    return LogProgress(total, desc, unit, initial, unit_scale=unit_scale)

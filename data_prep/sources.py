@@ -420,11 +420,13 @@ def musicbench(root: Path, splits: Iterable[str] | None = None, audio_dir: str =
             if skip := clip_or_skip(clip, where):
                 yield skip
                 continue
-            metadata = {k: row[k] for k in ("main_caption", "alt_caption", "key", "bpm", "chords", "dataset") if row.get(k) not in (None, "")}
+            metadata = {k: row[k] for k in ("main_caption", "alt_caption", "key", "bpm", "chords", "dataset")
+                        if row.get(k) not in (None, "")}
             if "main_caption" in metadata:
                 metadata["caption"] = metadata.pop("main_caption")
             metadata["split"] = split
-            yield Candidate(key=f"{split}-{Path(row['location']).with_suffix('').as_posix().replace('/', '-')}", audio_path=clip, metadata=metadata)
+            yield Candidate(key=f"{split}-{Path(row['location']).with_suffix('').as_posix().replace('/', '-')}", audio_path=clip,
+                            metadata=metadata)
 
 
 FMA_SUBSETS = {"small": ("small",), "medium": ("small", "medium"), "large": ("small", "medium", "large"),
@@ -465,7 +467,8 @@ def fma(root: Path, subset: str = "small") -> Iterator[Candidate | Skip]:
     if subset not in FMA_SUBSETS:
         raise DataError(f"fma: subset {subset!r} is not one of {list(FMA_SUBSETS)}")
     genres_path = root / "fma_metadata" / "genres.csv"
-    genre_names = {row["genre_id"]: row["title"] for _, row in read_table(genres_path, ("genre_id", "title"))} if genres_path.is_file() else {}
+    genre_names = ({row["genre_id"]: row["title"] for _, row in read_table(genres_path, ("genre_id", "title"))}
+                   if genres_path.is_file() else {})
     audio = root / f"fma_{subset}"
     for where, row in _fma_tracks(root / "fma_metadata" / "tracks.csv"):
         if subset != "full" and row.get("set.subset") not in FMA_SUBSETS[subset]:

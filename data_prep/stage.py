@@ -37,9 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
-from tqdm.auto import tqdm
-
 from core.items import DataError, read_jsonl
+from core.progress import progress
 
 Outcome = Union[list[dict], str]  # output records, or the reason the input was rejected
 
@@ -193,7 +192,7 @@ def run_stage(
     counts: Counter[str] = Counter()
     written = 0
     started = time.perf_counter()
-    bar = tqdm(total=len(todo), desc=f"{name} {index}/{count}", unit="rec", disable=not show_progress, dynamic_ncols=True)
+    bar = progress(len(todo), f"{name} {index}/{count}", unit="rec", disable=not show_progress)
     with part.open("a", encoding="utf-8") as journal:
         batch: list[dict] = []
 
@@ -218,7 +217,7 @@ def run_stage(
                 journal.write(json.dumps(entry, ensure_ascii=False) + "\n")
             journal.flush()
             bar.update(len(batch))
-            bar.set_postfix(out=written, rejected=sum(rejected.values()), refresh=False)
+            bar.set_postfix(out=written, rejected=sum(rejected.values()))
             batch.clear()
 
         if todo:

@@ -88,7 +88,7 @@ class OpenAIJudge:
             self.reached = True
             detail = redact(err.read(300).decode("utf-8", "replace"))  # servers echo the key they refused
             if err.code == 429 or err.code == 408 or err.code >= 500:
-                raise TransientError(f"HTTP {err.code}: {detail}", _retry_after(err.headers.get("Retry-After")))
+                raise TransientError(f"HTTP {err.code}: {detail}", _retry_after(err.headers.get("Retry-After"))) from None
             if err.code in (401, 403, 404):
                 raise FatalJudgeError(f"{self.url}: HTTP {err.code} ({detail}); check eval.judge.base_url, "
                                       f"eval.judge.model and the API key") from None

@@ -21,7 +21,6 @@ main files (also what a re-run does first after a kill), so resuming works the s
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -30,13 +29,14 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from core import qwen_omni as qo
 from core.items import DataError, Item, load_items
+from core.locks import LockBusy, file_lock
 from core.progress import library_bars_off_a_terminal, progress
 from core.recipe import Recipe, changed_settings, result_keys, save_recipe
 from infer.engine import (Engine, Generation, Request, SamplingConfig, checkpoint_generation_defaults, load_engine,
@@ -55,31 +55,16 @@ class OutputBusy(RuntimeError):
 
 @contextmanager
 def output_lock(output: Path):
-    """Hold an exclusive lock on `output` (a `.lock` file beside it) or fail at once naming the holder.
-
-    The kernel releases the lock when its process dies, so a killed run never leaves a stale lock.
-    """
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle = output.with_name(f"{output.name}.lock").open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "a process that has not written its name yet"
-        handle.close()
-        raise OutputBusy(f"{output}: another `infer run` is writing it ({holder}); wait for it to finish, "
-                         "or choose another infer.output") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                 + " ".join(sys.argv) + "\n")
-    handle.flush()
-    try:
+    """Hold an exclusive lock on `output` (a `.lock` file beside it) or fail at once naming the holder."""
+    note = (f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+            + " ".join(sys.argv))
+    with ExitStack() as held:
+        try:
+            held.enter_context(file_lock(output.with_name(f"{output.name}.lock"), wait=False, note=note))
+        except LockBusy as busy:
+            raise OutputBusy(f"{output}: another `infer run` is writing it ({busy.holder}); wait for it to finish, "
+                             "or choose another infer.output") from None
         yield
-    finally:
-        handle.truncate(0)
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
 
 
 def exit_with_parent(poll_s: float = 0.5) -> None:

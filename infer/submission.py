@@ -127,7 +127,8 @@ def validate_submission(path: str | Path, meta: str | Path, allow_unmatched: boo
                         errors.append(f"{label}: thinking_prediction: contains the tag {tag}")
             answer = obj.get("answer_prediction")
             if isinstance(answer, str) and answer not in items[rid].choices:
-                (warnings if allow_unmatched else errors).append(f"{label}: answer_prediction: {answer!r} is not one of its choices {list(items[rid].choices)!r}")
+                (warnings if allow_unmatched else errors).append(
+                    f"{label}: answer_prediction: {answer!r} is not one of its choices {list(items[rid].choices)!r}")
     missing = [rid for rid in items if rid not in first_line]
     if missing and require_all:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")

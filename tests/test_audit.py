@@ -199,7 +199,8 @@ def test_compliance_reports_a_thinking_over_the_limit(demo, tmp_path, capsys):
     from infer.run import RunPaths
 
     original, copy = RunPaths.beside(demo["run"] / "submission.jsonl"), RunPaths.beside(tmp_path / "submission.jsonl")
-    for src, dst in zip((original.submission, original.raw, original.run, original.recipe), (copy.submission, copy.raw, copy.run, copy.recipe)):
+    for src, dst in zip((original.submission, original.raw, original.run, original.recipe),
+                        (copy.submission, copy.raw, copy.run, copy.recipe)):
         shutil.copy(src, dst)
     rid = first_checked_id(demo)
     edit_line(copy.submission, rid, thinking_prediction="x" * THINKING_LENGTH_LIMIT)

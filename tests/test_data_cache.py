@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import multiprocessing
 import time
@@ -14,6 +13,7 @@ import soundfile
 
 from core import qwen_omni as qo
 from core.items import DataError, load_items
+from core.locks import file_lock
 from core.recipe import DataConfig, DatasetSpec
 from train import data_cache
 from train.data import build_examples, epoch_batches, mix
@@ -161,8 +161,7 @@ def test_processes_that_start_together_build_once(synthetic_dir, tiny_checkpoint
     context = multiprocessing.get_context("fork")
     root.mkdir()
     # Both start while the lock is held (as while another node builds): both wait, then one builds, one maps.
-    with (root / f"{key}.lock").open("a+") as held:
-        fcntl.lockf(held, fcntl.LOCK_EX)
+    with file_lock(root / f"{key}.lock"):
         children = [context.Process(target=_build_in_child, args=(train, root, tiny_checkpoint, out)) for out in outs]
         for child in children:
             child.start()
@@ -170,7 +169,6 @@ def test_processes_that_start_together_build_once(synthetic_dir, tiny_checkpoint
         while not waiting() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert waiting()
-        fcntl.lockf(held, fcntl.LOCK_UN)
     for child in children:
         child.join(120)
         assert child.exitcode == 0

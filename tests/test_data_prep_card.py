@@ -32,7 +32,8 @@ def test_card_numbers(tmp_path):
     # A later stage's output: two questions on one meld clip and one on fma; its hours count clips once.
     qa = [dict(manifest[2], id="q1", question="?"), dict(manifest[2], id="q2", question="?"), dict(manifest[3], id="q3", question="?")]
     write_jsonl(tmp_path / "qa.jsonl", qa)
-    (tmp_path / "qa.report.json").write_text(json.dumps({"stage": "qa", "in": 4, "out": 3, "rejected": {"malformed_reply": 2}, "seconds": 9.0}))
+    (tmp_path / "qa.report.json").write_text(
+        json.dumps({"stage": "qa", "in": 4, "out": 3, "rejected": {"malformed_reply": 2}, "seconds": 9.0}))
 
     card = build_card(tmp_path)
     assert card["data_file"].endswith("qa.jsonl")  # the newest stage output

@@ -33,7 +33,8 @@ def test_planted_question_duplicate_is_caught(mmar_meta):
     planted = {"id": "qa-1", "question": "  " + target["question"].upper().replace(" ", "   ") + " ?!", "audio_path": "x.wav"}
     hit = index.check(planted)
     assert hit and hit[0].startswith("question:")
-    assert normalise_question(next(r["question"] for r in mmar if r["id"] == hit[0].split(":", 1)[1])) == normalise_question(target["question"])
+    found = next(r["question"] for r in mmar if r["id"] == hit[0].split(":", 1)[1])
+    assert normalise_question(found) == normalise_question(target["question"])
     assert index.check({"id": "qa-2", "question": "How many beeps can you hear in this clip?"}) == []
     assert index.checks == ["question", "youtube"] and not index.audio  # no MMAR audio here: audio check off
 

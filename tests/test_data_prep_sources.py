@@ -157,7 +157,8 @@ def test_complexaudio(tmp_path):
     wav(root / "clips" / "scene2.wav", 1.0)
     corrupt(root / "clips" / "broken.wav")
     lines = [
-        {"audio": "clips/scene1.wav", "id": "s1", "caption": "a crowd cheers while a band plays", "domain": "music", "licence": "CC BY 4.0"},
+        {"audio": "clips/scene1.wav", "id": "s1", "caption": "a crowd cheers while a band plays", "domain": "music",
+         "licence": "CC BY 4.0"},
         {"audio": "clips/scene2.wav", "caption": "traffic and speech", "labels": ["car", "speech"]},
         {"audio": "clips/absent.wav", "caption": "gone"},
         {"audio": "clips/broken.wav", "caption": "broken"},
@@ -175,7 +176,8 @@ def test_complexaudio(tmp_path):
 
 def test_meld(tmp_path):
     root = tmp_path / "meld"
-    header = ["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID", "Season", "Episode", "StartTime", "EndTime"]
+    header = ["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID", "Season", "Episode",
+              "StartTime", "EndTime"]
     write_csv(root / "train_sent_emo.csv", header, [
         ["1", "Oh my God, he's lost it.", "Phoebe", "surprise", "negative", "0", "0", "4", "7", "00:20:57,256", "00:21:00,049"],
         ["2", "Or! Or, we could go to the bank.", "Monica", "joy", "positive", "0", "1", "4", "7", "00:21:00,100", "00:21:02,000"],

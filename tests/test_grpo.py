@@ -15,12 +15,19 @@ import yaml
 from core.items import Item
 from core.recipe import JudgeConfig, RecipeError, load_recipe
 from infer.parse import parse_output
-from train.grpo import check_grpo_resumable, group_advantages, grpo_loss
-from train.sft import TrainingError
 from tests.test_train import adapter_weights, launch_ranks, metrics
+from train.grpo import check_grpo_resumable, group_advantages, grpo_loss
 from train.rewards import (
-    REASONING_RUBRIC, EmbeddingReward, JudgeReward, Rollout, TextEmbedder, answer_reward, format_reward, length_reward,
+    REASONING_RUBRIC,
+    EmbeddingReward,
+    JudgeReward,
+    Rollout,
+    TextEmbedder,
+    answer_reward,
+    format_reward,
+    length_reward,
 )
+from train.sft import TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -24,7 +24,8 @@ ALLOWED = {
     "core": set(),
     "infer": {"core"},
     "encoder": {"core"},
-    "train": {"core", "infer", "eval"},  # grpo: rollouts through the inference engine, answers by its parser; the reasoning reward through eval's judge backends and cache
+    # grpo: rollouts through the inference engine, answers by its parser; the reasoning reward through eval's judge backends and cache
+    "train": {"core", "infer", "eval"},
     "eval": {"core"},
     "data_prep": {"core", "infer"},  # QA, CoT and verification generate through the inference engine
     "audit": {"core", "infer", "data_prep"},  # verify re-runs inference; compliance runs the MMAR guard

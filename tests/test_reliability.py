@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -206,7 +206,8 @@ def test_a_planted_key_reaches_no_output_of_train_infer_eval_audit(recipe_file, 
     captured = capsys.readouterr()
     for where, text in [("train and infer", every_output_text(run_dir)), ("eval", every_output_text(tmp_path / "eval")),
                         ("audit", every_output_text(tmp_path / "audit")),
-                        ("audit tarball", every_output_text(tmp_path / "audit.tar.gz")), ("stdout", captured.out), ("stderr", captured.err)]:
+                        ("audit tarball", every_output_text(tmp_path / "audit.tar.gz")), ("stdout", captured.out),
+                        ("stderr", captured.err)]:
         assert PLANTED not in text, where  # ...and written nowhere
 
 
@@ -463,7 +464,8 @@ HELP_COMMANDS = [
     ("infer.cli", ["--help"]), ("infer.cli", ["run", "--help"]), ("infer.cli", ["run", "recipes/tiny.yaml", "--help"]),
     ("infer.cli", ["validate", "--help"]), ("eval.__main__", ["--help"]), ("eval.__main__", ["score", "--help"]),
     ("eval.__main__", ["compare", "--help"]), ("eval.__main__", ["convert", "--help"]),
-    ("data_prep.__main__", ["--help"]), *[("data_prep.__main__", [c, "--help"]) for c in ("collect", "qa", "cot", "verify", "card", "guard")],
+    ("data_prep.__main__", ["--help"]),
+    *[("data_prep.__main__", [c, "--help"]) for c in ("collect", "qa", "cot", "verify", "card", "guard")],
     ("audit.__main__", ["--help"]), *[("audit.__main__", [c, "--help"]) for c in ("bundle", "verify", "compliance")],
     ("core.recipe", ["--help"]), ("core.recipe", ["show", "--help"]), ("core.feature_cache", ["--help"]),
     ("encoder.audio_encoder", ["--help"]), ("encoder.probe", ["--help"]),
@@ -603,6 +605,11 @@ def test_progress_off_a_terminal_is_a_line_per_interval_with_rate_and_eta():
         "infer: 90/100 (90%), 1 item/s, elapsed 0:01:30, ETA 0:00:10, tok_s=12.5",
         "infer: 100/100 (100%), 1 item/s, elapsed 0:01:40, ETA 0:00:00, tok_s=12.5",
     ]
+    out = io.StringIO()  # bytes, as the audit's checksums count them
+    bar = LogProgress(3 << 30, "sha256", unit="B", stream=out, interval=30, clock=lambda: now[0], unit_scale=True)
+    now[0] += 40
+    bar.update(1 << 30)
+    assert out.getvalue() == "sha256: 1.07G/3.22G (33%), 26.8MB/s, elapsed 0:00:40, ETA 0:01:20\n"
 
 
 def test_a_redirected_training_log_has_lines_not_carriage_returns(recipe_file, capsys, monkeypatch):

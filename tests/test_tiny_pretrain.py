@@ -27,7 +27,8 @@ def test_examples_describe_each_clip_and_answer_its_question(synthetic_dir, proc
     # the same clip's question, answered in plain words: the record's reasoning, no thinking block
     assert examples[1]["prompt"] == qo.render_prompt(processor.tokenizer, first["question"], first["choices"])
     assert examples[1]["target"] == first["thinking"] + qo.IM_END and "<think>" not in examples[1]["target"]
-    assert examples[1]["features"] is examples[0]["features"] and len(examples) == 2 * len((synthetic_dir / "train.jsonl").read_text().splitlines())
+    assert examples[1]["features"] is examples[0]["features"]
+    assert len(examples) == 2 * len((synthetic_dir / "train.jsonl").read_text().splitlines())
 
 
 def test_a_record_without_caption_is_named(synthetic_dir, processor, tmp_path):

@@ -35,7 +35,8 @@ class Example:
     audio_cropped: bool  # the clip is longer than data.max_audio_seconds and is cut to it
 
 
-def render_examples(items: Sequence[Item], processor: qo.OmniProcessor, prompt_style: str, max_audio_seconds: float, source: str) -> list[Example]:
+def render_examples(items: Sequence[Item], processor: qo.OmniProcessor, prompt_style: str, max_audio_seconds: float,
+                    source: str) -> list[Example]:
     """A few items rendered and measured in memory, as the cache renders every record (tests, benchmarks)."""
     prompts, targets, samples, lengths = render(items, processor, prompt_style, max_audio_seconds)
     limit = int(max_audio_seconds * qo.SAMPLE_RATE)

@@ -6,7 +6,8 @@
 What a row holds: the record's id, line, resolved audio path, question, choices, answer and thinking;
 the rendered prompt (`core.qwen_omni.render_prompt`); `audio_samples`, the whole clip's length at
 16 kHz (from the file header: `Item.audio_samples`); and `length`, the tokens of the prompt with its
-audio (cut to `data.max_audio_seconds`) expanded plus the target, exactly as the collator tokenises them. Token ids are counted, never kept: the collator tokenises each batch itself.
+audio (cut to `data.max_audio_seconds`) expanded plus the target, exactly as the collator tokenises them.
+Token ids are counted, never kept: the collator tokenises each batch itself.
 
 Key. One folder per data file, named after the hash of everything its rows depend on: the file's
 bytes (blake2b, ~1 GB/s), the audio root, the tokenizer (its full serialisation, special tokens and
@@ -26,7 +27,7 @@ A process pool over byte ranges rather than `datasets.map(num_proc)`: map needs 
 Arrow table first (every line in the parent's memory, ~1.4 GB at 545k records) and pickles the
 tokenizer to each worker; here a worker reads only its own range and inherits the tokenizer by fork.
 
-Sharing. The first process to find the folder missing takes a POSIX lock on DIR/<key>.lock, builds
+Sharing. The first process to find the folder missing takes the lock DIR/<key>.lock (core.locks), builds
 into DIR/<key>.tmp-<pid> and renames it into place (atomic); every other process (the other ranks of
 a node, or of every node when DIR is on shared storage) blocks on the lock, then memory-maps the
 finished folder. A build that crashed leaves a tmp folder that the next builder removes.
@@ -35,7 +36,6 @@ finished folder. A build that crashed leaves a tmp folder that the next builder 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -54,6 +54,7 @@ import pyarrow as pa
 
 from core import qwen_omni as qo
 from core.items import DataError, Item, check_item, parse_item, parse_line
+from core.locks import file_lock
 
 FORMAT_VERSION = 1
 INFO = "info.json"  # written last into the folder: a folder with it is complete
@@ -103,7 +104,8 @@ def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def cache_key(data_digest: str, audio_root: Path, processor: qo.OmniProcessor, prompt_style: str, max_audio_seconds: float) -> tuple[str, dict]:
+def cache_key(data_digest: str, audio_root: Path, processor: qo.OmniProcessor, prompt_style: str,
+              max_audio_seconds: float) -> tuple[str, dict]:
     """(folder name, what it was made of) for one data file's rows."""
     probe = qo.render_prompt(processor.tokenizer, "Which tone is higher?", ["the first", "the second"], prompt_style)
     description = {
@@ -228,30 +230,16 @@ def cached_records(
     key, description = cache_key(digest, audio_root, processor, prompt_style, max_audio_seconds)
     folder = Path(root) / key
     if not (folder / INFO).is_file():
-        with _exclusive(Path(root) / f"{key}.lock", lambda: log(f"data cache: {path}: waiting for another process to build {folder}")):
+        waiting = lambda: log(f"data cache: {path}: waiting for another process to build {folder}")
+        with file_lock(Path(root) / f"{key}.lock", on_wait=waiting):
             if not (folder / INFO).is_file():
                 renderer = RangeRenderer(processor, audio_root, prompt_style, max_audio_seconds)
                 build(path, ranges, folder, renderer, workers, {**description, "data_file": str(path)}, log)
     return load(folder)
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path, on_wait: Callable[[], object]):
-    """Hold an exclusive POSIX lock on `lock_path` (fcntl locks also hold across NFS clients)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a+") as handle:
-        try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            on_wait()
-            fcntl.lockf(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(handle, fcntl.LOCK_UN)
-
-
-def build(path: Path, ranges: list[tuple[int, int, int]], folder: Path, renderer: RangeRenderer, workers: int, description: dict, log) -> None:
+def build(path: Path, ranges: list[tuple[int, int, int]], folder: Path, renderer: RangeRenderer, workers: int, description: dict,
+          log) -> None:
     """Render every range into DIR/<key>.tmp-<pid>/part-NNNNN.arrow, check ids, then rename it to `folder`."""
     for stale in folder.parent.glob(f"{folder.name}.tmp-*"):  # a crashed build's; we hold the lock
         shutil.rmtree(stale, ignore_errors=True)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from core.answer_rule import is_correct
-from core.qwen_omni import THINK_CLOSE
 from core.items import Item
+from core.qwen_omni import THINK_CLOSE
 from core.recipe import GRPOConfig
 from infer.parse import Parsed
 
