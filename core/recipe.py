@@ -633,14 +633,17 @@ def describe(recipe: Recipe) -> list[tuple[str, Any, Any, str]]:
     """(dotted key, value, default, description) for every key of a resolved recipe, in recipe order."""
     rows = []
 
+    def dump(value: Any) -> Any:
+        if isinstance(value, BaseModel):
+            return value.model_dump(mode="json")
+        return [dump(x) for x in value] if isinstance(value, list) else value
+
     def walk(section: BaseModel, default: BaseModel, prefix: str) -> None:
-        for name, field in type(section).model_fields.items():
+        for name in type(section).model_fields:
             value, base = getattr(section, name), getattr(default, name)
             if isinstance(value, Section):
                 walk(value, base, f"{prefix}{name}.")
                 continue
-            dump = lambda v: v.model_dump(mode="json") if isinstance(v, BaseModel) else (  # noqa: E731
-                [dump(x) for x in v] if isinstance(v, list) else v)
             note = description(type(section), name)
             if isinstance(value, dict):  # a mapping (infer.limit_mm_per_prompt): a key per entry, as overrides address it
                 rows.extend((f"{prefix}{name}.{k}", v, (base or {}).get(k), note) for k, v in value.items())
@@ -680,8 +683,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] != "show":
-        print(f"usage: python -m core.recipe show {RECIPE_USAGE}", file=sys.stderr if not argv or argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        print(f"usage: python -m core.recipe show {RECIPE_USAGE}", file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     try:
         recipe = recipe_cli(argv[1:], "python -m core.recipe show", "Prints the fully resolved recipe: every key, "
                             "its value, its default when different, and a one-line description.")

@@ -39,8 +39,7 @@ from core.items import DataError, Item, load_items
 from core.locks import LockBusy, file_lock
 from core.progress import library_bars_off_a_terminal, progress
 from core.recipe import Recipe, changed_settings, result_keys, save_recipe
-from infer.engine import (Engine, Generation, Request, SamplingConfig, checkpoint_generation_defaults, load_engine,
-                          request_length)
+from infer.engine import Engine, Generation, Request, SamplingConfig, checkpoint_generation_defaults, load_engine, request_length
 from infer.parse import POLICY, parse_output
 from infer.submission import append_records, read_records, write_records
 

@@ -25,7 +25,8 @@ EXPECTED = """\
 | Temporal Order | 20 | 0.0 | 0.0 | 100.0 | 100.0 | – |
 | **all** | 40 | 0.0 | 45.0 | 95.0 | 95.0 | 80.0 (n=20) |
 
-Paired (40 items): accuracy tuned - base +50.0 points (95% paired bootstrap CI +32.5 to +67.5); 21 items fixed, 1 broken; exact McNemar p = 1.05e-05.
+Paired (40 items): accuracy tuned - base +50.0 points (95% paired bootstrap CI +32.5 to +67.5); \
+21 items fixed, 1 broken; exact McNemar p = 1.05e-05.
 
 <sub>`make demo` on 2026-12-05, Test CPU, 2 cores; written by `make readme-demo` from runs/tiny/side_by_side.json.</sub>"""
 
@@ -59,5 +60,6 @@ def test_the_command_rewrites_the_readme_from_the_json(tmp_path):
 
 def test_the_cpu_model_comes_from_cpuinfo(tmp_path):
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 7B13\n")
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC 7B13\n")
     assert cpu_model(info).startswith("AMD EPYC 7B13, ")

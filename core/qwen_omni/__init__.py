@@ -13,22 +13,71 @@ One module per job, each importing only the ones listed before it:
 Loading under DeepSpeed ZeRO-3 is training's own: train/zero3.py.
 """
 
-from core.qwen_omni.model import (  # noqa: F401
-    audio_tower_class, context_length, full_numel, modeling_module, moe_block_class, thinker_class,
-)
 from core.qwen_omni.chat import (  # noqa: F401
-    AUDIO_END, AUDIO_PAD, AUDIO_START, ENDOFTEXT, IM_END, IM_START, IMAGE_PAD, PROMPT_SYSTEMS, SPECIAL_TOKENS,
-    THINK_BUDGET_CLOSE, THINK_CLOSE, THINK_OPEN, TOKENIZER_TOKEN_ATTRIBUTES, VIDEO_PAD, VISION_END, VISION_START,
-    build_messages, chat_messages, eos_token_ids, prompt_system, question_text, render_chat, render_prompt, render_target,
+    AUDIO_END,
+    AUDIO_PAD,
+    AUDIO_START,
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    IMAGE_PAD,
+    PROMPT_SYSTEMS,
+    SPECIAL_TOKENS,
+    THINK_BUDGET_CLOSE,
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOKENIZER_TOKEN_ATTRIBUTES,
+    VIDEO_PAD,
+    VISION_END,
+    VISION_START,
+    build_messages,
+    chat_messages,
+    eos_token_ids,
+    prompt_system,
+    question_text,
+    render_chat,
+    render_prompt,
+    render_target,
 )
 from core.qwen_omni.checkpoint import (  # noqa: F401
-    CHAT_TEMPLATE_FILES, CHECKPOINT_FILES, SHARD_PATTERN, THINKER_PREFIX, WEIGHT_INDEX, CheckpointNotFound,
-    checkpoint_source, composite_config, copy_checkpoint_files, load_thinker, load_tokenizer, save_thinker, weight_files,
-)
-from core.qwen_omni.processor import (  # noqa: F401
-    HOP_LENGTH, IGNORE_INDEX, SAMPLE_RATE, OmniProcessor, align_to_hop, audio_token_count, feature_frames,
-    pad_features, pad_sequences,
+    CHAT_TEMPLATE_FILES,
+    CHECKPOINT_FILES,
+    SHARD_PATTERN,
+    THINKER_PREFIX,
+    WEIGHT_INDEX,
+    CheckpointNotFound,
+    checkpoint_source,
+    composite_config,
+    copy_checkpoint_files,
+    load_thinker,
+    load_tokenizer,
+    save_thinker,
+    weight_files,
 )
 from core.qwen_omni.lora_targets import (  # noqa: F401
-    ATTENTION_PROJECTIONS, EXPERT_PARAMETERS, NON_TEXT_MODULES, expert_parameter_names, lora_target_names, text_layers,
+    ATTENTION_PROJECTIONS,
+    EXPERT_PARAMETERS,
+    NON_TEXT_MODULES,
+    expert_parameter_names,
+    lora_target_names,
+    text_layers,
+)
+from core.qwen_omni.model import (  # noqa: F401
+    audio_tower_class,
+    context_length,
+    full_numel,
+    modeling_module,
+    moe_block_class,
+    thinker_class,
+)
+from core.qwen_omni.processor import (  # noqa: F401
+    HOP_LENGTH,
+    IGNORE_INDEX,
+    SAMPLE_RATE,
+    OmniProcessor,
+    align_to_hop,
+    audio_token_count,
+    feature_frames,
+    pad_features,
+    pad_sequences,
 )
