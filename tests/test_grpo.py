@@ -15,8 +15,8 @@ import yaml
 from core.items import Item
 from core.recipe import JudgeConfig, RecipeError, load_recipe
 from infer.parse import parse_output
-from train.grpo import check_grpo_resumable, group_advantages, grpo_loss
-from train.sft import TrainingError
+from train.grpo import GRPO_ALSO, GRPO_SECTIONS, group_advantages, grpo_loss
+from train.runtime import TrainingError, check_resumable
 from tests.test_train import adapter_weights, launch_ranks, metrics
 from train.rewards import (
     REASONING_RUBRIC, EmbeddingReward, JudgeReward, Rollout, TextEmbedder, answer_reward, format_reward, length_reward,
@@ -284,7 +284,8 @@ def test_resume_gives_the_uninterrupted_run(grpo_recipe, tmp_path):
     with pytest.raises(TrainingError, match=r"Differing: infer.thinking_budget: 2000 -> 50\."):
         run_grpo(grpo_recipe, f"train.output_dir={resumed}", "infer.thinking_budget=50")
     # the judge's pacing changes no rating
-    check_grpo_resumable(load_recipe(grpo_recipe, [f"train.output_dir={resumed}", "grpo.judge.concurrency=2"]), resumed)
+    check_resumable(load_recipe(grpo_recipe, [f"train.output_dir={resumed}", "grpo.judge.concurrency=2"]), resumed,
+                    GRPO_SECTIONS, GRPO_ALSO)
     run_grpo(grpo_recipe, f"train.output_dir={resumed}")
     again = metrics(resumed)
     assert [m["step"] for m in again] == [1, 2, 3, 4]

@@ -10,7 +10,7 @@ from core.recipe import load_recipe
 from core.tiny import REAL_SIZES, build_config
 from train import memory
 from train.loss import ChunkedLoss, chunked_cross_entropy, model_loss
-from train.sft import prepare_for_training
+from train.runtime import prepare_for_training
 from tests.test_train import recipe_file  # noqa: F401  (the training tests' recipe fixture)
 
 # The estimate must be within this fraction of the measured peak (tensor bytes, not RSS).
