@@ -104,9 +104,10 @@ def rollout_throughput(recipe_path: Path, sft_adapter: Path, prompts: int, token
 
     recipe = load_recipe(recipe_path, [f"grpo.init_adapter={sft_adapter}"])
     from train.grpo import load_policy
+    from train.runtime import load_processor
 
     model, _ = load_policy(recipe)
-    processor = qo.OmniProcessor.from_pretrained(recipe.model.path)
+    processor = load_processor(recipe)
     items = load_items(recipe.grpo.stages[0].data[0].path)[:prompts]
     group = recipe.grpo.num_generations
     requests = [Request(f"{it.id}#{g}", qo.render_prompt(processor.tokenizer, it.question, it.choices), it.load_audio(30))

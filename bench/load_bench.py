@@ -41,12 +41,12 @@ def status_kib(field: str) -> int:
 
 
 def worker(checkpoint: str, out_dir: str, mode: str) -> None:
-    """One rank: the Accelerator, then the thinker as train/sft.py loads it (or as `mode` says); writes rank{R}.json."""
+    """One rank: the Accelerator, then the thinker as the trainers load it (or as `mode` says); writes rank{R}.json."""
     import torch
     from accelerate import Accelerator, InitProcessGroupKwargs
 
     from core import qwen_omni as qo
-    from train.sft import zero_stage
+    from train.runtime import zero_stage
     from train.zero3 import load_thinker_zero3
 
     # bf16 as recipes/cogito.yaml trains: DeepSpeed's zero.Init takes the parameters' dtype from it

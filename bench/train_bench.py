@@ -112,7 +112,8 @@ def measure(row: Row) -> dict:
     from core import qwen_omni as qo
     from core.tiny import parameter_counts
     from train.data import SFTCollator, SFTDataset, build_examples, epoch_batches
-    from train.sft import prepare_for_training, train_step
+    from train.runtime import prepare_for_training
+    from train.sft import train_step
 
     recipe = recipe_for(row)
     processor = qo.OmniProcessor.from_pretrained(row.checkpoint)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 # Benchmark metadata for the tests: 40 records of the official MMAR-meta.jsonl, in its schema
@@ -76,3 +77,40 @@ def mmar_facts() -> dict:
     import json
 
     return json.loads((REPO / "tests" / "data" / "mmar_facts.json").read_text())
+
+
+@pytest.fixture
+def recipe_file(tmp_path, tiny_checkpoint, synthetic_dir):
+    """A small training recipe on the tiny kit; tests vary it with dotted overrides."""
+    recipe = {
+        "name": "test-sft",
+        "model": {"path": str(tiny_checkpoint), "dtype": "float32"},
+        "data": {"train": [{"path": str(synthetic_dir / "train.jsonl")}], "max_length": 1024},
+        # lm_head too: the tiny random lm_head is too small in scale for attention LoRA alone to move the loss fast
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]},
+        "train": {"output_dir": str(tmp_path / "run"), "seed": 0, "lr": 1e-2, "warmup_ratio": 0.0,
+                  "batch_size": 4, "grad_accum": 1, "max_steps": 3, "save_every": 100},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture
+def grpo_recipe(tmp_path, tiny_checkpoint, synthetic_dir):
+    recipe = {
+        "name": "test-grpo",
+        "model": {"path": str(tiny_checkpoint), "dtype": "float32"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]},
+        "train": {"output_dir": str(tmp_path / "run"), "seed": 0, "lr": 1e-2, "warmup_ratio": 0.0,
+                  "batch_size": 2, "grad_accum": 2, "save_every": 2},
+        "grpo": {"num_generations": 2, "max_new_tokens": 12, "temperature": 1.0, "rollout_batch_size": 4,
+                 "beta": 0.1, "iterations": 2, "clip_low": 0.05, "clip_high": 0.05,
+                 "stages": [{"name": "one", "data": [{"path": str(synthetic_dir / "train.jsonl")}], "steps": 2,
+                             "rewards": {"answer": 1.0, "length": 1.0}},
+                            {"name": "two", "data": [{"path": str(synthetic_dir / "train.jsonl"), "max_samples": 6}],
+                             "steps": 2, "rewards": {"format": 1.0, "length": 0.5}}]},
+    }
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 def captured_gradients():
     """Yields a list that gets, per optimizer step, {adapter parameter name: its full fp32 gradient}.
 
-    The model is found by spying on qo.load_thinker (LoRA is injected into it in place). Without DeepSpeed
+    The model is found by spying on train.runtime.prepare_for_training, which every trainer's model goes through. Without DeepSpeed
     a global optimizer pre-step hook reads `.grad`; DeepSpeed steps inside `accelerator.backward` and frees
     the gradients of its partitions before its optimizer runs, so there the engine's step is wrapped and
     safe_get_full_grad assembles each gradient at the window's end (a collective: every rank takes part)."""
@@ -30,14 +30,15 @@ def captured_gradients():
     from deepspeed.utils import safe_get_full_grad
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    from core import qwen_omni as qo
+    from train import runtime
 
     models, steps, in_engine = [], [], []
-    load_thinker, engine_step = qo.load_thinker, DeepSpeedEngine.step
+    prepare, engine_step = runtime.prepare_for_training, DeepSpeedEngine.step
 
     def spy(*args, **kwargs):
-        models.append(load_thinker(*args, **kwargs))
-        return models[-1]
+        model, placed = prepare(*args, **kwargs)
+        models.append(model)
+        return model, placed
 
     def read():
         (model,) = models
@@ -57,13 +58,13 @@ def captured_gradients():
         finally:
             in_engine.pop()
 
-    qo.load_thinker, DeepSpeedEngine.step = spy, step_engine
+    runtime.prepare_for_training, DeepSpeedEngine.step = spy, step_engine
     hook = register_optimizer_step_pre_hook(before_optimizer_step)
     try:
         yield steps
     finally:
         hook.remove()
-        qo.load_thinker, DeepSpeedEngine.step = load_thinker, engine_step
+        runtime.prepare_for_training, DeepSpeedEngine.step = prepare, engine_step
 
 
 def main(out: str, *sft_args: str) -> int:

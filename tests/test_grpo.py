@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from core.items import Item
 from core.recipe import JudgeConfig, RecipeError, load_recipe
 from infer.parse import parse_output
 from tests.test_train import adapter_weights, launch_ranks, metrics
-from train.grpo import check_grpo_resumable, group_advantages, grpo_loss
+from train.grpo import GRPO_ALSO, GRPO_SECTIONS, group_advantages, grpo_loss
 from train.rewards import (
     REASONING_RUBRIC,
     EmbeddingReward,
@@ -27,7 +26,7 @@ from train.rewards import (
     format_reward,
     length_reward,
 )
-from train.sft import TrainingError
+from train.runtime import TrainingError, check_resumable
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -97,6 +96,46 @@ def test_loss_split_over_micro_batches_sums_to_the_whole():
     whole = grpo_loss(logps, old, adv, mask, total, 0.2, 0.2).loss
     halves = sum(grpo_loss(logps[s], old[s], adv[s], mask[s], total, 0.2, 0.2).loss for s in (slice(0, 1), slice(1, 4)))
     assert whole.item() == pytest.approx(halves.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+def test_chunked_token_logps_equal_the_whole_ones_and_their_gradients(grpo_recipe, tiny_checkpoint, chunk):
+    """train.loss_chunk_tokens in GRPO: the log-probs from the hidden states, a chunk at a time, are the
+    logits' ones, and so are the gradients (lm_head has LoRA too: the chunks call the adapted head)."""
+    from core import qwen_omni as qo
+    from train.lora import apply_lora
+    from train.loss import ChunkedTokenLogps, token_logps
+
+    torch.manual_seed(0)
+    model, _ = apply_lora(qo.load_thinker(tiny_checkpoint, "float32"), load_recipe(grpo_recipe).lora)
+    with torch.no_grad():  # lora_B = 0 would leave lora_A without gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    ids = torch.randint(0, model.config.text_config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :12] = qo.IGNORE_INDEX  # the prompts
+    labels[1, 30:] = qo.IGNORE_INDEX  # a shorter completion: right padding
+    attention = torch.ones_like(ids)
+    attention[1, 30:] = 0
+    batch = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+    weights = torch.randn(2, 39, generator=torch.Generator().manual_seed(2))
+    results = []
+    for score in (token_logps, ChunkedTokenLogps(model, chunk)):
+        model.zero_grad()
+        logps, mask = score(model, dict(batch), 0.7)
+        (logps * weights).sum().backward()
+        results.append((logps.detach(), mask, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (whole, mask, grads), (chunked, chunked_mask, chunked_grads) = results
+    assert torch.equal(mask, chunked_mask) and int(mask.sum()) == 28 + 18
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    assert (chunked[~mask] == 0).all() and (chunked[mask] < 0).all()
+    assert any("lm_head" in name for name in grads)
+    for name in grads:
+        assert grads[name].abs().sum() > 0, name
+        # float32 summation-order noise (measured: up to 6e-7 of the largest element); a wrong chunk is off by its scale
+        scale = float(grads[name].abs().max())
+        torch.testing.assert_close(chunked_grads[name], grads[name], rtol=1e-5, atol=2e-6 * scale, msg=name)
 
 
 # ---------------------------------------------------------------- rewards
@@ -227,26 +266,6 @@ def test_grpo_recipe_section_validates(tmp_path):
 # ---------------------------------------------------------------- short runs on the tiny kit
 
 
-@pytest.fixture
-def grpo_recipe(tmp_path, tiny_checkpoint, synthetic_dir):
-    recipe = {
-        "name": "test-grpo",
-        "model": {"path": str(tiny_checkpoint), "dtype": "float32"},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]},
-        "train": {"output_dir": str(tmp_path / "run"), "seed": 0, "lr": 1e-2, "warmup_ratio": 0.0,
-                  "batch_size": 2, "grad_accum": 2, "save_every": 2},
-        "grpo": {"num_generations": 2, "max_new_tokens": 12, "temperature": 1.0, "rollout_batch_size": 4,
-                 "beta": 0.1, "iterations": 2, "clip_low": 0.05, "clip_high": 0.05,
-                 "stages": [{"name": "one", "data": [{"path": str(synthetic_dir / "train.jsonl")}], "steps": 2,
-                             "rewards": {"answer": 1.0, "length": 1.0}},
-                            {"name": "two", "data": [{"path": str(synthetic_dir / "train.jsonl"), "max_samples": 6}],
-                             "steps": 2, "rewards": {"format": 1.0, "length": 0.5}}]},
-    }
-    path = tmp_path / "grpo.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
 def letter_share(rollouts) -> list[float]:
     """A reward that varies between the random tiny model's completions (its answers are never right and it
     never stops within a few tokens, so answer and length rewards would be all 0 and move nothing)."""
@@ -291,7 +310,8 @@ def test_resume_gives_the_uninterrupted_run(grpo_recipe, tmp_path):
     with pytest.raises(TrainingError, match=r"Differing: infer.thinking_budget: 2000 -> 50\."):
         run_grpo(grpo_recipe, f"train.output_dir={resumed}", "infer.thinking_budget=50")
     # the judge's pacing changes no rating
-    check_grpo_resumable(load_recipe(grpo_recipe, [f"train.output_dir={resumed}", "grpo.judge.concurrency=2"]), resumed)
+    check_resumable(load_recipe(grpo_recipe, [f"train.output_dir={resumed}", "grpo.judge.concurrency=2"]), resumed,
+                    GRPO_SECTIONS, GRPO_ALSO)
     run_grpo(grpo_recipe, f"train.output_dir={resumed}")
     again = metrics(resumed)
     assert [m["step"] for m in again] == [1, 2, 3, 4]
@@ -424,6 +444,27 @@ def test_rollouts_never_sample_a_placeholder_token(grpo_recipe, synthetic_dir, p
     batch = sequence_batch(processor, samples)  # scoring sees exactly one audio span per row
     assert (batch["labels"] != qo.IGNORE_INDEX).sum() == sum(len(s.completion_ids) for s in samples)
     policy(**{k: v for k, v in batch.items() if k != "labels"})
+
+
+def test_loss_chunk_tokens_scores_in_chunks_and_takes_the_same_steps(grpo_recipe, tmp_path, monkeypatch):
+    import train.loss
+
+    common = ["grpo.iterations=2", "train.stop_after=1"]
+    whole = run_grpo(grpo_recipe, f"train.output_dir={tmp_path}/whole", *common)
+    calls = []
+    chunked_token_logps = train.loss.chunked_token_logps
+    monkeypatch.setattr(train.loss, "chunked_token_logps", lambda *args: calls.append(args[3]) or chunked_token_logps(*args))
+    chunked = run_grpo(grpo_recipe, f"train.output_dir={tmp_path}/chunked", *common, "train.loss_chunk_tokens=5")
+    # 2 micro-batches: old log-probs, reference, and each of the 2 iterations
+    assert calls == [5] * 2 * 4
+    (a,), (b,) = metrics(whole), metrics(chunked)
+    for key in ("loss", "kl", "clip_fraction", "grad_norm", "reward/total/mean", "completion_length"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-8), key
+    for key, value in adapter_weights(whole / "checkpoints" / "step-1" / "adapter").items():
+        # Adam moves a weight by ~lr (1e-2) whatever its gradient's size: a gradient near zero that rounds
+        # differently moves a few weights by ~1e-6 (measured), a wrong one whole tensors by ~lr
+        torch.testing.assert_close(adapter_weights(chunked / "checkpoints" / "step-1" / "adapter")[key], value,
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_group_size_must_divide_the_step(grpo_recipe):

@@ -8,10 +8,9 @@ import torch
 from core import qwen_omni as qo
 from core.recipe import load_recipe
 from core.tiny import REAL_SIZES, build_config
-from tests.test_train import recipe_file  # noqa: F401  (the training tests' recipe fixture)
 from train import memory
 from train.loss import ChunkedLoss, chunked_cross_entropy, model_loss
-from train.sft import prepare_for_training
+from train.runtime import prepare_for_training
 from train.zero3 import checkpoint_tensors, fill_zero3_partition, load_thinker_zero3, thinker_weight_plan
 
 # The estimate must be within this fraction of the measured peak (tensor bytes, not RSS).

@@ -124,8 +124,11 @@ def test_the_settings_that_change_results_are_the_ones_listed():
 
 
 def test_training_resumes_with_other_no_effect_settings_and_refuses_others(tmp_path):
-    from train.grpo import check_grpo_resumable
-    from train.sft import TrainingError, check_resumable
+    from train.grpo import GRPO_ALSO, GRPO_SECTIONS
+    from train.runtime import TrainingError, check_resumable
+
+    def check_grpo_resumable(recipe, out):
+        check_resumable(recipe, out, GRPO_SECTIONS, GRPO_ALSO)
 
     out = tmp_path / "run"
     save_recipe(load_recipe(RECIPES / "tiny.yaml", [f"train.output_dir={out}"]), out / "recipe.yaml")

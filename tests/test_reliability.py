@@ -92,7 +92,7 @@ def nan_from_third_batch(monkeypatch):
 
 
 def test_nonfinite_loss_stops_before_any_checkpoint_is_written_or_deleted(recipe_file, tmp_path, nan_from_third_batch):
-    from train.sft import TrainingError
+    from train.runtime import TrainingError
 
     with pytest.raises(TrainingError, match=r"step 3: loss nan.*stopped before any update or checkpoint.*step-2"):
         run_sft(recipe_file)
@@ -106,7 +106,7 @@ def test_nonfinite_loss_stops_before_any_checkpoint_is_written_or_deleted(recipe
 def test_nonfinite_steps_can_be_skipped_up_to_a_limit(recipe_file, tmp_path, nan_from_third_batch):
     from safetensors.torch import load_file
 
-    from train.sft import TrainingError
+    from train.runtime import TrainingError
 
     assert run_sft(recipe_file, "train.max_nonfinite_steps=4") == 0
     run = tmp_path / "run"
@@ -299,7 +299,7 @@ def test_resuming_inference_with_other_settings_is_an_error_listing_them(tiny_ch
 
 
 def test_rerunning_training_with_other_settings_is_an_error_listing_them(recipe_file, tmp_path):
-    from train.sft import TrainingError
+    from train.runtime import TrainingError
 
     assert run_sft(recipe_file, "train.max_steps=2") == 0
     run = tmp_path / "run"
@@ -526,10 +526,11 @@ def test_non_utf8_metadata_names_file_and_line(tmp_path, synthetic_dir):
 def test_training_prints_input_errors_as_one_message(recipe_file, override, message, capsys):
     from accelerate.state import AcceleratorState
 
-    from train.sft import cli
+    from train.runtime import cli
+    from train.sft import main
 
     AcceleratorState._reset_state(True)
-    assert cli([str(recipe_file), override]) == 2
+    assert cli(main, [str(recipe_file), override]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and re.search(message, err) and "Traceback" not in err
 

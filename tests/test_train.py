@@ -23,23 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture
-def recipe_file(tmp_path, tiny_checkpoint, synthetic_dir):
-    """A small training recipe on the tiny kit; tests vary it with dotted overrides."""
-    recipe = {
-        "name": "test-sft",
-        "model": {"path": str(tiny_checkpoint), "dtype": "float32"},
-        "data": {"train": [{"path": str(synthetic_dir / "train.jsonl")}], "max_length": 1024},
-        # lm_head too: the tiny random lm_head is too small in scale for attention LoRA alone to move the loss fast
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]},
-        "train": {"output_dir": str(tmp_path / "run"), "seed": 0, "lr": 1e-2, "warmup_ratio": 0.0,
-                  "batch_size": 4, "grad_accum": 1, "max_steps": 3, "save_every": 100},
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
 def run_sft(recipe_file: Path, *overrides: str) -> Path:
     from accelerate.state import AcceleratorState
 

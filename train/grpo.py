@@ -13,8 +13,10 @@ swapped in for the reference forward), or the base model for a fresh adapter (no
 
 Per rank and step the rollouts are `train.batch_size x train.grad_accum` sequences (a multiple of
 G): `train.grad_accum` micro-batches of `train.batch_size`. As in SFT, the loss is the mean over
-every completion token of the global batch (token-level, all ranks), and the launch forms,
-checkpoints (adapter + optimizer, scheduler, RNG), resume and provenance are SFT's (train/sft.py).
+every completion token of the global batch (token-level, all ranks), and the launch forms, the
+optimizer step, checkpoints (adapter + optimizer, scheduler, RNG), resume and provenance are the
+trainers' shared runtime (train/runtime.py). `train.loss_chunk_tokens` scores the completions a chunk
+of tokens at a time, as SFT's loss (train/loss.py).
 
 Writes to `train.output_dir`: recipe.yaml, provenance.jsonl, metrics.jsonl (per step: loss, lr,
 grad norm, mean/std of each reward and of the weighted total, rollout accuracy, KL, clip fraction,
@@ -26,11 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -40,25 +40,33 @@ import torch
 # `python train/grpo.py` / `accelerate launch train/grpo.py` put train/ first on sys.path, not the repo.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from accelerate.utils import set_seed  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
 from core import qwen_omni as qo  # noqa: E402
 from core.items import DataError, Item, load_items  # noqa: E402
-from core.progress import library_bars_off_a_terminal, progress  # noqa: E402
-from core.provenance import record_session  # noqa: E402
-from core.recipe import GRPOStage, Recipe, recipe_cli, save_recipe  # noqa: E402
+from core.progress import progress  # noqa: E402
+from core.recipe import GRPOStage, Recipe, RecipeError, recipe_cli  # noqa: E402
 from infer.engine import HFEngine, Request, SamplingConfig  # noqa: E402
 from infer.parse import parse_output  # noqa: E402
 from train.data import epoch_batches, mix, sample_rows  # noqa: E402
-from train.lora import placement  # noqa: E402
+from train.loss import make_token_logps  # noqa: E402
 from train.rewards import Rollout, build_rewards  # noqa: E402
-from train.sft import (  # noqa: E402
-    check_nonfinite_skipping, check_resumable, cli, count_nonfinite, finish, finite_or_null, log_and_save, lr_factor,
-    make_accelerator, peak_memory_gb, prepare_for_training, reset_metrics, start_session, zero_stage,
+from train.runtime import (  # noqa: E402
+    cli,
+    count_nonfinite,
+    describe_adapters,
+    finish,
+    finite_or_null,
+    global_target_tokens,
+    launch,
+    load_model,
+    load_processor,
+    log_and_save,
+    make_optimizer,
+    optimizer_step,
+    peak_memory_gb,
+    reset_metrics,
+    start_session,
+    zero_stage,
 )
-from train.zero3 import load_thinker_zero3  # noqa: E402
-
 
 # ---------------------------------------------------------------- the objective (pure functions)
 
@@ -113,18 +121,6 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
         loss=(per_token * mask).sum() / total_tokens, kl_sum=kl_sum,
         clipped=int((clipped.float() * mask).sum()), tokens=int(mask.sum()),
     )
-
-
-def token_logps(model, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probability of each next token under `model` at the sampling temperature, mask of completion tokens),
-    both [B, T-1]: position t scores token t+1."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float() / temperature
-    labels = batch["labels"][:, 1:]
-    mask = labels != qo.IGNORE_INDEX
-    # gather - logsumexp: no second [B, T, vocab] tensor as log_softmax would make
-    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked - torch.logsumexp(logits, dim=-1)) * mask, mask
 
 
 # ---------------------------------------------------------------- data: prompts per step, rollouts
@@ -282,14 +278,14 @@ def reference_policy(model, params: list[torch.Tensor], start_weights: list[torc
 
 
 def optimise(accelerator, model, optimizer, scheduler, params, processor, samples, advantages, recipe: Recipe, device,
-             start_weights: list[torch.Tensor] | None = None) -> dict:
-    """`grpo.iterations` optimizer steps on this rank's rollouts; returns summed statistics over all steps."""
+             token_logps, start_weights: list[torch.Tensor] | None = None) -> dict:
+    """`grpo.iterations` optimizer steps on this rank's rollouts, `token_logps` scoring them (train.loss);
+    returns summed statistics over all steps."""
     cfg, grpo = recipe.train, recipe.grpo
     micro = [samples[i:i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
     micro_adv = [advantages[i:i + cfg.batch_size].to(device) for i in range(0, len(samples), cfg.batch_size)]
     batches = [{k: v.to(device) for k, v in sequence_batch(processor, m).items()} for m in micro]
-    local_tokens = sum(int((b["labels"][:, 1:] != qo.IGNORE_INDEX).sum()) for b in batches)
-    global_tokens = accelerator.reduce(torch.tensor(local_tokens, device=device), reduction="sum")
+    global_tokens = global_target_tokens(accelerator, batches)
     with torch.no_grad():
         # Old log-probs are needed only when the policy moves between iterations; with one iteration the
         # ratio is exactly 1 (its value), and the gradient is that of the policy-gradient objective.
@@ -299,33 +295,21 @@ def optimise(accelerator, model, optimizer, scheduler, params, processor, sample
             with reference_policy(accelerator.unwrap_model(model), params, start_weights):
                 ref = [token_logps(model, b, grpo.temperature)[0] for b in batches]
     totals = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0, "tokens": 0, "grad_norm": [], "nonfinite": 0}
+
+    def loss_of(i: int) -> torch.Tensor:
+        logps, mask = token_logps(model, batches[i], grpo.temperature)
+        parts = grpo_loss(logps, old[i] if old else logps.detach(), micro_adv[i], mask, global_tokens,
+                          grpo.clip_low, grpo.clip_high, ref[i] if ref else None, grpo.beta)
+        totals["kl_sum"] += parts.kl_sum
+        totals["clipped"] += parts.clipped
+        totals["tokens"] += parts.tokens
+        return parts.loss
+
     for _ in range(grpo.iterations):
-        loss_sum = torch.zeros((), device=device)
-        for i, batch in enumerate(batches):
-            with accelerator.accumulate(model):
-                assert accelerator.sync_gradients == (i == len(batches) - 1), "accumulation window out of step"
-                logps, mask = token_logps(model, batch, grpo.temperature)
-                parts = grpo_loss(logps, old[i] if old else logps.detach(), micro_adv[i], mask, global_tokens,
-                                  grpo.clip_low, grpo.clip_high, ref[i] if ref else None, grpo.beta)
-                # As in SFT: undo DDP's average over ranks and Accelerate's division by grad_accum.
-                accelerator.backward(parts.loss * accelerator.num_processes * len(batches))
-            loss_sum += parts.loss.detach()
-            totals["kl_sum"] += parts.kl_sum
-            totals["clipped"] += parts.clipped
-            totals["tokens"] += parts.tokens
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        grad_norm = float(grad_norm) if grad_norm is not None else None  # None: DeepSpeed keeps it
-        totals["grad_norm"].append(grad_norm)
-        totals["loss"] += float(loss_sum)
-        # As in SFT (train_step): the loss and norm are global, so every rank decides alike; a non-finite
-        # optimizer step updates nothing, and the caller stops or counts it.
-        loss = accelerator.reduce(loss_sum, reduction="sum").item()
-        if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
-            optimizer.step()
-        else:
-            totals["nonfinite"] += 1
-        scheduler.step()  # the schedule stays a function of the step, skipped or not
-        optimizer.zero_grad()
+        stats = optimizer_step(accelerator, model, optimizer, scheduler, params, len(batches), loss_of, cfg.max_grad_norm)
+        totals["grad_norm"].append(stats["grad_norm"])
+        totals["loss"] += stats["rank_loss"]  # summed over ranks in the step's record
+        totals["nonfinite"] += not stats["finite"]
     return totals
 
 
@@ -364,51 +348,43 @@ def step_record(accelerator, step: int, stage: str, lr: float, parts: dict, tota
 
 
 def load_policy(recipe: Recipe, zero3: bool = False):
-    """The thinker with its trainable adapter: the SFT adapter (grpo.init_adapter) or a fresh one placed as in SFT.
-    Under ZeRO-3 (`zero3`) each rank loads only its shard of the thinker, as in SFT."""
-    model = (load_thinker_zero3 if zero3 else qo.load_thinker)(
-        recipe.model.path, recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
-        experts_implementation=recipe.model.experts_implementation, allow_hub=recipe.model.allow_hub)
-    if recipe.grpo.init_adapter is None:
-        return prepare_for_training(model, recipe)
-    adapter = Path(recipe.grpo.init_adapter)
-    if not (adapter / "adapter_config.json").is_file():
+    """The thinker with its trainable adapter: the SFT adapter (grpo.init_adapter) or a fresh one placed as in SFT
+    (train.runtime.load_model; `zero3`: each rank loads only its shard)."""
+    adapter = recipe.grpo.init_adapter
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"grpo.init_adapter={adapter}: no LoRA adapter there (adapter_config.json missing); "
                                 "run SFT first (train/sft.py) or set grpo.init_adapter=null")
-    from peft import PeftModel
-
-    if recipe.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-    return model, placement(model)
+    return load_model(recipe, zero3, adapter)
 
 
-def check_grpo_resumable(recipe: Recipe, out: Path) -> None:
-    """SFT's check over the grpo section too, and infer.thinking_budget: the length reward scores against it."""
-    check_resumable(recipe, out, ("model", "data", "lora", "train", "grpo"), also=("infer.thinking_budget",))
+# What a resumed run must share with the run on disk: SFT's sections, the grpo one, and the thinking
+# budget the length reward scores against.
+GRPO_SECTIONS = ("model", "data", "lora", "train", "grpo")
+GRPO_ALSO = ("infer.thinking_budget",)
+
+
+def check_settings(recipe: Recipe, stage: int) -> None:
+    """Refuse GRPO settings that contradict each other or this launch's ZeRO `stage`."""
+    cfg, grpo = recipe.train, recipe.grpo
+    if not grpo.stages:
+        raise RecipeError(f"recipe {recipe.name}: grpo.stages: no curriculum stage given")
+    per_rank = cfg.batch_size * cfg.grad_accum
+    if per_rank % grpo.num_generations:
+        raise RecipeError(f"train.batch_size x train.grad_accum = {per_rank} sequences per rank and step must be a "
+                          f"multiple of grpo.num_generations = {grpo.num_generations}")
+    if grpo.beta and grpo.init_adapter and stage == 3:
+        raise RecipeError("grpo.beta > 0 with grpo.init_adapter needs the whole adapter on every rank (its SFT weights "
+                          "are the KL reference): use ZeRO-2 or DDP, or grpo.beta=0")
 
 
 def main(argv: list[str] | None = None) -> int:
     recipe = recipe_cli(sys.argv[1:] if argv is None else argv, "python train/grpo.py",
                         "GRPO after SFT on audio (see the module docstring for what it writes).")
-    cfg, grpo = recipe.train, recipe.grpo
-    if not grpo.stages:
-        raise DataError(f"recipe {recipe.name}: grpo.stages: no curriculum stage given")
-    out = Path(cfg.output_dir)
-    check_grpo_resumable(recipe, out)  # every rank, before any of them writes
-    library_bars_off_a_terminal()
-    accelerator = make_accelerator(recipe)
+    cfg, grpo, out = recipe.train, recipe.grpo, Path(recipe.train.output_dir)
+    accelerator, log = launch(recipe, GRPO_SECTIONS, GRPO_ALSO, check=check_settings)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    log = partial(tqdm.write) if accelerator.is_main_process else (lambda *_: None)
-    set_seed(cfg.seed)
-    if accelerator.is_main_process:
-        save_recipe(recipe, out / "recipe.yaml")
-        record_session(out)
 
     per_rank = cfg.batch_size * cfg.grad_accum
-    if per_rank % grpo.num_generations:
-        raise ValueError(f"train.batch_size x train.grad_accum = {per_rank} sequences per rank and step must be a "
-                         f"multiple of grpo.num_generations = {grpo.num_generations}")
     names = sorted({n for s in grpo.stages for n, w in s.rewards.items() if w} | {"answer"})
     needs_reference = bool({"judge", "embedding"} & set(names))
     schedule = Schedule(grpo.stages, [stage_items(s, cfg.seed, needs_reference) for s in grpo.stages],
@@ -420,22 +396,15 @@ def main(argv: list[str] | None = None) -> int:
         + f"; {schedule.prompts_per_rank} prompts x {grpo.num_generations} completions per rank, {world} rank(s)")
 
     model, placed = load_policy(recipe, zero3=zero_stage(accelerator) == 3)
-    log("lora: adapted modules " + ", ".join(f"{g}={placed[g]}" for g in ("text_attention", "experts", "audio_tower", "other")))
+    log(describe_adapters(model, placed))
+    processor = load_processor(recipe)
+    token_logps = make_token_logps(model, cfg.loss_chunk_tokens)
     params = [p for p in model.parameters() if p.requires_grad]
     # The KL reference: the SFT adapter as loaded, before a resume moves the weights (reference_policy).
     start_weights = [p.detach().clone() for p in params] if grpo.beta and grpo.init_adapter else None
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    optimizer_steps = total_steps * grpo.iterations
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        lr_factor, total=optimizer_steps, warmup=math.ceil(cfg.warmup_ratio * optimizer_steps),
-        schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio))
-    check_nonfinite_skipping(accelerator, cfg)
-    if start_weights is not None and zero_stage(accelerator) == 3:
-        raise ValueError("grpo.beta > 0 with grpo.init_adapter needs the whole adapter on every rank (its SFT weights "
-                         "are the KL reference): use ZeRO-2 or DDP, or grpo.beta=0")
+    optimizer, scheduler = make_optimizer(params, cfg, total_steps * grpo.iterations)
     model, optimizer, state, end, metrics_path = start_session(accelerator, model, optimizer, scheduler, recipe, total_steps, log)
     start, skipped = state["step"], state.get("nonfinite_skipped", 0)
-    processor = qo.OmniProcessor.from_pretrained(recipe.model.path)
     engine = rollout_engine(accelerator.unwrap_model(model), processor, recipe, str(device))
     rollouts_path = out / "rollouts" / f"rank{rank}.jsonl"
     rollouts_path.parent.mkdir(parents=True, exist_ok=True)
@@ -453,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         parts, total = score(samples, rewards, stage.rewards)
         advantages = group_advantages(torch.tensor(total, dtype=torch.float32), grpo.num_generations, grpo.scale_rewards)
         stats = optimise(accelerator, model, optimizer, scheduler, params, processor, samples, advantages, recipe, device,
-                         start_weights)
+                         token_logps, start_weights)
         record = step_record(accelerator, step + 1, stage.name, lr, parts, total, samples, stats, generated, rollout_s,
                              time.perf_counter() - tick, grpo.iterations)
         if stats["nonfinite"]:  # counted per optimizer step, as SFT's train.max_nonfinite_steps
@@ -479,4 +448,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli(entry=main))
+    sys.exit(cli(main))

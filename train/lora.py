@@ -8,12 +8,12 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
 from core import qwen_omni as qo
-from core.recipe import LoraConfig
+from core.recipe import LoraConfig, RecipeError
 
 GROUPS = ("text_attention", "experts", "audio_tower", "other")
 
 
-class LoraPlacementError(ValueError):
+class LoraPlacementError(RecipeError):
     """The recipe's LoRA targets match nothing, or land where the recipe did not ask."""
 
 

@@ -1,15 +1,17 @@
-"""The SFT loss: the model's own cross-entropy, or the same loss computed a chunk of target tokens at a time.
+"""The training losses' token scores: SFT's cross-entropy (the model's own, or computed a chunk of target
+tokens at a time) and GRPO's per-token log-probabilities (likewise, whole or chunked).
 
 With a 152,064-word vocabulary the model's loss holds, at the start of backward, ~12 bytes per
 vocabulary entry per position (fp32 log-softmax output, its gradient, the logits' gradient): 15 GB
-for one 8,192-token sample (train/memory.py). `ChunkedLoss` (`train.loss_chunk_tokens`) takes the
+for one 8,192-token sample (train/memory.py). The chunked forms (`train.loss_chunk_tokens`) take the
 thinker's last hidden states instead (its lm_head is handed an empty slice, so no full logits are
-made), keeps only the positions that have a target, and computes lm_head + cross-entropy over
+made), keep only the positions that have a target, and compute lm_head + the token scores over
 `chunk_tokens` of them at a time under activation checkpointing: each chunk's logits live only
 while that chunk is computed, in forward and again in backward.
 
-Both give sum(token losses) / `num_items_in_batch`, the per-target-token normalisation of the whole
-global batch that train/sft.py relies on; loss and gradients are equal (tests/test_memory.py).
+The SFT losses give sum(token losses) / `num_items_in_batch`, the per-target-token normalisation of
+the whole global batch that train/runtime.py's optimizer step relies on. Whole or chunked, the
+values and gradients are equal (tests/test_memory.py, tests/test_grpo.py).
 """
 
 from __future__ import annotations
@@ -49,28 +51,27 @@ def chunked_cross_entropy(lm_head, hidden: torch.Tensor, labels: torch.Tensor, c
     return total / num_items_in_batch.to(total.device)
 
 
-class ChunkedLoss:
-    """`model_loss` computed from the last hidden states, `chunk_tokens` target tokens at a time.
+class LastHiddenStates:
+    """Runs the thinker and returns the final (normed) hidden states its lm_head was given, instead of logits.
 
     A forward pre-hook on the thinker's lm_head (registered once, on the unwrapped model) takes its
-    input, the final hidden states, and hands the lm_head an empty slice while the model runs.
+    input and hands the lm_head an empty slice while the model runs; other calls (a chunk's, its
+    recomputation, generation) pass through.
     """
 
-    def __init__(self, model, chunk_tokens: int):
+    def __init__(self, model):
         self.lm_head = model.get_output_embeddings()
-        self.chunk_tokens = chunk_tokens
         self._capturing = False
         self._hidden: torch.Tensor | None = None
         self.lm_head.register_forward_pre_hook(self._capture)
 
     def _capture(self, module, args):
         if not self._capturing:
-            return None  # the chunks' own lm_head calls (and their recomputation) pass through
+            return None
         self._hidden = args[0]
         return (args[0][..., :0, :],)
 
-    def __call__(self, model, inputs: dict, num_items_in_batch: torch.Tensor) -> torch.Tensor:
-        labels = inputs["labels"]
+    def __call__(self, model, inputs: dict) -> torch.Tensor:
         self._capturing = True
         try:
             model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
@@ -79,9 +80,72 @@ class ChunkedLoss:
         hidden, self._hidden = self._hidden, None
         if hidden is None:
             raise RuntimeError("the thinker's lm_head was not called: cannot take its hidden states")
-        return chunked_cross_entropy(self.lm_head, hidden, labels, self.chunk_tokens, num_items_in_batch)
+        return hidden
+
+
+class ChunkedLoss:
+    """`model_loss` computed from the last hidden states, `chunk_tokens` target tokens at a time."""
+
+    def __init__(self, model, chunk_tokens: int):
+        self.hidden_states = LastHiddenStates(model)
+        self.chunk_tokens = chunk_tokens
+
+    def __call__(self, model, inputs: dict, num_items_in_batch: torch.Tensor) -> torch.Tensor:
+        hidden = self.hidden_states(model, inputs)
+        return chunked_cross_entropy(self.hidden_states.lm_head, hidden, inputs["labels"], self.chunk_tokens,
+                                     num_items_in_batch)
 
 
 def make_loss(model, chunk_tokens: int | None):
-    """The loss function `train_step` calls: the model's own, or chunked when `chunk_tokens` is set."""
+    """SFT's loss function: the model's own, or chunked when `chunk_tokens` is set."""
     return ChunkedLoss(model, chunk_tokens) if chunk_tokens else model_loss
+
+
+def token_logps(model, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of each next token under `model` at the sampling temperature, mask of completion tokens),
+    both [B, T-1]: position t scores token t+1; 0 where the mask is off."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float() / temperature
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    # gather - logsumexp: no second [B, T, vocab] tensor as log_softmax would make
+    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked - torch.logsumexp(logits, dim=-1)) * mask, mask
+
+
+def chunked_token_logps(lm_head, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
+                        temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logps` from the final hidden states [B, T, hidden], `chunk_tokens` target positions at a time."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    rows, goal = hidden[:, :-1][mask], targets[mask]
+    logps = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    if goal.numel() == 0:  # a micro-batch without targets still takes part in backward (ranks stay in step)
+        return logps + hidden.sum().float() * 0.0, mask
+
+    def chunk_logps(rows_chunk: torch.Tensor, goal_chunk: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(rows_chunk).float() / temperature
+        return logits.gather(-1, goal_chunk.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    picked = torch.cat([
+        checkpoint(chunk_logps, rows[start:start + chunk_tokens], goal[start:start + chunk_tokens], use_reentrant=False)
+        for start in range(0, goal.numel(), chunk_tokens)
+    ])
+    return logps.masked_scatter(mask, picked), mask
+
+
+class ChunkedTokenLogps:
+    """`token_logps` computed from the last hidden states, `chunk_tokens` target tokens at a time."""
+
+    def __init__(self, model, chunk_tokens: int):
+        self.hidden_states = LastHiddenStates(model)
+        self.chunk_tokens = chunk_tokens
+
+    def __call__(self, model, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.hidden_states(model, batch)
+        return chunked_token_logps(self.hidden_states.lm_head, hidden, batch["labels"], self.chunk_tokens, temperature)
+
+
+def make_token_logps(model, chunk_tokens: int | None):
+    """GRPO's per-token log-probabilities: from the model's logits, or chunked when `chunk_tokens` is set."""
+    return ChunkedTokenLogps(model, chunk_tokens) if chunk_tokens else token_logps
