@@ -131,7 +131,7 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     """recompute activations in backward: less memory, ~13% slower"""
     zero_stage: Literal[0, 2, 3] | None = None
-    """ZeRO stage the recipe is planned for (python -m train.memory); train/sft.py refuses a launch with another one.
+    """ZeRO stage the recipe is planned for (python -m train.memory); both trainers refuse a launch with another one.
     None: whatever the accelerate config gives."""
     # the same loss and gradients as the model's own (train/loss.py)
     loss_chunk_tokens: Annotated[int | None, NoEffect] = Field(None, gt=0)
