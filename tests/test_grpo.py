@@ -458,13 +458,12 @@ def test_loss_chunk_tokens_scores_in_chunks_and_takes_the_same_steps(grpo_recipe
     # 2 micro-batches: old log-probs, reference, and each of the 2 iterations
     assert calls == [5] * 2 * 4
     (a,), (b,) = metrics(whole), metrics(chunked)
+    # The same loss and gradient norm (over every adapter tensor, after the first iteration's update) mean the
+    # same step; the weights themselves are not compared: Adam moves a weight by ~lr whatever its gradient's
+    # size, so a near-zero gradient summed in another order can move one either way (the chunked gradients
+    # themselves are compared element by element in test_chunked_token_logps_equal_the_whole_ones_and_their_gradients).
     for key in ("loss", "kl", "clip_fraction", "grad_norm", "reward/total/mean", "completion_length"):
         assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-8), key
-    for key, value in adapter_weights(whole / "checkpoints" / "step-1" / "adapter").items():
-        # Adam moves a weight by ~lr (1e-2) whatever its gradient's size: a gradient near zero that rounds
-        # differently moves a few weights by ~1e-6 (measured), a wrong one whole tensors by ~lr
-        torch.testing.assert_close(adapter_weights(chunked / "checkpoints" / "step-1" / "adapter")[key], value,
-                                   rtol=1e-4, atol=1e-5)
 
 
 def test_group_size_must_divide_the_step(grpo_recipe):

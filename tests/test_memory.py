@@ -131,7 +131,9 @@ def test_chunked_loss_equals_the_model_loss_and_gradients(tiny_checkpoint, chunk
     assert grads.keys() == chunked_grads.keys() and any("lm_head" in name for name in grads)
     for name in grads:
         assert grads[name].abs().sum() > 0 or "lora_B" not in name
-        torch.testing.assert_close(chunked_grads[name], grads[name], rtol=1e-5, atol=1e-8, msg=name)
+        # float32 rounding scales with the terms summed, not the result: the margin follows the tensor's scale
+        scale = float(grads[name].abs().max())
+        torch.testing.assert_close(chunked_grads[name], grads[name], rtol=1e-5, atol=2e-6 * scale + 1e-12, msg=name)
 
 
 def test_chunked_cross_entropy_without_targets_still_backpropagates():
