@@ -22,8 +22,8 @@ def files_of(folder: Path) -> set[str]:
             for p in folder.iterdir()}
 
 
-def test_readme_records_the_real_file_list():
-    section = (REPO / "README.md").read_text().split("### The real checkpoint's files", 1)[1].split("\n#", 1)[0]
+def test_docs_record_the_real_file_list():
+    section = (REPO / "docs" / "real_checkpoint.md").read_text().split("## The real checkpoint's files", 1)[1].split("\n#", 1)[0]
     recorded = set(re.findall(r"^\| `([^`]+)` \|", section, flags=re.M))
     assert recorded == set(qo.CHECKPOINT_FILES)
 
