@@ -46,27 +46,10 @@ from core.progress import progress  # noqa: E402
 from core.recipe import GRPOStage, Recipe, RecipeError, recipe_cli  # noqa: E402
 from infer.engine import HFEngine, Request, SamplingConfig  # noqa: E402
 from infer.parse import parse_output  # noqa: E402
+from train import runtime  # noqa: E402
 from train.data import epoch_batches, mix, sample_rows  # noqa: E402
 from train.loss import make_token_logps  # noqa: E402
 from train.rewards import Rollout, build_rewards  # noqa: E402
-from train.runtime import (  # noqa: E402
-    cli,
-    count_nonfinite,
-    describe_adapters,
-    finish,
-    finite_or_null,
-    global_target_tokens,
-    launch,
-    load_model,
-    load_processor,
-    log_and_save,
-    make_optimizer,
-    optimizer_step,
-    peak_memory_gb,
-    reset_metrics,
-    start_session,
-    zero_stage,
-)
 
 # ---------------------------------------------------------------- the objective (pure functions)
 
@@ -285,7 +268,7 @@ def optimise(accelerator, model, optimizer, scheduler, params, processor, sample
     micro = [samples[i:i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
     micro_adv = [advantages[i:i + cfg.batch_size].to(device) for i in range(0, len(samples), cfg.batch_size)]
     batches = [{k: v.to(device) for k, v in sequence_batch(processor, m).items()} for m in micro]
-    global_tokens = global_target_tokens(accelerator, batches)
+    global_tokens = runtime.global_target_tokens(accelerator, batches)
     with torch.no_grad():
         # Old log-probs are needed only when the policy moves between iterations; with one iteration the
         # ratio is exactly 1 (its value), and the gradient is that of the policy-gradient objective.
@@ -306,7 +289,7 @@ def optimise(accelerator, model, optimizer, scheduler, params, processor, sample
         return parts.loss
 
     for _ in range(grpo.iterations):
-        stats = optimizer_step(accelerator, model, optimizer, scheduler, params, len(batches), loss_of, cfg.max_grad_norm)
+        stats = runtime.optimizer_step(accelerator, model, optimizer, scheduler, params, len(batches), loss_of, cfg.max_grad_norm)
         totals["grad_norm"].append(stats["grad_norm"])
         totals["loss"] += stats["rank_loss"]  # summed over ranks in the step's record
         totals["nonfinite"] += not stats["finite"]
@@ -339,7 +322,7 @@ def step_record(accelerator, step: int, stage: str, lr: float, parts: dict, tota
         "rollout_tokens_per_s": summed(generated) / max(summed(rollout_s) / accelerator.num_processes, 1e-9),
         "skipped": stats["nonfinite"],  # optimizer steps of this rollout step skipped for a non-finite loss
         "step_seconds": seconds,
-        "peak_memory_gb": round(peak_memory_gb(), 3),
+        "peak_memory_gb": round(runtime.peak_memory_gb(), 3),
     })
     return record
 
@@ -354,7 +337,7 @@ def load_policy(recipe: Recipe, zero3: bool = False):
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"grpo.init_adapter={adapter}: no LoRA adapter there (adapter_config.json missing); "
                                 "run SFT first (train/sft.py) or set grpo.init_adapter=null")
-    return load_model(recipe, zero3, adapter)
+    return runtime.load_model(recipe, zero3, adapter)
 
 
 # What a resumed run must share with the run on disk: SFT's sections, the grpo one, and the thinking
@@ -381,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = recipe_cli(sys.argv[1:] if argv is None else argv, "python train/grpo.py",
                         "GRPO after SFT on audio (see the module docstring for what it writes).")
     cfg, grpo, out = recipe.train, recipe.grpo, Path(recipe.train.output_dir)
-    accelerator, log = launch(recipe, GRPO_SECTIONS, GRPO_ALSO, check=check_settings)
+    accelerator, log = runtime.launch(recipe, GRPO_SECTIONS, GRPO_ALSO, check=check_settings)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
 
     per_rank = cfg.batch_size * cfg.grad_accum
@@ -395,20 +378,20 @@ def main(argv: list[str] | None = None) -> int:
                                                      for s, i in zip(grpo.stages, schedule.items))
         + f"; {schedule.prompts_per_rank} prompts x {grpo.num_generations} completions per rank, {world} rank(s)")
 
-    model, placed = load_policy(recipe, zero3=zero_stage(accelerator) == 3)
-    log(describe_adapters(model, placed))
-    processor = load_processor(recipe)
+    model, placed = load_policy(recipe, zero3=runtime.zero_stage(accelerator) == 3)
+    log(runtime.describe_adapters(model, placed))
+    processor = runtime.load_processor(recipe)
     token_logps = make_token_logps(model, cfg.loss_chunk_tokens)
     params = [p for p in model.parameters() if p.requires_grad]
     # The KL reference: the SFT adapter as loaded, before a resume moves the weights (reference_policy).
     start_weights = [p.detach().clone() for p in params] if grpo.beta and grpo.init_adapter else None
-    optimizer, scheduler = make_optimizer(params, cfg, total_steps * grpo.iterations)
-    model, optimizer, state, end, metrics_path = start_session(accelerator, model, optimizer, scheduler, recipe, total_steps, log)
+    optimizer, scheduler = runtime.make_optimizer(params, cfg, total_steps * grpo.iterations)
+    model, optimizer, state, end, metrics_path = runtime.start_session(accelerator, model, optimizer, scheduler, recipe, total_steps, log)
     start, skipped = state["step"], state.get("nonfinite_skipped", 0)
     engine = rollout_engine(accelerator.unwrap_model(model), processor, recipe, str(device))
     rollouts_path = out / "rollouts" / f"rank{rank}.jsonl"
     rollouts_path.parent.mkdir(parents=True, exist_ok=True)
-    reset_metrics(rollouts_path, start)
+    runtime.reset_metrics(rollouts_path, start)
 
     bar = progress(total_steps, "grpo", unit="step", initial=start, disable=not accelerator.is_main_process)
     for step in range(start, end):
@@ -426,9 +409,9 @@ def main(argv: list[str] | None = None) -> int:
         record = step_record(accelerator, step + 1, stage.name, lr, parts, total, samples, stats, generated, rollout_s,
                              time.perf_counter() - tick, grpo.iterations)
         if stats["nonfinite"]:  # counted per optimizer step, as SFT's train.max_nonfinite_steps
-            skipped = count_nonfinite(cfg, out, skipped, stats["nonfinite"], f"step {step + 1}: loss {record['loss']}, gradient norm "
-                                      f"{record['grad_norm']} (prompts of this rank: {', '.join(item.id for item in items)}); "
-                                      "stopped before its checkpoint")
+            what = (f"step {step + 1}: loss {record['loss']}, gradient norm {record['grad_norm']} "
+                    f"(prompts of this rank: {', '.join(item.id for item in items)}); stopped before its checkpoint")
+            skipped = runtime.count_nonfinite(cfg, out, skipped, stats["nonfinite"], what)
             log(f"step {step + 1}: non-finite loss or gradient norm, {stats['nonfinite']} optimizer step(s) skipped "
                 f"({skipped} of at most {cfg.max_nonfinite_steps})")
         with rollouts_path.open("a") as handle:
@@ -440,12 +423,12 @@ def main(argv: list[str] | None = None) -> int:
                                          "advantage": float(advantages[i])}) + "\n")
         bar.set_postfix(answer=f"{record['reward/answer/mean']:.2f}", loss=f"{record['loss']:.4f}")
         bar.update(1)
-        record = {k: finite_or_null(v) for k, v in record.items()}
-        log_and_save(accelerator, model, recipe, record, metrics_path, end, {"nonfinite_skipped": skipped})
+        record = {k: runtime.finite_or_null(v) for k, v in record.items()}
+        runtime.log_and_save(accelerator, model, recipe, record, metrics_path, end, {"nonfinite_skipped": skipped})
     bar.close()
-    finish(accelerator, model, out, end, total_steps, metrics_path, log)
+    runtime.finish(accelerator, model, out, end, total_steps, metrics_path, log)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main))
+    sys.exit(runtime.cli(main))

@@ -35,26 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.items import DataError  # noqa: E402
 from core.progress import progress  # noqa: E402
 from core.recipe import Recipe, recipe_cli  # noqa: E402
+from train import runtime  # noqa: E402
 from train.data import SFTCollator, SFTDataset, build_examples, epoch_batches, feature_cache_for  # noqa: E402
 from train.loss import make_loss, model_loss  # noqa: E402
-from train.runtime import (  # noqa: E402
-    cli,
-    count_nonfinite,
-    describe_adapters,
-    finish,
-    finite_or_null,
-    global_target_tokens,
-    launch,
-    load_model,
-    load_processor,
-    log_and_save,
-    make_optimizer,
-    optimizer_step,
-    peak_memory_gb,
-    reset_metrics,
-    start_session,
-    zero_stage,
-)
 
 
 def windows(dataset, collator, lengths, recipe: Recipe, rank: int, world: int, steps_per_epoch: int, start: int, total: int):
@@ -85,14 +68,14 @@ def train_step(accelerator, model, optimizer, scheduler, params, micro: list[dic
                loss_fn=model_loss) -> dict:
     """One optimizer step over this rank's micro-batches; the loss is per target token of the global batch
     (`loss_fn`: train.loss.model_loss, or a ChunkedLoss; both divide by the global target-token count)."""
-    global_tokens = global_target_tokens(accelerator, micro)
+    global_tokens = runtime.global_target_tokens(accelerator, micro)
 
     def loss_of(i: int) -> torch.Tensor:
         inputs = {k: v.to(accelerator.device) for k, v in micro[i].items() if k != "ids"}
         # (sum of this micro-batch's token losses) / (target tokens of the whole global batch)
         return loss_fn(model, inputs, global_tokens)
 
-    stats = optimizer_step(accelerator, model, optimizer, scheduler, params, len(micro), loss_of, max_grad_norm)
+    stats = runtime.optimizer_step(accelerator, model, optimizer, scheduler, params, len(micro), loss_of, max_grad_norm)
     return {"loss": stats["loss"], "grad_norm": stats["grad_norm"], "target_tokens": int(global_tokens),
             "finite": stats["finite"]}
 
@@ -101,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     recipe = recipe_cli(sys.argv[1:] if argv is None else argv, "python train/sft.py",
                         "LoRA SFT of the Qwen3-Omni thinker (see the module docstring for what it writes).")
     cfg, out = recipe.train, Path(recipe.train.output_dir)
-    accelerator, log = launch(recipe)
+    accelerator, log = runtime.launch(recipe)
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # Data: one process builds the on-disk cache, every rank maps it; epoch_batches gives each rank its own slice.
-    processor = load_processor(recipe)
+    processor = runtime.load_processor(recipe)
     examples = build_examples(recipe.data, processor, recipe.model.prompt_style, cfg.seed, log, cache_dir=out / "data_cache")
     dataset = SFTDataset(examples, recipe.data.max_audio_seconds, feature_cache_for(recipe.data, processor))
     collator = SFTCollator(processor)
@@ -119,18 +102,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{steps_per_epoch} steps/epoch, {total_steps} steps")
 
     # Model: LoRA on the text attention (and experts if asked).
-    model, placed = load_model(recipe, zero3=zero_stage(accelerator) == 3)
-    log(describe_adapters(model, placed))
+    model, placed = runtime.load_model(recipe, zero3=runtime.zero_stage(accelerator) == 3)
+    log(runtime.describe_adapters(model, placed))
     loss_fn = make_loss(model, cfg.loss_chunk_tokens)
     # Router aux loss stays off (the config default): every LoRA tensor, the fused expert ones
     # included, then takes part in every forward, so DDP/ZeRO-2 never wait on an unused parameter.
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = make_optimizer(params, cfg, total_steps)
-    model, optimizer, state, end, metrics_path = start_session(accelerator, model, optimizer, scheduler, recipe, total_steps, log)
+    optimizer, scheduler = runtime.make_optimizer(params, cfg, total_steps)
+    model, optimizer, state, end, metrics_path = runtime.start_session(accelerator, model, optimizer, scheduler, recipe, total_steps, log)
     start, skipped = state["step"], state.get("nonfinite_skipped", 0)
     seen_path = out / "seen" / f"rank{rank}.jsonl"
     seen_path.parent.mkdir(parents=True, exist_ok=True)
-    reset_metrics(seen_path, start)  # like the metrics: the steps after the checkpoint are redone
+    runtime.reset_metrics(seen_path, start)  # like the metrics: the steps after the checkpoint are redone
 
     model.train()
     bar = progress(total_steps, "sft", unit="step", initial=start, disable=not accelerator.is_main_process)
@@ -142,25 +125,25 @@ def main(argv: list[str] | None = None) -> int:
         seconds, tick = time.perf_counter() - tick, time.perf_counter()
         ids = [i for b in micro for i in b["ids"]]
         if not stats["finite"]:
-            skipped = count_nonfinite(cfg, out, skipped, 1, f"step {step + 1}: loss {stats['loss']}, gradient norm "
-                                      f"{stats['grad_norm']} (samples of this rank: {', '.join(ids)}); "
-                                      "stopped before any update or checkpoint")
+            what = (f"step {step + 1}: loss {stats['loss']}, gradient norm {stats['grad_norm']} "
+                    f"(samples of this rank: {', '.join(ids)}); stopped before any update or checkpoint")
+            skipped = runtime.count_nonfinite(cfg, out, skipped, 1, what)
             log(f"step {step + 1}: non-finite loss or gradient norm, skipped ({skipped} of at most {cfg.max_nonfinite_steps})")
         with seen_path.open("a") as handle:
             handle.write(json.dumps({"step": step + 1, "ids": ids}) + "\n")
         record = {
             "step": step + 1, "epoch": round(epoch + (step % steps_per_epoch + 1) / steps_per_epoch, 4), "lr": lr,
-            **{k: finite_or_null(v) for k, v in stats.items() if k != "finite"}, "skipped": not stats["finite"],
+            **{k: runtime.finite_or_null(v) for k, v in stats.items() if k != "finite"}, "skipped": not stats["finite"],
             "target_tokens_per_s": stats["target_tokens"] / seconds, "samples_per_s": global_batch / seconds,
-            "peak_memory_gb": round(peak_memory_gb(), 3),
+            "peak_memory_gb": round(runtime.peak_memory_gb(), 3),
         }
         bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
         bar.update(1)
-        log_and_save(accelerator, model, recipe, record, metrics_path, end, {"nonfinite_skipped": skipped})
+        runtime.log_and_save(accelerator, model, recipe, record, metrics_path, end, {"nonfinite_skipped": skipped})
     bar.close()
-    finish(accelerator, model, out, end, total_steps, metrics_path, log)
+    runtime.finish(accelerator, model, out, end, total_steps, metrics_path, log)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main))
+    sys.exit(runtime.cli(main))
