@@ -15,7 +15,8 @@ from core.items import Item
 from core.recipe import JudgeConfig, RecipeError, load_recipe
 from infer.parse import parse_output
 from tests.test_train import adapter_weights, launch_ranks, metrics
-from train.grpo import GRPO_ALSO, GRPO_SECTIONS, group_advantages, grpo_loss
+from train.grpo import GRPO_ALSO, GRPO_SECTIONS
+from train.loss import group_advantages, grpo_loss
 from train.rewards import (
     REASONING_RUBRIC,
     EmbeddingReward,
@@ -430,7 +431,8 @@ def test_starts_from_the_sft_adapter(grpo_recipe, tmp_path, tiny_checkpoint):
 def test_rollouts_never_sample_a_placeholder_token(grpo_recipe, synthetic_dir, processor):
     from core import qwen_omni as qo
     from core.items import load_items
-    from train.grpo import load_policy, roll_out, rollout_engine, sequence_batch
+    from train.grpo import load_policy
+    from train.rollouts import roll_out, rollout_engine, sequence_batch
 
     recipe = load_recipe(grpo_recipe)
     policy, _ = load_policy(recipe)

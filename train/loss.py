@@ -1,5 +1,5 @@
-"""The training losses' token scores: SFT's cross-entropy (the model's own, or computed a chunk of target
-tokens at a time) and GRPO's per-token log-probabilities (likewise, whole or chunked).
+"""The training losses: SFT's cross-entropy (the model's own, or computed a chunk of target tokens at a
+time), GRPO's per-token log-probabilities (likewise, whole or chunked) and its clipped objective on them.
 
 With a 152,064-word vocabulary the model's loss holds, at the start of backward, ~12 bytes per
 vocabulary entry per position (fp32 log-softmax output, its gradient, the logits' gradient): 15 GB
@@ -15,6 +15,8 @@ values and gradients are equal (tests/test_memory.py, tests/test_grpo.py).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -149,3 +151,58 @@ class ChunkedTokenLogps:
 def make_token_logps(model, chunk_tokens: int | None):
     """GRPO's per-token log-probabilities: from the model's logits, or chunked when `chunk_tokens` is set."""
     return ChunkedTokenLogps(model, chunk_tokens) if chunk_tokens else token_logps
+
+
+# ---------------------------------------------------------------- GRPO's objective (pure functions)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """Reward minus its group's mean (and divided by the group's std when `scale == "group"`).
+
+    `rewards` holds consecutive groups of `group_size` completions of the same prompt. A group whose
+    completions all score the same gets advantage 0: it carries no signal about which is better.
+    """
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown reward scaling {scale!r}")
+    return centred.reshape(-1)
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor  # this micro-batch's share of the global per-token mean
+    kl_sum: float  # sums over this micro-batch's completion tokens (divided by the global count in the log)
+    clipped: int
+    tokens: int
+
+
+def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              total_tokens: int | torch.Tensor, clip_low: float, clip_high: float,
+              ref_logps: torch.Tensor | None = None, beta: float = 0.0) -> LossParts:
+    """Clipped-ratio policy loss (+ beta x KL) summed over masked tokens, divided by `total_tokens`.
+
+    logps/old_logps/ref_logps/mask: [B, T] per completion token; advantages: [B]. The KL estimate per
+    token is exp(ref - logp) - (ref - logp) - 1 (non-negative, unbiased; Schulman's k3).
+    """
+    mask = mask.to(logps.dtype)
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages.unsqueeze(1)
+    clipped_ratio = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    per_token = -torch.min(ratio * adv, clipped_ratio * adv)
+    kl_sum = 0.0
+    if beta:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs the reference log-probabilities")
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+        kl_sum = float((kl.detach() * mask).sum())
+    # A token is clipped when the clipped term is the smaller one, i.e. its gradient is cut off.
+    clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
+    return LossParts(
+        loss=(per_token * mask).sum() / total_tokens, kl_sum=kl_sum,
+        clipped=int((clipped.float() * mask).sum()), tokens=int(mask.sum()),
+    )
