@@ -113,7 +113,7 @@ def optimise(accelerator, model, optimizer, scheduler, params, processor, sample
     for _ in range(grpo.iterations):
         stats = runtime.optimizer_step(accelerator, model, optimizer, scheduler, params, len(batches), loss_of, cfg.max_grad_norm)
         totals["grad_norm"].append(stats["grad_norm"])
-        totals["loss"] += stats["rank_loss"]  # summed over ranks in the step's record
+        totals["loss"] += stats["loss"]  # already summed over ranks
         totals["nonfinite"] += not stats["finite"]
     return totals
 
@@ -135,7 +135,7 @@ def step_record(accelerator, step: int, stage: str, lr: float, parts: dict, tota
     tokens = summed(stats["tokens"])
     record.update({
         "rollout_accuracy": record["reward/answer/mean"],
-        "loss": summed(stats["loss"]) / iterations,
+        "loss": stats["loss"] / iterations,
         "grad_norm": stats["grad_norm"][-1],
         "kl": summed(stats["kl_sum"]) / max(tokens, 1),
         "clip_fraction": summed(stats["clipped"]) / max(tokens, 1),

@@ -230,8 +230,8 @@ def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, params
     """One optimizer step over this rank's `micro_batches`; `loss_of(i)` is micro-batch i's loss, its share of the
     global per-token mean (the sum of its token losses / the global batch's target tokens).
 
-    Returns the loss summed over all ranks ("loss") and this rank's ("rank_loss"), the gradient norm (None
-    when DeepSpeed keeps it) and whether the step was finite; a non-finite one updates nothing.
+    Returns the loss summed over all ranks, the gradient norm (None when DeepSpeed keeps it) and whether the
+    step was finite; a non-finite one updates nothing.
     """
     loss_sum = torch.zeros((), device=accelerator.device)
     for i in range(micro_batches):
@@ -251,7 +251,7 @@ def optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, params
         optimizer.step()
     scheduler.step()  # the schedule stays a function of the step, skipped or not
     optimizer.zero_grad()
-    return {"loss": loss, "rank_loss": float(loss_sum), "grad_norm": grad_norm, "finite": finite}
+    return {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
 def count_nonfinite(cfg, out: Path, skipped: int, new: int, what: str) -> int:
