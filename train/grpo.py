@@ -164,7 +164,7 @@ def load_policy(recipe: Recipe, zero3: bool = False):
 
 # What a resumed run must share with the run on disk: SFT's sections, the grpo one, and the thinking
 # budget the length reward scores against.
-GRPO_SECTIONS = ("model", "data", "lora", "train", "grpo")
+GRPO_SECTIONS = (*runtime.TRAINING_SECTIONS, "grpo")
 GRPO_ALSO = ("infer.thinking_budget",)
 
 

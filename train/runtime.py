@@ -93,12 +93,6 @@ def zero_stage(accelerator: Accelerator) -> int:
     return accelerator.state.deepspeed_plugin.zero_stage
 
 
-def check_nonfinite_skipping(accelerator: Accelerator, cfg) -> None:
-    if cfg.max_nonfinite_steps and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise RecipeError("train.max_nonfinite_steps > 0 cannot skip steps under DeepSpeed (its engine updates "
-                          "inside backward); set it to 0: training then stops at a non-finite loss")
-
-
 def check_launch(accelerator: Accelerator, recipe: Recipe) -> None:
     """Refuse train settings this launch cannot run as planned."""
     cfg, stage = recipe.train, zero_stage(accelerator)
@@ -111,10 +105,16 @@ def check_launch(accelerator: Accelerator, recipe: Recipe) -> None:
         # times per rank, and their recomputation in backward finds it released (tried on 2 CPU ranks).
         raise RecipeError("train.loss_chunk_tokens is not supported under ZeRO-3 (the lm_head is sharded); "
                           "use it with ZeRO-2 or one process, or set train.loss_chunk_tokens=null")
-    check_nonfinite_skipping(accelerator, cfg)
+    if cfg.max_nonfinite_steps and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise RecipeError("train.max_nonfinite_steps > 0 cannot skip steps under DeepSpeed (its engine updates "
+                          "inside backward); set it to 0: training then stops at a non-finite loss")
 
 
-def check_resumable(recipe: Recipe, out: Path, sections: tuple[str, ...] = ("model", "data", "lora", "train"),
+# The recipe sections an SFT run reads: what a resumed run must share with the run on disk (GRPO adds its own).
+TRAINING_SECTIONS = ("model", "data", "lora", "train")
+
+
+def check_resumable(recipe: Recipe, out: Path, sections: tuple[str, ...] = TRAINING_SECTIONS,
                     also: tuple[str, ...] = ()) -> None:
     """A run folder that holds checkpoints or an adapter may only be continued with the settings that made them:
     every key of the recipe's `sections` and the single keys `also` that changes results (core.recipe.result_keys)."""
@@ -127,7 +127,7 @@ def check_resumable(recipe: Recipe, out: Path, sections: tuple[str, ...] = ("mod
                             + ". Restore them, or choose another train.output_dir")
 
 
-def launch(recipe: Recipe, sections: tuple[str, ...] = ("model", "data", "lora", "train"), also: tuple[str, ...] = (),
+def launch(recipe: Recipe, sections: tuple[str, ...] = TRAINING_SECTIONS, also: tuple[str, ...] = (),
            check: Callable[[Recipe, int], None] | None = None) -> tuple[Accelerator, Callable[[str], None]]:
     """Start a session: refuse a run folder made with other settings (check_resumable over `sections` and
     `also`), create the accelerator, refuse settings it cannot run (check_launch, then the trainer's own
