@@ -30,6 +30,13 @@ def model_loss(model, inputs: dict, num_items_in_batch: torch.Tensor) -> torch.T
     return model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch).loss
 
 
+def checkpointed_chunks(fn, rows: torch.Tensor, goal: torch.Tensor, chunk_tokens: int) -> list[torch.Tensor]:
+    """`fn(rows, goal)` over `chunk_tokens` target positions at a time, each chunk recomputed in backward: only
+    one chunk's logits exist at once."""
+    return [checkpoint(fn, rows[start:start + chunk_tokens], goal[start:start + chunk_tokens], use_reentrant=False)
+            for start in range(0, goal.numel(), chunk_tokens)]
+
+
 def chunked_cross_entropy(lm_head, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
                           num_items_in_batch: torch.Tensor) -> torch.Tensor:
     """Sum of the next-token cross-entropies of the target positions / `num_items_in_batch`.
@@ -46,10 +53,7 @@ def chunked_cross_entropy(lm_head, hidden: torch.Tensor, labels: torch.Tensor, c
     def chunk_loss(rows_chunk: torch.Tensor, goal_chunk: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(lm_head(rows_chunk).float(), goal_chunk, reduction="sum")
 
-    total = sum(
-        checkpoint(chunk_loss, rows[start:start + chunk_tokens], goal[start:start + chunk_tokens], use_reentrant=False)
-        for start in range(0, goal.numel(), chunk_tokens)
-    )
+    total = sum(checkpointed_chunks(chunk_loss, rows, goal, chunk_tokens))
     return total / num_items_in_batch.to(total.device)
 
 
@@ -129,10 +133,7 @@ def chunked_token_logps(lm_head, hidden: torch.Tensor, labels: torch.Tensor, chu
         logits = lm_head(rows_chunk).float() / temperature
         return logits.gather(-1, goal_chunk.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
-    picked = torch.cat([
-        checkpoint(chunk_logps, rows[start:start + chunk_tokens], goal[start:start + chunk_tokens], use_reentrant=False)
-        for start in range(0, goal.numel(), chunk_tokens)
-    ])
+    picked = torch.cat(checkpointed_chunks(chunk_logps, rows, goal, chunk_tokens))
     return logps.masked_scatter(mask, picked), mask
 
 
