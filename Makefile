@@ -11,7 +11,7 @@ RECIPE     ?= recipes/tiny.yaml
 TINY       := artifacts/tiny-omni
 SYNTH      := artifacts/synthetic
 
-.PHONY: setup setup-vllm tiny data prep train grpo merge infer eval encoder demo readme-demo audit test test-vllm bench clean
+.PHONY: setup setup-vllm tiny data data-hard rest prep train grpo merge infer eval encoder demo readme-demo audit test test-vllm bench clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,12 @@ $(TINY)/config.json: $(SYNTH)/test.jsonl | setup
 data: $(SYNTH)/test.jsonl
 $(SYNTH)/test.jsonl: | setup
 	$(PY) -m data_prep.synthetic $(SYNTH)
+
+# The harder split (multi-step tasks; recipes/tiny_hard.yaml trains and answers on it; docs/rest.md).
+SYNTH_HARD := artifacts/synthetic_hard
+data-hard: $(SYNTH_HARD)/test.jsonl
+$(SYNTH_HARD)/test.jsonl: | setup
+	$(PY) -m data_prep.synthetic $(SYNTH_HARD) --hard --pretrain 0
 
 # The Cogito-Pipe on $(RECIPE) (tiny: the synthetic clips as the raw source, the tiny checkpoint as
 # every model): manifest -> questions -> distilled reasoning -> verified SFT file, then the data card.

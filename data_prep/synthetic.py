@@ -1,6 +1,7 @@
 """A synthetic audio-reasoning benchmark in the MMAR schema, answerable from the signal alone.
 
     python -m data_prep.synthetic artifacts/synthetic --train 960 --test 120 --pretrain 960 --seed 0
+    python -m data_prep.synthetic artifacts/synthetic_hard --hard --train 960 --test 120 --pretrain 0
 
 Writes `train.jsonl`, `test.jsonl`, `pretrain.jsonl` and `audio/<id>.wav` (16 kHz mono, 1-3 s).
 Every record has the MMAR fields (choices, answer, modality, category, sub-category, a reference
@@ -9,6 +10,13 @@ question. The six tasks take turns, so every split is balanced across them. The 
 byte-identical files; each clip belongs to one record of one split. It is the embedded default
 dataset of the demo and the tests; `pretrain` is what the tiny base hears before any fine-tuning
 (core/tiny_pretrain.py), on clips of its own.
+
+`--hard` writes the harder split instead (HARD_TASKS): four multi-step tasks, each combining two or
+more heard facts in order (which tone is lowest, then the beeps after it; which tone is longest and
+which loudest, then whether they are one; which note falls, in a rising line; which tone is louder,
+then its pitch against the other's). Their distractors are what a wrong step gives, their reference
+reasoning names each step, and the tiny base never heard their clips in pre-training. It has its own
+random streams: the default split's files stay byte-identical.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ class Clip:
     caption: str  # what is heard, e.g. "a higher tone, then a lower tone"
     cue: list[str]
     facts: dict  # ground truth of the signal (beep onsets, frequencies, ...) for tests and probes
+    steps: list[str] | None = None  # the harder split: each heard fact the answer is combined from, in order
 
 
 def tone(freq: float, seconds: float, amplitude: float = 0.5) -> np.ndarray:
@@ -178,6 +187,133 @@ TASKS = {
 }
 
 
+# ------------------------------------------------------------------ the harder split (--hard)
+
+COUNT_WORDS = ["zero", "one", "two", "three", "four", "five", "six"]
+ORDINALS = ["first", "second", "third", "fourth", "fifth"]
+BEEP_HZ = 1800.0  # far above every tone: a beep is never taken for one
+
+
+def beep_run(count: int, rng: np.random.Generator) -> list[np.ndarray]:
+    parts = []
+    for _ in range(count):
+        parts += [tone(BEEP_HZ, float(rng.uniform(0.06, 0.08)), 0.35), silence(float(rng.uniform(0.1, 0.14)))]
+    return parts
+
+
+def distractors(answer: int, wrong_steps: list[int], rng: np.random.Generator, size: int = 4) -> list[int]:
+    """The answer, the counts that wrong steps give, then other counts up to `size` choices, sorted."""
+    picked = [answer] + [w for w in dict.fromkeys(wrong_steps) if w != answer][: size - 1]
+    rest = [n for n in range(len(COUNT_WORDS)) if n not in picked]
+    picked += rng.choice(rest, size=size - len(picked), replace=False).tolist()
+    return sorted(picked)
+
+
+def beeps_after_lowest(rng: np.random.Generator) -> Clip:
+    """Three tones, each followed by 0-2 beeps: find the lowest tone, then count the beeps after it."""
+    root = float(rng.uniform(220, 300))
+    steps = rng.permutation([0, 7, 14]).tolist()  # semitones above the root: the three tones in order
+    beeps = rng.integers(0, 3, size=3).tolist()
+    parts = [silence(0.1)]
+    for step, count in zip(steps, beeps):
+        parts += [tone(root * 2 ** (step / 12), 0.3), silence(0.12)] + beep_run(count, rng)
+    parts.append(silence(0.1))
+    lowest, highest = steps.index(0), steps.index(14)
+    answer = sum(beeps[lowest:])
+    # wrong steps: every beep counted, the highest tone taken for the lowest, the beeps before it counted
+    options = distractors(answer, [sum(beeps), sum(beeps[highest:]), sum(beeps[:lowest])], rng)
+    names = {0: "low", 7: "middle", 14: "high"}
+    heard = ", ".join(f"a {names[s]} tone" + (f" and {COUNT_WORDS[n]} beep{'s' if n > 1 else ''}" if n else "")
+                      for s, n in zip(steps, beeps))
+    return Clip(
+        wave=np.concatenate(parts), question="How many beeps come after the lowest tone?",
+        choices=[COUNT_WORDS[n] for n in options], answer=COUNT_WORDS[answer], caption=heard,
+        cue=["lowest tone", "beeps after it"], facts={"semitones": steps, "beeps": beeps, "lowest": lowest},
+        steps=[f"the lowest tone is the {ORDINALS[lowest]} one",
+               f"{COUNT_WORDS[answer]} beep{'' if answer == 1 else 's'} come{'s' if answer == 1 else ''} after it"],
+    )
+
+
+LEVELS = {0.05: "faint", 0.16: "moderate", 0.5: "strong"}
+LENGTHS = {0.15: "short", 0.4: "mid-length", 0.8: "long"}
+
+
+def longest_is_loudest(rng: np.random.Generator) -> Clip:
+    """Three tones of three lengths and three levels: which is longest, which loudest, the same one or not?"""
+    durations = rng.permutation(list(LENGTHS)).tolist()
+    amplitudes = rng.permutation(list(LEVELS)).tolist()
+    same = bool(rng.integers(0, 2))
+    longest = durations.index(max(durations))
+    loudest = amplitudes.index(max(amplitudes))
+    if same != (longest == loudest):  # move the strongest level onto the longest tone, or off it
+        target = longest if same else (longest + 1 + int(rng.integers(0, 2))) % 3
+        amplitudes[loudest], amplitudes[target] = amplitudes[target], amplitudes[loudest]
+        loudest = target
+    freqs = rng.uniform(300, 700, size=3).tolist()
+    parts = [silence(0.1)]
+    for f, d, a in zip(freqs, durations, amplitudes):
+        parts += [tone(f, d, a), silence(0.2)]
+    answer = "yes" if same else "no"
+    return Clip(
+        wave=np.concatenate(parts), question="Is the longest tone also the loudest one?", choices=["yes", "no"],
+        answer=answer, caption=", ".join(f"a {LENGTHS[d]} {LEVELS[a]} tone" for d, a in zip(durations, amplitudes)),
+        cue=["tone lengths", "tone levels"], facts={"durations": durations, "amplitudes": amplitudes},
+        steps=[f"the longest tone is the {ORDINALS[longest]} one", f"the loudest tone is the {ORDINALS[loudest]} one"],
+    )
+
+
+def odd_note(rng: np.random.Generator) -> Clip:
+    """Five notes rising in equal steps but one, which falls below the note before it: which one?"""
+    root = float(rng.uniform(200, 280))
+    odd = int(rng.integers(1, 5))  # 0-based: the second to the fifth note
+    steps = [3 * i for i in range(5)]
+    steps[odd] = steps[odd - 1] - 5  # a clear fall: farther below the note before than a step up
+    parts = [silence(0.1)]
+    for s in steps:
+        parts += [tone(root * 2 ** (s / 12), 0.25), silence(0.06)]
+    parts.append(silence(0.1))
+    answer = f"the {ORDINALS[odd]} note"
+    return Clip(
+        wave=np.concatenate(parts), question="Which note breaks the rising melody?",
+        choices=[f"the {o} note" for o in ORDINALS[1:]], answer=answer,
+        # the motion of each note after the first, not the answer's words: the caption is what is heard
+        caption="five notes moving " + ", ".join("down" if i == odd else "up" for i in range(1, 5)),
+        cue=["rising notes", "the note that falls"],
+        facts={"semitones": steps, "odd": odd},
+        steps=["the notes rise", f"the {ORDINALS[odd]} note falls below the {ORDINALS[odd - 1]}"],
+    )
+
+
+def louder_pitch(rng: np.random.Generator) -> Clip:
+    """Two tones differing in pitch and level: which is louder, then is it the higher or the lower one?"""
+    low = float(rng.uniform(220, 400))
+    high = low * 2 ** (float(rng.integers(5, 13)) / 12)
+    first_high, first_loud = bool(rng.integers(0, 2)), bool(rng.integers(0, 2))
+    freqs = [high, low] if first_high else [low, high]
+    amps = [0.5, 0.1] if first_loud else [0.1, 0.5]
+    loud = 0 if first_loud else 1
+    answer = "higher" if (loud == 0) == first_high else "lower"
+    return Clip(
+        wave=np.concatenate([silence(0.1), tone(freqs[0], 0.5, amps[0]), silence(0.3), tone(freqs[1], 0.5, amps[1]), silence(0.1)]),
+        question="Is the louder tone higher or lower in pitch than the other tone?", choices=["higher", "lower"],
+        answer=answer, caption=", then ".join(f"a {'strong' if a > 0.2 else 'faint'} {'high' if f == high else 'low'} tone"
+                                              for f, a in zip(freqs, amps)),
+        cue=["tone levels", "pitch difference"], facts={"freqs": freqs, "amplitudes": amps},
+        steps=[f"the {ORDINALS[loud]} tone is the louder one",
+               f"it is {'above' if answer == 'higher' else 'below'} the {ORDINALS[1 - loud]} in pitch"],
+    )
+
+
+HARD_TASKS = {
+    "beeps_after_lowest": Task(beeps_after_lowest, "sound", "Perception Layer", "Counting After A Landmark",
+                               "finds the lowest tone and counts the beeps after it"),
+    "longest_is_loudest": Task(longest_is_loudest, "sound", "Signal Layer", "Duration And Loudness",
+                               "finds the longest and the loudest tone"),
+    "odd_note": Task(odd_note, "music", "Perception Layer", "Melodic Pattern Break", "finds the note that breaks the pattern"),
+    "louder_pitch": Task(louder_pitch, "music", "Signal Layer", "Loudness And Pitch", "finds the louder tone and compares its pitch"),
+}
+
+
 def rubric(task: Task, clip: Clip) -> list[dict]:
     criteria = [
         (f"Cue Identification: {clip.cue[0]}", f"Award 1 point if the reasoning identifies the {clip.cue[0]}."),
@@ -197,12 +333,14 @@ def reference_thinking(clip: Clip) -> str:
     answer is quoted: after a quote its words are the same tokens as the answer after `</think>`
     (' downward' and 'downward' are two different tokens), so the final answer is a copy of the
     reasoning's conclusion, not a respelling the tiny model had to learn for every choice."""
+    if clip.steps:
+        return f'I hear {clip.caption}. {"; ".join(clip.steps).capitalize()}, so the answer is "{clip.answer}".'
     return f'I hear {clip.caption}, so the answer is "{clip.answer}".'
 
 
-def make_record(split: str, index: int, task_name: str, clip: Clip, duration: float) -> dict:
-    task = TASKS[task_name]
-    rid = f"syn-{split}-{index:05d}-{task_name}"
+def make_record(split: str, index: int, task_name: str, clip: Clip, duration: float, hard: bool = False) -> dict:
+    task = (HARD_TASKS if hard else TASKS)[task_name]
+    rid = f"syn-{'hard-' if hard else ''}{split}-{index:05d}-{task_name}"
     return {
         "id": rid, "audio_path": f"./audio/{rid}.wav", "question": clip.question, "choices": clip.choices,
         "answer": clip.answer, "modality": task.modality, "category": task.category,
@@ -213,15 +351,17 @@ def make_record(split: str, index: int, task_name: str, clip: Clip, duration: fl
     }
 
 
-def generate_split(out_dir: Path, split: str, count: int, seed: int) -> list[dict]:
-    rng = np.random.default_rng([seed, SPLITS.index(split)])
-    names = list(TASKS)
+def generate_split(out_dir: Path, split: str, count: int, seed: int, hard: bool = False) -> list[dict]:
+    # the harder split draws from streams of its own (a third key), the default split's stay as they were
+    rng = np.random.default_rng([seed, SPLITS.index(split), 1] if hard else [seed, SPLITS.index(split)])
+    tasks = HARD_TASKS if hard else TASKS
+    names = list(tasks)
     records = []
     for index in range(count):
         task_name = names[index % len(names)]
-        clip = TASKS[task_name].make(rng)
+        clip = tasks[task_name].make(rng)
         wave = mix_noise_floor(pad_to_min_length(clip.wave), rng)
-        record = make_record(split, index, task_name, clip, duration=wave.size / SAMPLE_RATE)
+        record = make_record(split, index, task_name, clip, duration=wave.size / SAMPLE_RATE, hard=hard)
         write_wav(out_dir / record["audio_path"], wave)
         records.append(record)
     with (out_dir / f"{split}.jsonl").open("w", encoding="utf-8") as handle:
@@ -230,12 +370,13 @@ def generate_split(out_dir: Path, split: str, count: int, seed: int) -> list[dic
     return records
 
 
-def generate(out_dir: str | Path, train: int = 960, test: int = 120, seed: int = 0, pretrain: int = 0) -> dict[str, list[dict]]:
+def generate(out_dir: str | Path, train: int = 960, test: int = 120, seed: int = 0, pretrain: int = 0,
+             hard: bool = False) -> dict[str, list[dict]]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sizes = {"train": train, "test": test, "pretrain": pretrain}
     # train and test are always written (empty when 0), the pre-training clips only when asked for
-    return {split: generate_split(out, split, sizes[split], seed) for split in SPLITS if split != "pretrain" or pretrain}
+    return {split: generate_split(out, split, sizes[split], seed, hard) for split in SPLITS if split != "pretrain" or pretrain}
 
 
 def main() -> None:
@@ -247,8 +388,9 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=120)
     parser.add_argument("--pretrain", type=int, default=960, help="clips with captions for the tiny base's pre-training")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hard", action="store_true", help="the harder split (HARD_TASKS); give it --pretrain 0")
     args = parser.parse_args()
-    splits = generate(args.out_dir, args.train, args.test, args.seed, args.pretrain)
+    splits = generate(args.out_dir, args.train, args.test, args.seed, args.pretrain, args.hard)
     print(f"synthetic benchmark: {', '.join(f'{k}={len(v)}' for k, v in splits.items())} records in {args.out_dir}")
 
 

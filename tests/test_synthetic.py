@@ -136,3 +136,53 @@ def test_pretrain_split_has_its_own_clips_and_leaves_the_others_unchanged(tmp_pa
     assert len(hashes(pretrain)) == 12 and not hashes(pretrain) & hashes(others)
     # the tasks take turns: every split is balanced across them
     assert sorted(i.meta["sub-category"] for i in pretrain) == sorted(2 * [t.sub_category for t in TASKS.values()])
+
+
+def test_hard_split_leaves_the_default_split_unchanged_and_has_its_own_clips(tmp_path):
+    from data_prep.synthetic import HARD_TASKS
+
+    generate(tmp_path / "easy", train=8, test=4, seed=0)
+    generate(tmp_path / "hard", train=8, test=4, seed=0, hard=True)
+    hard = load_items(tmp_path / "hard" / "train.jsonl") + load_items(tmp_path / "hard" / "test.jsonl")
+    easy = load_items(tmp_path / "easy" / "train.jsonl") + load_items(tmp_path / "easy" / "test.jsonl")
+    assert sorted({i.id.rsplit("-", 1)[-1] for i in hard}) == sorted(HARD_TASKS)
+    hashes = lambda chosen: {hashlib.sha256(i.audio_path.read_bytes()).hexdigest() for i in chosen}
+    assert len(hashes(hard)) == 12 and not hashes(hard) & hashes(easy)
+    assert all(i.id.startswith("syn-hard-") for i in hard)
+
+
+@pytest.fixture(scope="module")
+def hard_items(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hard")
+    generate(out, train=48, test=0, seed=0, hard=True)
+    return load_items(out / "train.jsonl")
+
+
+def test_hard_answers_combine_the_heard_facts_and_distractors_are_wrong_steps(hard_items):
+    from data_prep.synthetic import COUNT_WORDS, ORDINALS
+
+    for item in by_task(hard_items, "beeps_after_lowest"):
+        segments = segment_features(item.load_audio())
+        tones = [k for k, (_, _, f) in enumerate(segments) if f < 1500]  # the beeps sit at 1800 Hz
+        assert len(tones) == 3, item.id
+        lowest = min(tones, key=lambda k: segments[k][2])
+        after = sum(1 for _, _, f in segments[lowest:] if f > 1500)
+        assert item.answer == COUNT_WORDS[after], item.id
+        total = sum(1 for _, _, f in segments if f > 1500)
+        assert COUNT_WORDS[total] in item.choices and len(item.choices) == 4  # counting every beep is a wrong step
+        assert f"the lowest tone is the {ORDINALS[tones.index(lowest)]} one" in item.thinking.lower()
+    for item in by_task(hard_items, "longest_is_loudest"):
+        segments = segment_features(item.load_audio())
+        longest = max(range(3), key=lambda k: segments[k][0])
+        loudest = max(range(3), key=lambda k: segments[k][1])
+        assert item.answer == ("yes" if longest == loudest else "no"), item.id
+        assert f"longest tone is the {ORDINALS[longest]}" in item.thinking and f"loudest tone is the {ORDINALS[loudest]}" in item.thinking
+    for item in by_task(hard_items, "odd_note"):
+        pitches = [f for _, _, f in segment_features(item.load_audio())]
+        falls = [k for k in range(1, 5) if pitches[k] < pitches[k - 1]]
+        assert len(falls) == 1 and item.answer == f"the {ORDINALS[falls[0]]} note", item.id
+    for item in by_task(hard_items, "louder_pitch"):
+        (_, r1, f1), (_, r2, f2) = segment_features(item.load_audio())
+        louder_is_higher = (f1 > f2) == (r1 > r2)
+        assert item.answer == ("higher" if louder_is_higher else "lower"), item.id
+    assert {i.answer for i in by_task(hard_items, "longest_is_loudest")} == {"yes", "no"}
