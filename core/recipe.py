@@ -148,6 +148,9 @@ class TrainConfig(Section):
     """pick up the latest checkpoint in output_dir"""
     stop_after: Annotated[int | None, NoEffect] = Field(None, gt=0)
     """stop (with a checkpoint) after this step; the schedule is unchanged"""
+    init_adapter: str | None = None
+    """SFT: the LoRA adapter folder to go on training (the self-improvement loop's previous iteration); None: a
+    fresh one from `lora`"""
     log_every: Annotated[int, NoEffect] = Field(1, gt=0)
     """optimizer steps between metrics lines"""
     report_to: Annotated[Literal["none", "wandb", "tensorboard"], NoEffect] = "none"
@@ -473,6 +476,51 @@ class GRPOConfig(Section):
         return self
 
 
+class RestConfig(Section):
+    """The self-improvement loop (train/rest.py, ReST): per iteration, K sampled completions of every item, scored by
+    the official answer rule; correct ones selected by their item's pass rate; SFT on them from the previous adapter."""
+
+    output_dir: Annotated[str, NoEffect] = "runs/rest"
+    """every iteration's samples, pass rates, histogram, selection, SFT data and adapter go here (iter-N/)"""
+    items: list[DatasetSpec] = Field(default_factory=list)
+    """MMAR-schema JSONL sampled each iteration; empty: data.train"""
+    max_items: int | None = Field(None, gt=0)
+    """a seeded random subset of at most this many items (the same every iteration); None: all"""
+    init_adapter: str | None = None
+    """the adapter the first iteration samples with and trains on (the SFT run's); None: the base model"""
+    train_from: Literal["previous", "base"] = "previous"
+    """each iteration's SFT goes on from the adapter it sampled with, or starts a fresh one on the base"""
+    lrs: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [2e-5, 1e-5, 5e-6], min_length=1)
+    """one SFT learning rate per iteration: the number of iterations"""
+    epochs: float | None = Field(None, gt=0)
+    """SFT passes over each iteration's selection; None: train.epochs"""
+    samples: int = Field(8, ge=1)
+    """K completions per item"""
+    temperature: float = Field(0.9, gt=0)
+    """sampling temperature"""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """sampling top-p (1: off)"""
+    max_new_tokens: int = Field(4096, gt=0)
+    """per completion"""
+    batch_size: int = Field(16, gt=0)
+    """sequences per generate() call"""
+    chunk_items: Annotated[int, NoEffect] = Field(64, gt=0)
+    """items per sampling chunk: each chunk's samples are one file, written whole, the unit a resumed loop redoes"""
+    seed: int = 0
+    """item subset, sampling seeds (one per iteration and chunk), the all-correct fraction"""
+    selection: Literal["learning_zone", "all_correct", "shortest_k"] = "learning_zone"
+    """learning_zone: by pass-rate band (train/rest.py); all_correct: every correct sample; shortest_k: the k shortest
+    correct samples of every item with one"""
+    shortest_k: int = Field(3, ge=1)
+    """correct samples kept per item by shortest_k, and by the learning zone's middle band"""
+    all_correct_fraction: float = Field(0.0, ge=0, le=1)
+    """learning zone: the share of the top band's items (15-16 of 16, scaled) kept, one sample each at weight 0.5"""
+    launch_config: str | None = None
+    """Accelerate config each iteration's SFT is launched with (train/sft.py, as `make train`); None: one process"""
+    final_histogram: bool = True
+    """after the last iteration, sample and score once more with its adapter: its pass-rate histogram"""
+
+
 class Recipe(Section):
     name: str = "unnamed"
     """the run's name (trackers, reports)"""
@@ -492,6 +540,8 @@ class Recipe(Section):
     """the Cogito-Pipe data pipeline (python -m data_prep)"""
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     """RL after SFT (train/grpo.py)"""
+    rest: RestConfig = Field(default_factory=RestConfig)
+    """the self-improvement loop (train/rest.py)"""
 
     @model_validator(mode="after")
     def _length_reward_has_a_budget(self) -> "Recipe":

@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"train: {len(examples)} samples, {global_batch} per step on {world} rank(s), "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps")
 
-    # Model: LoRA on the text attention (and experts if asked).
-    model, placed = runtime.load_model(recipe, zero3=runtime.zero_stage(accelerator) == 3)
+    # Model: LoRA on the text attention (and experts if asked), fresh or the train.init_adapter one.
+    model, placed = runtime.load_model(recipe, zero3=runtime.zero_stage(accelerator) == 3, adapter=cfg.init_adapter)
     log(runtime.describe_adapters(model, placed))
     loss_fn = make_loss(model, cfg.loss_chunk_tokens)
     # Router aux loss stays off (the config default): every LoRA tensor, the fused expert ones

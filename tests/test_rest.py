@@ -1,0 +1,149 @@
+"""The self-improvement loop (train/rest.py): its selection rule on hand-made pass rates, and one small iteration
+end to end on the tiny kit, killed mid-iteration and resumed to the same bytes."""
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from train import rest
+
+
+def scored(item_id: str, correct: list[bool], tokens: list[int]) -> dict:
+    return {"id": item_id, "passes": sum(correct), "samples": len(correct), "correct": correct, "tokens": tokens}
+
+
+@pytest.mark.parametrize("passes, band", [(0, "none"), (1, "low"), (3, "low"), (4, "middle"), (11, "middle"),
+                                          (12, "high"), (14, "high"), (15, "top"), (16, "top")])
+def test_bands_are_the_published_ones_at_16_samples(passes, band):
+    assert rest.band(passes, 16) == band
+
+
+def test_bands_scale_with_the_share_of_passes():
+    # K = 8: 1 (12.5 %) low; 2-5 (25-62.5 %) middle; 6-7 (75-87.5 %) high; 8 top. K = 2: 1 of 2 is middle.
+    assert [rest.band(p, 8) for p in range(9)] == ["none", "low", "middle", "middle", "middle", "middle", "high", "high", "top"]
+    assert [rest.band(p, 2) for p in range(3)] == ["none", "middle", "top"]
+
+
+def test_learning_zone_keeps_exactly_what_it_says():
+    tokens = [30, 10, 50, 20, 40, 60, 70, 80, 90, 15, 25, 35, 45, 55, 65, 75]
+    scores = [
+        scored("zero", [False] * 16, tokens),
+        scored("low", [j in (2, 5, 7) for j in range(16)], tokens),  # 3 of 16: all three, weight 1
+        scored("middle", [j < 6 for j in range(16)], tokens),  # 6 of 16: the 3 shortest correct (1: 10, 3: 20, 0: 30)
+        scored("high", [j != 1 and j != 3 for j in range(16)], tokens),  # 14 of 16: the shortest correct (9: 15)
+        scored("top", [True] * 16, tokens),  # 16 of 16: skipped at fraction 0
+    ]
+    kept = rest.select(scores, "learning_zone", shortest_k=3)
+    assert [(k["id"], k["sample"], k["weight"], k["band"]) for k in kept] == [
+        ("low", 2, 1.0, "low"), ("low", 5, 1.0, "low"), ("low", 7, 1.0, "low"),
+        ("middle", 0, 1.5, "middle"), ("middle", 1, 1.5, "middle"), ("middle", 3, 1.5, "middle"),
+        ("high", 9, 0.5, "high"),
+    ]
+    # the whole top band at fraction 1: its shortest sample (1: 10 tokens) at weight 0.5
+    everything = rest.select(scores, "learning_zone", shortest_k=3, all_correct_fraction=1.0)
+    assert everything[-1] == {"id": "top", "sample": 1, "weight": 0.5, "band": "top"} and len(everything) == 8
+    # the options: every correct sample, or the k shortest, all at weight 1
+    assert len(rest.select(scores, "all_correct")) == 3 + 6 + 14 + 16
+    short = rest.select(scores, "shortest_k", shortest_k=2)
+    assert [(k["id"], k["sample"]) for k in short if k["id"] in ("high", "top")] == [("high", 9), ("high", 10), ("top", 1), ("top", 9)]
+    assert {k["weight"] for k in short} == {1.0}
+
+
+def test_a_fraction_of_the_top_band_is_a_seeded_share():
+    scores = [scored(f"t{i}", [True] * 4, [5, 6, 7, 8]) for i in range(400)]
+    kept = rest.select(scores, "learning_zone", all_correct_fraction=0.25, seed=3)
+    assert kept == rest.select(scores, "learning_zone", all_correct_fraction=0.25, seed=3)
+    assert 70 < len(kept) < 130 and {k["sample"] for k in kept} == {0}
+
+
+def test_histogram_counts_items_per_pass_count():
+    scores = [scored("a", [True, False], [1, 1]), scored("b", [False, False], [1, 1]), scored("c", [True, False], [1, 1])]
+    hist = rest.histogram(scores, 2)
+    assert hist["passes"] == {"0": 1, "1": 2, "2": 0} and hist["bands"]["middle"] == 2 and hist["mean_pass_rate"] == 0.3333
+
+
+@pytest.fixture
+def loop_recipe(tmp_path, tiny_checkpoint, synthetic_dir):
+    recipe = {
+        "name": "test-rest",
+        "model": {"path": str(tiny_checkpoint), "dtype": "float32"},
+        "data": {"train": [{"path": str(synthetic_dir / "train.jsonl")}], "max_length": 1024},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
+        "train": {"seed": 0, "warmup_ratio": 0.0, "batch_size": 1, "grad_accum": 1, "max_steps": 2, "save_every": 1},
+        "rest": {"output_dir": str(tmp_path / "loop"), "max_items": 6, "samples": 2, "max_new_tokens": 6,
+                 "batch_size": 4, "chunk_items": 2, "lrs": [1e-3], "all_correct_fraction": 1.0, "final_histogram": False},
+    }
+    path = tmp_path / "rest.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def loop_files(folder) -> dict:
+    """Every file the loop writes whole, by path; not the SFT's logs (timings), nor trained.json (seconds). peft
+    writes an adapter's target_modules from a set, in an order that changes between processes: compared sorted."""
+    skip = ("sft/metrics.jsonl", "sft/provenance", "sft/seen", "sft/checkpoints", "sft/data_cache", "trained.json")
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+             if p.is_file() and not any(s in str(p.relative_to(folder)) for s in skip)}
+    for name in [n for n in files if n.endswith("adapter_config.json")]:
+        config = json.loads(files[name])
+        files[name] = {**config, "target_modules": sorted(config["target_modules"])}
+    return files
+
+
+def test_one_iteration_end_to_end_then_killed_and_resumed_to_the_same_files(loop_recipe, monkeypatch, one_torch_thread):
+    from core.recipe import load_recipe
+
+    # The random tiny model names no choice: the answer rule is replaced by one that passes every sample of the
+    # items whose answer is their first choice, so the pass rates (K of K, or 0) are known in advance.
+    monkeypatch.setattr(rest, "is_correct", lambda prediction, answer, choices: answer == choices[0])
+    recipe = load_recipe(loop_recipe)
+    items = rest.loop_items(recipe)
+    first = {it.id for it in items if it.answer == it.choices[0]}
+    assert 0 < len(first) < len(items) == 6
+
+    summary = rest.run(recipe, log=lambda _: None)
+    folder = rest.Path(recipe.rest.output_dir) / "iter-1"
+    samples = [json.loads(line) for path in sorted((folder / "samples").glob("chunk-*.jsonl"))
+               for line in path.read_text().splitlines()]
+    assert len(samples) == 12 and len(list((folder / "samples").glob("chunk-*.jsonl"))) == 3
+    assert all(s["correct"] == (s["id"] in first) for s in samples)
+    hist = json.loads((folder / "histogram.json").read_text())
+    assert hist["passes"] == {"0": 6 - len(first), "1": 0, "2": len(first)} and hist["adapter"] is None
+    assert hist["bands"] == {"none": 6 - len(first), "low": 0, "middle": 0, "high": 0, "top": len(first)}
+    # the top band at fraction 1: each such item's shortest sample (ties: sample 0), weight 0.5
+    shortest = {i: min((s for s in samples if s["id"] == i), key=lambda s: (s["generated_tokens"], s["sample"])) for i in first}
+    data = [json.loads(line) for line in (folder / "data" / "weight-0.5.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in data) == sorted(first)
+    for record in data:
+        assert record["thinking"] == shortest[record["id"]]["thinking"]
+        assert record["rest"] == {"iteration": 1, "sampled_with": {"adapter": None}, "sample": shortest[record["id"]]["sample"],
+                                  "band": "top", "weight": 0.5}
+    manifest = json.loads((folder / "data.json").read_text())
+    assert manifest["kept_samples"] == len(first) and manifest["files"][0]["weight"] == 0.5
+    sft = yaml.safe_load((folder / "sft_recipe.yaml").read_text())
+    assert sft["train"]["lr"] == 1e-3 and sft["train"]["init_adapter"] is None and sft["train"]["output_dir"] == str(folder / "sft")
+    assert sft["data"]["train"][0]["weight"] == 0.5 * len(first)
+    assert (folder / "sft" / "adapter" / "adapter_config.json").is_file()
+    assert summary["iterations"][0]["adapter"] == str(folder / "sft" / "adapter")
+    assert rest.iteration_data(recipe.rest.output_dir) == [folder / "data" / "weight-0.5.jsonl"]
+    reference = loop_files(rest.Path(recipe.rest.output_dir))
+
+    # killed after the first sampling chunk is written: the rerun redoes the rest and writes the same bytes
+    loop = rest.Path(recipe.rest.output_dir)
+    shutil.rmtree(loop)
+    written = rest.write_records
+
+    def killed_after_first_chunk(path, records):
+        written(path, records)
+        if path.name == "chunk-0000.jsonl":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(rest, "write_records", killed_after_first_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        rest.run(recipe, log=lambda _: None)
+    assert [p.name for p in (folder / "samples").iterdir() if not p.name.startswith(".")] == ["chunk-0000.jsonl"]
+    monkeypatch.setattr(rest, "write_records", written)
+    rest.run(recipe, log=lambda _: None)
+    assert loop_files(loop) == reference
