@@ -9,7 +9,8 @@ Layout of OUT (also packed as OUT.tar.gz):
     checksums.json           sha256 per file of what the bundle refers to but does not hold: the inference
                              checkpoint, adapter, training base, merged checkpoint, training data (SFT's data.train
                              or GRPO's curriculum stages; with --hash-audio its audio), GRPO's starting SFT adapter,
-                             the submission and its sidecars, the data card
+                             SFT's train.init_adapter, every earlier iteration's SFT data of a self-improvement loop
+                             (train/rest.py), the submission and its sidecars, the data card
     commands.sh              the exact commands that re-run training and inference from recipes/
     compliance.json          the Track 1 checks (audit.compliance)
     recipes/train.yaml       the training run's resolved recipe (runs/X/recipe.yaml)
@@ -18,6 +19,8 @@ Layout of OUT (also packed as OUT.tar.gz):
     training/metrics.jsonl   the training run's per-step metrics
     training/provenance.jsonl  git commit (+ patch), packages and machine of each training session, recorded as it ran
     data/data_card.{json,md} the data card
+    data/rest/iter-N.json    a loop iteration's run (LOOP/iter-N/sft): every iteration's data.json up to it (which
+                             adapter sampled, which files, their sha256)
     environment/             pip-freeze.txt, system.json (Python, torch, CUDA, driver, GPUs or CPU), nvidia-smi.txt
     git/                     status.txt, and diff.patch when the tree was dirty
 
@@ -44,6 +47,7 @@ from core.progress import progress
 from core.recipe import Recipe, load_recipe
 from core.redact import redact
 from infer.run import RunPaths
+from train.rest import iteration_data, iteration_manifests, loop_of
 
 BUNDLE_FORMAT = 1
 MANIFEST = "MANIFEST.json"
@@ -111,6 +115,11 @@ def artifact_checksums(src: BundleSources, train: Recipe, infer: Recipe, card: P
         groups["merged"] = folder_group(src.merged, "merged checkpoint")
     if trainer == "grpo" and train.grpo.init_adapter and not same(train.grpo.init_adapter, infer.infer.adapter):
         groups["init_adapter"] = folder_group(train.grpo.init_adapter, "grpo.init_adapter of the training recipe (the SFT start)")
+    if train.train.init_adapter and not same(train.train.init_adapter, infer.infer.adapter):
+        groups["sft_init_adapter"] = folder_group(train.train.init_adapter, "train.init_adapter of the training recipe (the SFT start)")
+    if (loop := loop_of(src.train_run)) is not None:
+        groups["rest_data"] = hash_group(None, iteration_data(*loop), "the SFT data of every iteration of the self-improvement "
+                                         f"loop in {loop[0]} up to iteration {loop[1]} (train/rest.py)")
     data = compliance.training_data(train, trainer)
     for key, spec in data:
         if not Path(spec.path).is_file():
@@ -237,6 +246,10 @@ def build_bundle(src: BundleSources) -> tuple[Path, list[compliance.Check]]:
             shutil.copy2(src.train_run / name, staging / "training" / name)
         elif (src.train_run / name).is_dir():
             shutil.copytree(src.train_run / name, staging / "training" / name)
+    if (loop := loop_of(src.train_run)) is not None:
+        (staging / "data" / "rest").mkdir()
+        for manifest in iteration_manifests(*loop):
+            shutil.copy2(manifest, staging / "data" / "rest" / f"{manifest.parent.name}.json")
     if card is not None:
         compliance.read_card(card)  # a named card must exist
         for path in (card.with_suffix(".json"), card.with_suffix(".md")):

@@ -3,6 +3,7 @@
     python -m eval score RECIPE.yaml [eval.submission=... eval.judge.backend=openai ...]
     python -m eval compare A B --meta META.jsonl [--out compare.json]
     python -m eval side-by-side BASE TUNED --meta META.jsonl [--train-submission S --train-meta M] [--out F]
+    python -m eval audio-reliance NORMAL SILENT --meta META.jsonl --out audio_reliance.jsonl
     python -m eval convert OLD.json NEW.jsonl
 """
 
@@ -89,6 +90,22 @@ def _side_by_side(argv: list[str]) -> int:
     return 0
 
 
+def _audio_reliance(argv: list[str]) -> int:
+    from eval.audio_reliance import audio_reliance, summary, write_rows
+
+    p = argparse.ArgumentParser(prog="python -m eval audio-reliance",
+                                description="Labels items answered right without their audio (weak-audio) from two runs.")
+    p.add_argument("normal", help="submission of the items with their clips")
+    p.add_argument("silent", help="submission of the same items with each clip replaced by silence (infer.audio_ablation)")
+    p.add_argument("--meta", required=True, help="the items' meta JSONL")
+    p.add_argument("--out", required=True, help="per-item JSONL: both results and the label")
+    args = p.parse_args(argv)
+    rows = audio_reliance(args.normal, args.silent, args.meta)
+    write_rows(args.out, rows)
+    print(json.dumps(summary(rows), indent=1))
+    return 0
+
+
 def _convert(argv: list[str]) -> int:
     from eval.submission import convert_json_list
 
@@ -101,7 +118,8 @@ def _convert(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"score": _score, "compare": _compare, "side-by-side": _side_by_side, "convert": _convert}
+COMMANDS = {"score": _score, "compare": _compare, "side-by-side": _side_by_side, "audio-reliance": _audio_reliance,
+            "convert": _convert}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,6 +74,9 @@ def loop_recipe(tmp_path, tiny_checkpoint, synthetic_dir):
         "train": {"seed": 0, "warmup_ratio": 0.0, "batch_size": 1, "grad_accum": 1, "max_steps": 2, "save_every": 1},
         "rest": {"output_dir": str(tmp_path / "loop"), "max_items": 6, "samples": 2, "max_new_tokens": 6,
                  "batch_size": 4, "chunk_items": 2, "lrs": [1e-3], "all_correct_fraction": 1.0, "final_histogram": False},
+        "infer": {"meta": str(synthetic_dir / "test.jsonl"), "output": str(tmp_path / "answers" / "submission.jsonl"),
+                  "adapter": str(tmp_path / "loop" / "iter-1" / "sft" / "adapter"), "batch_size": 2, "max_new_tokens": 4,
+                  "do_sample": False, "limit": 2},
     }
     path = tmp_path / "rest.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -147,3 +150,46 @@ def test_one_iteration_end_to_end_then_killed_and_resumed_to_the_same_files(loop
     monkeypatch.setattr(rest, "write_records", written)
     rest.run(recipe, log=lambda _: None)
     assert loop_files(loop) == reference
+
+
+def test_audio_reliance_labels_items_answered_without_the_audio(tmp_path):
+    from eval.__main__ import main as eval_main
+
+    meta = [{"id": f"q{i}", "question": "?", "choices": ["yes", "no"], "answer": "yes", "sub-category": "T"} for i in range(4)]
+    (tmp_path / "meta.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
+
+    def submission(name, answers):
+        (tmp_path / name).write_text("".join(json.dumps({"id": i, "thinking_prediction": "t", "answer_prediction": a}) + "\n"
+                                             for i, a in answers.items()))
+        return str(tmp_path / name)
+
+    # q0 right both ways, q1 only with audio, q2 wrong both ways, q3 only without audio; the silent run lacks nothing
+    normal = submission("normal.jsonl", {"q0": "yes", "q1": "yes", "q2": "no", "q3": "no"})
+    silent = submission("silent.jsonl", {"q0": "yes", "q1": "no", "q2": "no", "q3": "yes"})
+    assert eval_main(["audio-reliance", normal, silent, "--meta", str(tmp_path / "meta.jsonl"), "--out", str(tmp_path / "r.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["correct_with_audio"], r["correct_silent"], r["label"]) for r in rows] == [
+        ("q0", True, True, "weak-audio"), ("q1", True, False, "audio-reliant"), ("q2", False, False, "unsolved"),
+        ("q3", False, True, "weak-audio")]
+    partial = submission("partial.jsonl", {"q0": "yes"})
+    from eval.audio_reliance import audio_reliance, summary
+    counted = summary(audio_reliance(normal, partial, tmp_path / "meta.jsonl"))
+    assert counted["labels"] == {"weak-audio": 1, "audio-reliant": 0, "unsolved": 0, "missing": 3}
+
+
+def test_the_audit_bundle_of_an_iteration_declares_the_loops_data(loop_recipe, monkeypatch, one_torch_thread):
+    from audit.bundle import BundleSources, build_bundle, sha256_file
+    from core.recipe import load_recipe
+    from infer.run import run as infer_run
+
+    monkeypatch.setattr(rest, "is_correct", lambda prediction, answer, choices: answer == choices[0])
+    recipe = load_recipe(loop_recipe)
+    rest.run(recipe, log=lambda _: None)
+    infer_run(recipe)
+    iteration = rest.Path(recipe.rest.output_dir) / "iter-1"
+    bundle, _ = build_bundle(BundleSources(train_run=iteration / "sft", submission=rest.Path(recipe.infer.output),
+                                           out=iteration.parent / "audit"))
+    groups = json.loads((bundle / "checksums.json").read_text())
+    data = iteration / "data" / "weight-0.5.jsonl"
+    assert [(f["path"], f["sha256"]) for f in groups["rest_data"]["files"]] == [(str(data), sha256_file(data))]
+    assert json.loads((bundle / "data" / "rest" / "iter-1.json").read_text()) == json.loads((iteration / "data.json").read_text())
