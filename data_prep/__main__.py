@@ -5,7 +5,7 @@
     python -m data_prep cot RECIPE [--shard i/n] [dotted.key=value ...]
     python -m data_prep verify RECIPE [--shard i/n] [dotted.key=value ...]
     python -m data_prep guard FILE --meta MMAR-meta.jsonl [--audio-root DIR] [--out CLEAN.jsonl]
-    python -m data_prep card RECIPE [--data TRAINING.jsonl] [dotted.key=value ...]
+    python -m data_prep card RECIPE [--data TRAINING.jsonl] [--curation PER_ITEM.jsonl ...] [dotted.key=value ...]
 
 Every recipe command writes the resolved recipe into the work dir (resolved_recipe.yaml).
 """
@@ -73,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
 
             args = list(rest)
             data_file = _pop_option(args, "--data", "runs/x/sft.jsonl")  # default: the newest stage output
+            curation = []  # per-item curation statistics (eval audio-reliance, train.rest buckets), repeatable
+            while (path := _pop_option(args, "--curation", "runs/x/audio_reliance.jsonl")) is not None:
+                curation.append(path)
             recipe = _recipe(args)
-            card = write_card(recipe.data_prep.work_dir, data_file, recipe.data_prep)
+            card = write_card(recipe.data_prep.work_dir, data_file, recipe.data_prep, curation)
             print(f"data card: {card['records']} records, {card['hours']:.2f} h -> {recipe.data_prep.work_dir}/data_card.md")
             return 0
         if command == "guard":

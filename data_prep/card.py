@@ -11,6 +11,9 @@ Given the recipe's `data_prep` section, it also sets each source's achieved shar
 collect selected, and of the described records) against the share the recipe asks for and the
 reference mixture it reproduces (`reference_samples`, e.g. Audio-Cogito Table 1), and shows the
 QA stage's few-shot sampling (seed-pool size, examples per call).
+With curation files (`--curation`, repeatable: `python -m eval audio-reliance`'s per-item JSONL, or the
+`.stats.jsonl` of `python -m train.rest buckets`), it shows each one's items per label or bucket and, where given,
+their mean pass rate.
 Records are read for `source`, `domain`, `licence`, `duration` and `audio_path`: later stages
 carry these manifest fields forward so the card can describe their output too.
 """
@@ -85,7 +88,20 @@ def mixture_against_targets(config: DataPrepConfig, collect_mixture: dict, by_so
     }
 
 
-def build_card(work_dir: str | Path, data_file: str | Path | None = None, config: DataPrepConfig | None = None) -> dict:
+def curation_summary(path: str | Path) -> dict:
+    """Items per `label` (audio reliance) or `bucket` (pass-rate buckets) of a curation JSONL, and the mean pass rate."""
+    rows = [record for _, record in read_jsonl(path)]
+    key = "label" if rows and "label" in rows[0] else "bucket"
+    for lineno, row in enumerate(rows, 1):
+        if key not in row:
+            raise DataError(f"{path}:{lineno} (id={row.get('id')}): {key}: missing (not a curation file?)")
+    rates = [row["pass_rate"] for row in rows if "pass_rate" in row]
+    return {"path": str(path), "items": len(rows), "by": key, "counts": dict(sorted(Counter(row[key] for row in rows).items())),
+            "mean_pass_rate": round(sum(rates) / len(rates), 4) if rates else None}
+
+
+def build_card(work_dir: str | Path, data_file: str | Path | None = None, config: DataPrepConfig | None = None,
+               curation: list[str | Path] = ()) -> dict:
     work = Path(work_dir)
     path = Path(data_file) if data_file is not None else newest_output(work)
     records = [record for _, record in read_jsonl(path)]
@@ -103,6 +119,7 @@ def build_card(work_dir: str | Path, data_file: str | Path | None = None, config
         "seed_pool": {k: qa[k] for k in ("seed_questions", "seed_pool_size", "n_shots", "max_questions") if k in qa},
         "stages": {s: {k: reports[s].get(k) for k in ("in", "out", "rejected", "seconds")} | {"counts": reports[s].get("counts") or {}}
                    for s in order},
+        "curation": [curation_summary(path) for path in curation],
     }
 
 
@@ -156,11 +173,19 @@ def render_markdown(card: dict) -> str:
         for name, row in card["stages"].items():
             if row["counts"]:
                 lines.append(f"| {name} | {', '.join(f'{k}: {v}' for k, v in row['counts'].items())} |")
+    if card.get("curation"):
+        lines += ["", "## Curation", "", "Per-item statistics of curation runs (audio reliance, pass-rate buckets):", "",
+                  "| file | items | by | counts | mean pass rate |", "|---|---:|---|---|---:|"]
+        for row in card["curation"]:
+            rate = "-" if row["mean_pass_rate"] is None else f"{row['mean_pass_rate']:.3f}"
+            lines.append(f"| `{row['path']}` | {row['items']} | {row['by']} | "
+                         f"{', '.join(f'{k}: {v}' for k, v in row['counts'].items())} | {rate} |")
     return "\n".join(lines) + "\n"
 
 
-def write_card(work_dir: str | Path, data_file: str | Path | None = None, config: DataPrepConfig | None = None) -> dict:
-    card = build_card(work_dir, data_file, config)
+def write_card(work_dir: str | Path, data_file: str | Path | None = None, config: DataPrepConfig | None = None,
+               curation: list[str | Path] = ()) -> dict:
+    card = build_card(work_dir, data_file, config, curation)
     work = Path(work_dir)
     (work / "data_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     (work / "data_card.md").write_text(render_markdown(card))

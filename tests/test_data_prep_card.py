@@ -89,6 +89,22 @@ def test_card_of_a_given_training_file_declares_its_sources(tmp_path, synthetic_
     assert cli(["card", str(REPO / "recipes" / "tiny.yaml"), "--data"]) == 2  # the flag needs its value
 
 
+
+def test_card_shows_curation_statistics(tmp_path, synthetic_dir):
+    """`card --curation FILE` (repeatable): items per label (audio reliance) or bucket (pass rates), mean pass rate."""
+    reliance, stats = tmp_path / "audio_reliance.jsonl", tmp_path / "hard.stats.jsonl"
+    write_jsonl(reliance, [{"id": "a", "label": "weak-audio"}, {"id": "b", "label": "audio-reliant"}, {"id": "c", "label": "weak-audio"}])
+    write_jsonl(stats, [{"id": "a", "passes": 2, "samples": 8, "pass_rate": 0.25, "bucket": "in"},
+                        {"id": "b", "passes": 0, "samples": 8, "pass_rate": 0.0, "bucket": "below"}])
+    work = tmp_path / "work"
+    assert cli(["card", str(REPO / "recipes" / "tiny.yaml"), "--data", str(synthetic_dir / "train.jsonl"), "--curation", str(reliance),
+                "--curation", str(stats), f"data_prep.work_dir={work}"]) == 0
+    card = json.loads((work / "data_card.json").read_text())
+    assert card["curation"] == [
+        {"path": str(reliance), "items": 3, "by": "label", "counts": {"audio-reliant": 1, "weak-audio": 2}, "mean_pass_rate": None},
+        {"path": str(stats), "items": 2, "by": "bucket", "counts": {"below": 1, "in": 1}, "mean_pass_rate": 0.125}]
+    assert f"| `{stats}` | 2 | bucket | below: 1, in: 1 | 0.125 |" in (work / "data_card.md").read_text()
+
 # Audio-Cogito (arXiv 2604.12527) Table 1, stated here on its own: adapter name -> (ratio %, samples).
 TABLE_1 = {
     "audioset": (32.53, 179_000), "clotho": (1.14, 6_000), "audiocaps": (7.20, 40_000), "complexaudio": (6.66, 37_000),
