@@ -11,12 +11,12 @@ byte-identical files; each clip belongs to one record of one split. It is the em
 dataset of the demo and the tests; `pretrain` is what the tiny base hears before any fine-tuning
 (core/tiny_pretrain.py), on clips of its own.
 
-`--hard` writes the harder split instead (HARD_TASKS): four multi-step tasks, each combining two or
-more heard facts in order (which tone is lowest, then the beeps after it; which tone is longest and
-which loudest, then whether they are one; which note falls, in a rising line; which tone is louder,
-then its pitch against the other's). Their distractors are what a wrong step gives, their reference
-reasoning names each step, and the tiny base never heard their clips in pre-training. It has its own
-random streams: the default split's files stay byte-identical.
+`--hard` writes the harder split instead (HARD_TASKS): four multi-step tasks, each combining two
+heard facts in order (which tone is longer and which louder, then whether they are one; the melody's
+contour, then its last note against its first; which note falls in a rising line; which tone is
+louder, then its pitch against the other's). Their distractors are what a wrong step gives, their
+reference reasoning names each step. It has its own random streams: the default split's files stay
+byte-identical.
 """
 
 from __future__ import annotations
@@ -189,76 +189,40 @@ TASKS = {
 
 # ------------------------------------------------------------------ the harder split (--hard)
 
-COUNT_WORDS = ["zero", "one", "two", "three", "four", "five", "six"]
 ORDINALS = ["first", "second", "third", "fourth", "fifth"]
-BEEP_HZ = 1800.0  # far above every tone: a beep is never taken for one
 
 
-def beep_run(count: int, rng: np.random.Generator) -> list[np.ndarray]:
-    parts = []
-    for _ in range(count):
-        parts += [tone(BEEP_HZ, float(rng.uniform(0.06, 0.08)), 0.35), silence(float(rng.uniform(0.1, 0.14)))]
-    return parts
-
-
-def distractors(answer: int, wrong_steps: list[int], rng: np.random.Generator, size: int = 4) -> list[int]:
-    """The answer, the counts that wrong steps give, then other counts up to `size` choices, sorted."""
-    picked = [answer] + [w for w in dict.fromkeys(wrong_steps) if w != answer][: size - 1]
-    rest = [n for n in range(len(COUNT_WORDS)) if n not in picked]
-    picked += rng.choice(rest, size=size - len(picked), replace=False).tolist()
-    return sorted(picked)
-
-
-def beeps_after_lowest(rng: np.random.Generator) -> Clip:
-    """Three tones, each followed by 0-2 beeps: find the lowest tone, then count the beeps after it."""
-    root = float(rng.uniform(220, 300))
-    steps = rng.permutation([0, 7, 14]).tolist()  # semitones above the root: the three tones in order
-    beeps = rng.integers(0, 3, size=3).tolist()
-    parts = [silence(0.1)]
-    for step, count in zip(steps, beeps):
-        parts += [tone(root * 2 ** (step / 12), 0.3), silence(0.12)] + beep_run(count, rng)
-    parts.append(silence(0.1))
-    lowest, highest = steps.index(0), steps.index(14)
-    answer = sum(beeps[lowest:])
-    # wrong steps: every beep counted, the highest tone taken for the lowest, the beeps before it counted
-    options = distractors(answer, [sum(beeps), sum(beeps[highest:]), sum(beeps[:lowest])], rng)
-    names = {0: "low", 7: "middle", 14: "high"}
-    heard = ", ".join(f"a {names[s]} tone" + (f" and {COUNT_WORDS[n]} beep{'s' if n > 1 else ''}" if n else "")
-                      for s, n in zip(steps, beeps))
+def longer_is_louder(rng: np.random.Generator) -> Clip:
+    """Two tones of two lengths and two levels: which is longer, which louder, the same one or not?"""
+    short, long = float(rng.uniform(0.2, 0.35)), float(rng.uniform(0.7, 1.0))
+    first_long, first_loud = bool(rng.integers(0, 2)), bool(rng.integers(0, 2))
+    durations = [long, short] if first_long else [short, long]
+    gain = 10 ** (float(rng.uniform(9, 15)) / 20)
+    amps = [0.25 * gain, 0.25] if first_loud else [0.25, 0.25 * gain]
+    freq = float(rng.uniform(300, 900))
+    longer, louder = 1 - first_long, 1 - first_loud  # 0: the first tone
+    answer = "yes" if longer == louder else "no"
     return Clip(
-        wave=np.concatenate(parts), question="How many beeps come after the lowest tone?",
-        choices=[COUNT_WORDS[n] for n in options], answer=COUNT_WORDS[answer], caption=heard,
-        cue=["lowest tone", "beeps after it"], facts={"semitones": steps, "beeps": beeps, "lowest": lowest},
-        steps=[f"the lowest tone is the {ORDINALS[lowest]} one",
-               f"{COUNT_WORDS[answer]} beep{'' if answer == 1 else 's'} come{'s' if answer == 1 else ''} after it"],
+        wave=np.concatenate([silence(0.1), tone(freq, durations[0], amps[0]), silence(0.3), tone(freq, durations[1], amps[1]),
+                             silence(0.1)]),
+        question="Is the longer tone also the louder one?", choices=["yes", "no"], answer=answer,
+        caption=", then ".join(f"a {'long' if d == long else 'short'} {'strong' if a > 0.25 else 'faint'} tone"
+                               for d, a in zip(durations, amps)),
+        cue=["tone lengths", "tone levels"], facts={"durations": durations, "amplitudes": amps},
+        steps=[f"the {ORDINALS[longer]} tone is the longer one", f"the {ORDINALS[louder]} tone is the louder one"],
     )
 
 
-LEVELS = {0.05: "faint", 0.16: "moderate", 0.5: "strong"}
-LENGTHS = {0.15: "short", 0.4: "mid-length", 0.8: "long"}
-
-
-def longest_is_loudest(rng: np.random.Generator) -> Clip:
-    """Three tones of three lengths and three levels: which is longest, which loudest, the same one or not?"""
-    durations = rng.permutation(list(LENGTHS)).tolist()
-    amplitudes = rng.permutation(list(LEVELS)).tolist()
-    same = bool(rng.integers(0, 2))
-    longest = durations.index(max(durations))
-    loudest = amplitudes.index(max(amplitudes))
-    if same != (longest == loudest):  # move the strongest level onto the longest tone, or off it
-        target = longest if same else (longest + 1 + int(rng.integers(0, 2))) % 3
-        amplitudes[loudest], amplitudes[target] = amplitudes[target], amplitudes[loudest]
-        loudest = target
-    freqs = rng.uniform(300, 700, size=3).tolist()
-    parts = [silence(0.1)]
-    for f, d, a in zip(freqs, durations, amplitudes):
-        parts += [tone(f, d, a), silence(0.2)]
-    answer = "yes" if same else "no"
+def melody_ends_higher(rng: np.random.Generator) -> Clip:
+    """The contour clip of the default split: its shape, then where its last note lies against its first. A melody
+    that rises and then falls still ends above its start: taking the final fall for the whole gives the wrong answer."""
+    clip = melody_contour(rng)
+    steps = clip.facts["semitones"]
+    answer = "yes" if steps[-1] > steps[0] else "no"
     return Clip(
-        wave=np.concatenate(parts), question="Is the longest tone also the loudest one?", choices=["yes", "no"],
-        answer=answer, caption=", ".join(f"a {LENGTHS[d]} {LEVELS[a]} tone" for d, a in zip(durations, amplitudes)),
-        cue=["tone lengths", "tone levels"], facts={"durations": durations, "amplitudes": amplitudes},
-        steps=[f"the longest tone is the {ORDINALS[longest]} one", f"the loudest tone is the {ORDINALS[loudest]} one"],
+        wave=clip.wave, question="Does the melody end higher than it began?", choices=["yes", "no"], answer=answer,
+        caption=clip.caption, cue=["pitch contour", "last note against the first"], facts=clip.facts,
+        steps=[f"the melody moves {clip.answer}", f"its last note is {'above' if answer == 'yes' else 'below'} its first"],
     )
 
 
@@ -305,10 +269,10 @@ def louder_pitch(rng: np.random.Generator) -> Clip:
 
 
 HARD_TASKS = {
-    "beeps_after_lowest": Task(beeps_after_lowest, "sound", "Perception Layer", "Counting After A Landmark",
-                               "finds the lowest tone and counts the beeps after it"),
-    "longest_is_loudest": Task(longest_is_loudest, "sound", "Signal Layer", "Duration And Loudness",
-                               "finds the longest and the loudest tone"),
+    "longer_is_louder": Task(longer_is_louder, "sound", "Signal Layer", "Duration And Loudness",
+                             "finds the longer and the louder tone"),
+    "melody_ends_higher": Task(melody_ends_higher, "music", "Perception Layer", "Contour And Register",
+                               "follows the contour and compares the last note with the first"),
     "odd_note": Task(odd_note, "music", "Perception Layer", "Melodic Pattern Break", "finds the note that breaks the pattern"),
     "louder_pitch": Task(louder_pitch, "music", "Signal Layer", "Loudness And Pitch", "finds the louder tone and compares its pitch"),
 }

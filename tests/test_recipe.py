@@ -100,7 +100,8 @@ TRAINING = ["model.path", "model.dtype", "model.prompt_style",
             "lora.r", "lora.alpha", "lora.dropout", "lora.targets", "lora.experts", "lora.include_audio_tower",
             "train.seed", "train.epochs", "train.max_steps", "train.lr", "train.min_lr_ratio", "train.schedule",
             "train.warmup_ratio", "train.weight_decay", "train.batch_size", "train.grad_accum", "train.max_grad_norm",
-            "train.mixed_precision", "train.gradient_checkpointing", "train.zero_stage", "train.group_by_length"]
+            "train.mixed_precision", "train.gradient_checkpointing", "train.zero_stage", "train.group_by_length",
+            "train.init_adapter"]
 GRPO = TRAINING + [
     "grpo.init_adapter", "grpo.num_generations", "grpo.max_new_tokens", "grpo.temperature", "grpo.top_p", "grpo.top_k",
     "grpo.rollout_batch_size", "grpo.clip_low", "grpo.clip_high", "grpo.beta", "grpo.iterations", "grpo.scale_rewards",
