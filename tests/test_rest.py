@@ -58,6 +58,22 @@ def test_a_fraction_of_the_top_band_is_a_seeded_share():
     assert 70 < len(kept) < 130 and {k["sample"] for k in kept} == {0}
 
 
+def test_only_correct_samples_that_can_be_targets_are_kept():
+    from infer.engine import Generation
+    from infer.parse import parse_output
+
+    def sample(text, finished=True):
+        return rest.trainable(Generation("x#0", text, (), 0, 1, finished, 0.0), parse_output(text, ["yes", "no"]))
+
+    assert sample("<think>I hear it.</think> yes")
+    assert not sample("<think>I hear it.</think> yes", finished=False)  # cut by max_new_tokens
+    assert not sample("<think>I hear it and yes")  # the thinking never closed
+    assert not sample("<think>I hear <|audio_pad|>.</think> yes")
+    item = scored("a", [True, True, False, True], [5, 1, 1, 9]) | {"trainable": [True, False, True, True]}
+    assert [k["sample"] for k in rest.select([item], "all_correct")] == [0, 3]
+    assert [k["sample"] for k in rest.select([item], "learning_zone", shortest_k=1)] == [0]  # 3 of 4: high, the shortest
+
+
 def test_histogram_counts_items_per_pass_count():
     scores = [scored("a", [True, False], [1, 1]), scored("b", [False, False], [1, 1]), scored("c", [True, False], [1, 1])]
     hist = rest.histogram(scores, 2)
@@ -98,9 +114,11 @@ def loop_files(folder) -> dict:
 def test_one_iteration_end_to_end_then_killed_and_resumed_to_the_same_files(loop_recipe, monkeypatch, one_torch_thread):
     from core.recipe import load_recipe
 
-    # The random tiny model names no choice: the answer rule is replaced by one that passes every sample of the
-    # items whose answer is their first choice, so the pass rates (K of K, or 0) are known in advance.
+    # The random tiny model names no choice and closes no thinking: the answer rule is replaced by one that passes
+    # every sample of the items whose answer is their first choice, so the pass rates (K of K, or 0) are known in
+    # advance, and every sample may be a target.
     monkeypatch.setattr(rest, "is_correct", lambda prediction, answer, choices: answer == choices[0])
+    monkeypatch.setattr(rest, "trainable", lambda generation, parsed: True)
     recipe = load_recipe(loop_recipe)
     items = rest.loop_items(recipe)
     first = {it.id for it in items if it.answer == it.choices[0]}
@@ -183,6 +201,7 @@ def test_the_audit_bundle_of_an_iteration_declares_the_loops_data(loop_recipe, m
     from infer.run import run as infer_run
 
     monkeypatch.setattr(rest, "is_correct", lambda prediction, answer, choices: answer == choices[0])
+    monkeypatch.setattr(rest, "trainable", lambda generation, parsed: True)
     recipe = load_recipe(loop_recipe)
     rest.run(recipe, log=lambda _: None)
     infer_run(recipe)

@@ -43,6 +43,7 @@ import numpy as np
 # `python train/rest.py` puts train/ first on sys.path, not the repo.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core import qwen_omni as qo  # noqa: E402
 from core.answer_rule import is_correct  # noqa: E402
 from core.items import DataError, Item, load_items  # noqa: E402
 from core.recipe import DatasetSpec, Recipe, RecipeError, load_recipe, save_recipe, split_cli  # noqa: E402
@@ -50,6 +51,7 @@ from infer.parse import parse_output  # noqa: E402
 from infer.submission import write_records  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+PLACEHOLDERS = (qo.AUDIO_PAD, qo.IMAGE_PAD, qo.VIDEO_PAD)
 # The published learning zone (16 samples per item): 0 skip | 1-3 keep all | 4-11 keep the 3 shortest, weight 1.5 |
 # 12-14 keep 1, weight 0.5 | 15-16 skip (or a fraction). Scaled to K by the share of passes: a band ends where
 # passes / K <= its upper bound / 16, which for K = 16 gives exactly the published bands (integer arithmetic).
@@ -71,7 +73,9 @@ def select(scores: Sequence[dict], rule: str, shortest_k: int = 3, all_correct_f
            seed: int = 0) -> list[dict]:
     """The kept samples of scored items, as {id, sample, weight, band}.
 
-    `scores`: per item {id, passes, samples, correct: [bool per sample], tokens: [generated tokens per sample]}.
+    `scores`: per item {id, passes, samples, correct: [bool per sample], tokens: [generated tokens per sample]} and
+    optionally trainable: [bool per sample] (default all): only correct samples that are trainable are kept; the band
+    is the pass rate's. Shortest means fewest generated tokens (ties: the lower sample index).
     Shortest means fewest generated tokens (ties: the lower sample index).
     - learning_zone: none: skip; low: every correct sample, weight 1; middle: the `shortest_k` shortest, weight 1.5;
       high: the shortest, weight 0.5; top: skipped, but for a seeded `all_correct_fraction` of those items the
@@ -83,7 +87,9 @@ def select(scores: Sequence[dict], rule: str, shortest_k: int = 3, all_correct_f
     rng = np.random.default_rng(seed)
     kept = []
     for item in scores:
-        correct = sorted((tokens, j) for j, (ok, tokens) in enumerate(zip(item["correct"], item["tokens"])) if ok)
+        trainable = item.get("trainable") or [True] * len(item["correct"])
+        correct = sorted((tokens, j) for j, (ok, fit, tokens) in enumerate(zip(item["correct"], trainable, item["tokens"]))
+                         if ok and fit)
         name = band(item["passes"], item["samples"])
         if rule == "all_correct":
             chosen, weight = correct, 1.0
@@ -174,6 +180,12 @@ def sampling_recipe(recipe: Recipe, adapter: str | None) -> Recipe:
     return recipe.model_copy(update={"infer": infer})
 
 
+def trainable(generation, parsed) -> bool:
+    """A sample can be an SFT target: it ended its turn after a closed thinking, and wrote no multimodal placeholder
+    (fed back as a target, one would be taken for an audio position)."""
+    return generation.finished and not parsed.truncated and not any(t in generation.text for t in PLACEHOLDERS)
+
+
 def sample_records(engine, chunk: Sequence[Item], recipe: Recipe, seed: int) -> list[dict]:
     """K completions of every item of `chunk` (one generate call), each scored by the official answer rule."""
     from infer.run import item_request
@@ -192,6 +204,7 @@ def sample_records(engine, chunk: Sequence[Item], recipe: Recipe, seed: int) -> 
             "id": item.id, "sample": n % k, "text": generation.text, "thinking": parsed.thinking,
             "answer_prediction": parsed.answer, "correct": is_correct(parsed.answer, item.answer, item.choices),
             "generated_tokens": generation.n_generated_tokens, "finished": generation.finished,
+            "trainable": trainable(generation, parsed),
         })
     return records
 
@@ -227,7 +240,8 @@ def sample_and_score(recipe: Recipe, items: list[Item], folder: Path, iteration:
         correct = [r["correct"] for r in got]
         passes = sum(correct)
         scores.append({"id": item.id, "passes": passes, "samples": rest.samples, "pass_rate": round(passes / rest.samples, 4),
-                       "band": band(passes, rest.samples), "correct": correct, "tokens": [r["generated_tokens"] for r in got]})
+                       "band": band(passes, rest.samples), "correct": correct, "trainable": [r["trainable"] for r in got],
+                       "tokens": [r["generated_tokens"] for r in got]})
     if not (folder / "scores.jsonl").is_file():
         write_records(folder / "scores.jsonl", scores)
     if not (folder / "histogram.json").is_file():
