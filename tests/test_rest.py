@@ -89,7 +89,7 @@ def loop_recipe(tmp_path, tiny_checkpoint, synthetic_dir):
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
         "train": {"seed": 0, "warmup_ratio": 0.0, "batch_size": 1, "grad_accum": 1, "max_steps": 2, "save_every": 1},
         "rest": {"output_dir": str(tmp_path / "loop"), "max_items": 6, "samples": 2, "max_new_tokens": 6,
-                 "batch_size": 4, "chunk_items": 2, "lrs": [1e-3], "all_correct_fraction": 1.0, "final_histogram": False},
+                 "batch_size": 4, "chunk_items": 2, "lrs": [1e-3], "selection": "all_correct", "final_histogram": False},
         "infer": {"meta": str(synthetic_dir / "test.jsonl"), "output": str(tmp_path / "answers" / "submission.jsonl"),
                   "adapter": str(tmp_path / "loop" / "iter-1" / "sft" / "adapter"), "batch_size": 2, "max_new_tokens": 4,
                   "do_sample": False, "limit": 2},
@@ -133,22 +133,23 @@ def test_one_iteration_end_to_end_then_killed_and_resumed_to_the_same_files(loop
     hist = json.loads((folder / "histogram.json").read_text())
     assert hist["passes"] == {"0": 6 - len(first), "1": 0, "2": len(first)} and hist["adapter"] is None
     assert hist["bands"] == {"none": 6 - len(first), "low": 0, "middle": 0, "high": 0, "top": len(first)}
-    # the top band at fraction 1: each such item's shortest sample (ties: sample 0), weight 0.5
-    shortest = {i: min((s for s in samples if s["id"] == i), key=lambda s: (s["generated_tokens"], s["sample"])) for i in first}
-    data = [json.loads(line) for line in (folder / "data" / "weight-0.5.jsonl").read_text().splitlines()]
-    assert sorted(r["id"] for r in data) == sorted(first)
+    # all_correct: both samples of each such item, weight 1, one record each (ids made unique by the sample index)
+    data = [json.loads(line) for line in (folder / "data" / "weight-1.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in data) == sorted(f"{i}#{j}" for i in first for j in (0, 1))
+    by_sample = {(s["id"], s["sample"]): s for s in samples}
     for record in data:
-        assert record["thinking"] == shortest[record["id"]]["thinking"]
-        assert record["rest"] == {"iteration": 1, "sampled_with": {"adapter": None}, "sample": shortest[record["id"]]["sample"],
-                                  "band": "top", "weight": 0.5}
+        item, sample = record["id"].split("#")
+        assert record["thinking"] == by_sample[(item, int(sample))]["thinking"]
+        assert record["rest"] == {"iteration": 1, "item": item, "sampled_with": {"adapter": None}, "sample": int(sample),
+                                  "band": "top", "weight": 1.0}
     manifest = json.loads((folder / "data.json").read_text())
-    assert manifest["kept_samples"] == len(first) and manifest["files"][0]["weight"] == 0.5
+    assert manifest["kept_samples"] == 2 * len(first) and manifest["files"][0]["weight"] == 1.0
     sft = yaml.safe_load((folder / "sft_recipe.yaml").read_text())
     assert sft["train"]["lr"] == 1e-3 and sft["train"]["init_adapter"] is None and sft["train"]["output_dir"] == str(folder / "sft")
-    assert sft["data"]["train"][0]["weight"] == 0.5 * len(first)
+    assert sft["data"]["train"][0]["weight"] == 2 * len(first)
     assert (folder / "sft" / "adapter" / "adapter_config.json").is_file()
     assert summary["iterations"][0]["adapter"] == str(folder / "sft" / "adapter")
-    assert rest.iteration_data(recipe.rest.output_dir) == [folder / "data" / "weight-0.5.jsonl"]
+    assert rest.iteration_data(recipe.rest.output_dir) == [folder / "data" / "weight-1.jsonl"]
     reference = loop_files(rest.Path(recipe.rest.output_dir))
 
     # killed after the first sampling chunk is written: the rerun redoes the rest and writes the same bytes
@@ -209,6 +210,6 @@ def test_the_audit_bundle_of_an_iteration_declares_the_loops_data(loop_recipe, m
     bundle, _ = build_bundle(BundleSources(train_run=iteration / "sft", submission=rest.Path(recipe.infer.output),
                                            out=iteration.parent / "audit"))
     groups = json.loads((bundle / "checksums.json").read_text())
-    data = iteration / "data" / "weight-0.5.jsonl"
+    data = iteration / "data" / "weight-1.jsonl"
     assert [(f["path"], f["sha256"]) for f in groups["rest_data"]["files"]] == [(str(data), sha256_file(data))]
     assert json.loads((bundle / "data" / "rest" / "iter-1.json").read_text()) == json.loads((iteration / "data.json").read_text())

@@ -261,9 +261,11 @@ def sft_records(items: list[Item], kept: list[dict], folder: Path, iteration: in
     groups: dict[float, list[dict]] = {}
     for keep in kept:
         item, sample = by_id[keep["id"]], samples[(keep["id"], keep["sample"])]
-        record = {**item.meta, "audio_path": os.path.relpath(item.audio_path.resolve(), data_dir.resolve()),
+        # one record per kept sample: ids stay unique within a file (the SFT data cache requires it)
+        record = {**item.meta, "id": f"{item.id}#{keep['sample']}",
+                  "audio_path": os.path.relpath(item.audio_path.resolve(), data_dir.resolve()),
                   "thinking": sample["thinking"], "answer": item.answer,
-                  "rest": {"iteration": iteration, "sampled_with": sampled_with, "sample": keep["sample"],
+                  "rest": {"iteration": iteration, "item": item.id, "sampled_with": sampled_with, "sample": keep["sample"],
                            "band": keep["band"], "weight": keep["weight"]}}
         groups.setdefault(keep["weight"], []).append(record)
     return groups
@@ -283,7 +285,7 @@ def write_data(recipe: Recipe, items: list[Item], folder: Path, iteration: int, 
         path = folder / "data" / f"weight-{weight:g}.jsonl"
         write_records(path, records)
         files.append({"path": str(path), "weight": weight, "samples": len(records),
-                      "items": len({r["id"] for r in records}), "sha256": sha256_file(path)})
+                      "items": len({r["rest"]["item"] for r in records}), "sha256": sha256_file(path)})
     manifest = {"iteration": iteration, "sampled_with": sampled_with, "selection": rest.selection,
                 "samples_per_item": rest.samples, "items": len(items), "kept_samples": len(kept),
                 "kept_items": len({k["id"] for k in kept}), "files": files}
