@@ -216,6 +216,9 @@ class InferConfig(Section):
     RAM; None on GPUs (vLLM sizes the cache from gpu_memory_utilization)."""
     enforce_eager: Annotated[bool, NoEffect] = False
     """vllm: skip torch.compile (and CUDA graphs); minutes less to load on a CPU"""
+    audio_ablation: Literal["none", "silence", "swap"] = "none"
+    """audio reliance (infer/ablation.py): none: each item's own clip; silence: zeros of the same length; swap: the
+    clip of another item of infer.meta (a derangement fixed by infer.seed). `python -m eval reliance` compares runs."""
 
 
 class JudgeConfig(Section):
@@ -254,6 +257,32 @@ class JudgeConfig(Section):
     """local backend"""
     cache: Annotated[str, NoEffect] = "runs/judge_cache.sqlite"
     """SQLite cache of parsed replies (resume, no repeated calls)"""
+
+
+class SuiteBenchmark(Section):
+    """One benchmark of a suite (`python -m eval suite`; adapters in eval/benchmarks.py)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """its label and the folder of its run under suite.out_dir"""
+    kind: Literal["mmar", "mmau", "mmau-pro", "mmsu"]
+    """the metadata schema and scoring rule: mmau also reads the test set (answers withheld: submission file only)"""
+    meta: str
+    """the released metadata file (MMAU: the JSON list; MMAU-Pro: test.parquet's rows as JSONL; MMSU and MMAR: JSONL)"""
+    audio_root: str | None = None
+    """folder the records' audio paths are relative to; default: the metadata's folder"""
+    limit: int | None = Field(None, gt=0)
+    """answer only the first N items it can score"""
+
+
+class SuiteConfig(Section):
+    """Several benchmarks answered and scored by one command (`python -m eval suite RECIPE`)."""
+
+    out_dir: Annotated[str, NoEffect] = "runs/tiny/suite"
+    """per benchmark a folder (items.jsonl, the submission and its sidecars), and suite.json / suite.md"""
+    benchmarks: list[SuiteBenchmark] = Field(default_factory=list)
+    """answered in order with the recipe's model and infer settings"""
+    bootstrap: int = Field(1000, ge=0)
+    """resamples of each accuracy's 95% interval"""
 
 
 class EvalConfig(Section):
@@ -462,6 +491,11 @@ class GRPOConfig(Section):
     """the reasoning judge of the `judge` reward"""
     stages: list[GRPOStage] = Field(default_factory=list)
     """the curriculum, run in order"""
+    reliance_every: Annotated[int | None, NoEffect] = Field(None, gt=0)
+    """every N steps, greedy answers to the first `reliance_items` of infer.meta (held out) with their clips and with
+    silence of the same length, logged as reliance/* in metrics.jsonl (train/reliance_probe.py); None: off"""
+    reliance_items: Annotated[int, NoEffect] = Field(16, gt=0)
+    """held-out items the reliance probe answers"""
 
     @model_validator(mode="after")
     def _rewards_have_their_models(self) -> "GRPOConfig":
@@ -492,6 +526,8 @@ class Recipe(Section):
     """the Cogito-Pipe data pipeline (python -m data_prep)"""
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     """RL after SFT (train/grpo.py)"""
+    suite: SuiteConfig = Field(default_factory=SuiteConfig)
+    """benchmarks beside MMAR, answered and scored by `python -m eval suite`"""
 
     @model_validator(mode="after")
     def _length_reward_has_a_budget(self) -> "Recipe":

@@ -4,6 +4,9 @@
     python -m eval compare A B --meta META.jsonl [--out compare.json]
     python -m eval side-by-side BASE TUNED --meta META.jsonl [--train-submission S --train-meta M] [--out F]
     python -m eval convert OLD.json NEW.jsonl
+    python -m eval suite RECIPE.yaml [dotted.key=value ...] [--score-only]
+    python -m eval suite-compare RUN_A RUN_B [--out compare.json]
+    python -m eval reliance NORMAL_SUB ABLATED_SUB --meta META.jsonl [--out reliance.json]
 """
 
 from __future__ import annotations
@@ -101,7 +104,60 @@ def _convert(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"score": _score, "compare": _compare, "side-by-side": _side_by_side, "convert": _convert}
+def _suite(argv: list[str]) -> int:
+    from core.recipe import RecipeError, recipe_cli
+    from eval.suite import run_suite
+
+    score_only = "--score-only" in argv
+    try:
+        recipe = recipe_cli([a for a in argv if a != "--score-only"], "python -m eval suite",
+                            "Answers (python -m infer run, resuming) and scores every benchmark of the recipe's suite "
+                            "section; --score-only scores the answers already there.")
+    except RecipeError as err:
+        print(err, file=sys.stderr)
+        return 2
+    suite = run_suite(recipe, answer=not score_only)
+    print((Path(recipe.suite.out_dir) / "suite.md").read_text(encoding="utf-8"))
+    return 0 if suite["benchmarks"] else 2
+
+
+def _suite_compare(argv: list[str]) -> int:
+    from eval.suite import compare_markdown, compare_suites
+
+    p = argparse.ArgumentParser(prog="python -m eval suite-compare", description="Paired comparison of two suite runs.")
+    p.add_argument("a", help="a suite run: its suite.json or its folder")
+    p.add_argument("b")
+    p.add_argument("--resamples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write the comparison as JSON here")
+    args = p.parse_args(argv)
+    result = compare_suites(args.a, args.b, args.resamples, args.seed)
+    print(compare_markdown(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _reliance(argv: list[str]) -> int:
+    from eval.reliance import markdown, reliance, write_json
+
+    p = argparse.ArgumentParser(prog="python -m eval reliance",
+                                description="Accuracy with and without the audio (infer.audio_ablation), answers changed, "
+                                            "and a flag when accuracy hardly drops.")
+    p.add_argument("normal", help="submission answered with the audio")
+    p.add_argument("ablated", help="the same items answered with infer.audio_ablation=silence (or swap)")
+    p.add_argument("--meta", required=True, help="the benchmark both answered")
+    p.add_argument("--out", help="also write the figures as JSON here")
+    args = p.parse_args(argv)
+    result = reliance(args.normal, args.ablated, args.meta)
+    print(markdown(result))
+    if args.out:
+        write_json(result, args.out)
+    return 0
+
+
+COMMANDS = {"score": _score, "compare": _compare, "side-by-side": _side_by_side, "convert": _convert,
+            "suite": _suite, "suite-compare": _suite_compare, "reliance": _reliance}
 
 
 def main(argv: list[str] | None = None) -> int:

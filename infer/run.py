@@ -39,6 +39,7 @@ from core.items import DataError, Item, load_items
 from core.locks import LockBusy, file_lock
 from core.progress import library_bars_off_a_terminal, progress
 from core.recipe import Recipe, changed_settings, result_keys, save_recipe
+from infer.ablation import donors, request_audio
 from infer.engine import Engine, Generation, Request, SamplingConfig, checkpoint_generation_defaults, load_engine, request_length
 from infer.parse import POLICY, parse_output
 from infer.submission import append_records, read_records, write_records
@@ -96,11 +97,13 @@ class RunPaths:
                    out.with_name(f"{stem}.recipe.yaml"))
 
 
-def item_request(item: Item, tokenizer, prompt_style: str, max_audio_seconds: float | None) -> Request:
+def item_request(item: Item, tokenizer, prompt_style: str, max_audio_seconds: float | None,
+                 ablation: str = "none", donor: Item | None = None) -> Request:
     """Only the audio, the question, the choices and the fixed prompt reach the model (Track 1 rule).
-    The clip is whole unless `max_audio_seconds` (infer.max_audio_seconds) cuts it."""
+    The clip is whole unless `max_audio_seconds` (infer.max_audio_seconds) cuts it; `ablation`
+    (infer.audio_ablation) replaces it by silence or by `donor`'s clip (infer/ablation.py)."""
     prompt = qo.render_prompt(tokenizer, item.question, item.choices, prompt_style)
-    return Request(item.id, prompt, item.load_audio(max_audio_seconds))
+    return Request(item.id, prompt, request_audio(item, ablation, donor, max_audio_seconds))
 
 
 def records_for(item: Item, generation: Generation, backend: str) -> tuple[dict, dict]:
@@ -229,7 +232,8 @@ def run(recipe: Recipe, engine: Engine | None = None, on_batch: Callable[[int], 
         library_bars_off_a_terminal()
         engine = engine or (load_engine(recipe) if pending else None)
         started = time.perf_counter()
-        written = answer(recipe, engine, pending, paths, on_batch, failed) if pending else 0
+        swaps = donors(every, cfg.audio_ablation, cfg.seed)
+        written = answer(recipe, engine, pending, paths, on_batch, failed, swaps) if pending else 0
         return finish(recipe, paths, every, items, engine.describe() if engine else None,
                       engine.sampling.to_dict() if engine else None, written, time.perf_counter() - started, failed)
 
@@ -247,13 +251,15 @@ def prompt_too_long(request: Request, tokenizer, context: int | None, max_token_
     return None
 
 
-def build_requests(recipe: Recipe, engine: Engine, chunk: list[Item], failed: dict[str, str]) -> list[Request]:
+def build_requests(recipe: Recipe, engine: Engine, chunk: list[Item], failed: dict[str, str],
+                   swaps: dict[str, Item] | None = None) -> list[Request]:
     """Decode a chunk's clips into requests; a clip that fails to decode is recorded in `failed`
-    (or raised with infer.fail_fast)."""
+    (or raised with infer.fail_fast). `swaps`: id -> the item whose clip it hears (infer.audio_ablation swap)."""
     requests = []
     for item in chunk:
         try:
-            requests.append(item_request(item, engine.tokenizer, recipe.model.prompt_style, recipe.infer.max_audio_seconds))
+            requests.append(item_request(item, engine.tokenizer, recipe.model.prompt_style, recipe.infer.max_audio_seconds,
+                                         recipe.infer.audio_ablation, (swaps or {}).get(item.id)))
         except DataError as err:
             if recipe.infer.fail_fast:
                 raise
@@ -262,7 +268,7 @@ def build_requests(recipe: Recipe, engine: Engine, chunk: list[Item], failed: di
 
 
 def answer(recipe: Recipe, engine: Engine, pending: list[Item], paths: RunPaths,
-           on_batch: Callable[[int], None] | None, failed: dict[str, str]) -> int:
+           on_batch: Callable[[int], None] | None, failed: dict[str, str], swaps: dict[str, Item] | None = None) -> int:
     by_id = {item.id: item for item in pending}
     context = engine.context_length
     max_token_chars = max(map(len, engine.tokenizer.get_vocab())) if context else 0
@@ -270,11 +276,11 @@ def answer(recipe: Recipe, engine: Engine, pending: list[Item], paths: RunPaths,
     written = 0
     # The next chunk's clips decode in a thread while this chunk generates.
     with progress(len(pending), "infer", unit="item") as bar, ThreadPoolExecutor(1) as decoder:
-        ahead = decoder.submit(build_requests, recipe, engine, chunks[0], failed)
+        ahead = decoder.submit(build_requests, recipe, engine, chunks[0], failed, swaps)
         for n in range(len(chunks)):
             requests = ahead.result()
             if n + 1 < len(chunks):
-                ahead = decoder.submit(build_requests, recipe, engine, chunks[n + 1], failed)
+                ahead = decoder.submit(build_requests, recipe, engine, chunks[n + 1], failed, swaps)
             fitting = []
             for request in requests:
                 reason = prompt_too_long(request, engine.tokenizer, context, max_token_chars)
@@ -313,7 +319,8 @@ def finish(recipe: Recipe, paths: RunPaths, every: list[Item], items: list[Item]
         write_records(paths.submission, sorted(read_records(paths.submission), key=lambda r: order[r["id"]]))
     summary = {
         "output": str(paths.submission), "meta": recipe.infer.meta, "model": recipe.model.path,
-        "adapter": recipe.infer.adapter, "prompt_style": recipe.model.prompt_style, "complete": complete,
+        "adapter": recipe.infer.adapter, "prompt_style": recipe.model.prompt_style,
+        "audio_ablation": recipe.infer.audio_ablation, "complete": complete,
         "engine": engine, "sampling": sampling, "parse_policy": POLICY,
         "this_invocation": {"answered": written, "wall_seconds": round(seconds, 3)},
         "totals": {**totals(raw_records, len(items)), "failed": len(failed)},
