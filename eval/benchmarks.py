@@ -23,6 +23,8 @@ from eval.submission import SubmissionError, _records
 
 THINK_CLOSE = "</think>"  # the split infer/parse.py makes, for answers that still carry their thinking
 _LETTER = re.compile(r"^\s*[(\[]?([A-J])[)\].:]?\s*$")
+# "The answer is B." / "Answer: B": the lead-in MMSU's official rule reads past (its second-last character)
+_LEAD_IN = re.compile(r"^\s*(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*", re.IGNORECASE)
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -33,14 +35,14 @@ def answer_text(prediction: str) -> str:
 
 def named_choice(prediction: str, choices: Sequence[str]) -> str | None:
     """The one choice an answer names, or None (a non-answer): the choice verbatim; a bare letter
-    ("B", "(B)", "B.") for the choice at that position; else the one choice the challenge's token
+    ("B", "(B)", "B.", "The answer is B.") for the choice at that position; else the one choice the challenge's token
     rule (core.answer_rule) accepts the text for. Two or none: None."""
     text = answer_text(prediction)
     if not text:
         return None
     if text in choices:
         return text
-    letter = _LETTER.match(text)
+    letter = _LETTER.match(_LEAD_IN.sub("", text, count=1))
     if letter:
         index = LETTERS.index(letter.group(1))
         return choices[index] if index < len(choices) else None
