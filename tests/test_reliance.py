@@ -105,3 +105,62 @@ def test_reliance_command_reads_submissions(tmp_path):
     result = reliance(tmp_path / "a.jsonl", tmp_path / "b.jsonl", meta)
     assert (result["items"], result["left_out"], result["drop"], result["hardly_drops"]) == (9, 1, 0.0, True)
     assert "FLAG" in markdown(result) and "1 items missing" in markdown(result)
+
+
+class FakeEngine:
+    """Answers the right choice when the clip is heard and the first choice on silence."""
+
+    def __init__(self, items, tokenizer):
+        self.tokenizer, self.by_id, self.heard = tokenizer, {it.id: it for it in items}, []
+
+    def generate(self, requests, sampling):
+        from infer.engine import Generation
+
+        assert sampling.do_sample is False  # the probe answers greedily
+        self.heard += [r.audio.any() for r in requests]
+        return [Generation(r.id, f"<think>x</think>{self.by_id[r.id].answer if r.audio.any() else self.by_id[r.id].choices[0]}",
+                           (), 0, 0, True, 0.0) for r in requests]
+
+
+class FakeModel:
+    def __init__(self):
+        self.modes = []
+
+    def eval(self):
+        self.modes.append("eval")
+
+    def train(self):
+        self.modes.append("train")
+
+
+def test_grpo_probe_every_n_steps(synthetic_dir, processor):
+    from train.reliance_probe import RelianceProbe
+
+    recipe = load_recipe("recipes/tiny.yaml", [f"infer.meta={synthetic_dir / 'test.jsonl'}", "grpo.reliance_every=2",
+                                               "grpo.reliance_items=6"])
+    probe = RelianceProbe.for_recipe(recipe)
+    items = load_items(synthetic_dir / "test.jsonl")[:6]
+    assert [it.id for it in probe.items] == [it.id for it in items]
+    engine, model = FakeEngine(items, processor.tokenizer), FakeModel()
+    assert probe.at(1, model, engine) == {} and engine.heard == []  # not a probe step
+    figures = probe.at(2, model, engine)
+    assert engine.heard == [True] * 6 + [False] * 6 and model.modes == ["eval", "train"]
+    first_right = sum(it.answer == it.choices[0] for it in items)
+    assert figures == pytest.approx({
+        "reliance/accuracy": 100.0, "reliance/accuracy_silent": 100 * first_right / 6,
+        "reliance/chance": 100 * sum(1 / len(it.choices) for it in items) / 6,
+        "reliance/changed": 100 * (6 - first_right) / 6, "reliance/hardly_drops": 0.0})
+    assert RelianceProbe.for_recipe(load_recipe("recipes/grpo_tiny.yaml")) is None  # off by default
+
+
+def test_grpo_logs_the_probe(grpo_recipe, synthetic_dir, tmp_path):
+    from tests.test_grpo import run_grpo
+    from tests.test_train import metrics
+
+    run_dir = run_grpo(grpo_recipe, f"train.output_dir={tmp_path}/rel", f"infer.meta={synthetic_dir / 'test.jsonl'}",
+                       "grpo.reliance_every=2", "grpo.reliance_items=4", "grpo.iterations=1", "train.stop_after=2")
+    first, second = metrics(run_dir)
+    assert not any(key.startswith("reliance/") for key in first)
+    items = load_items(synthetic_dir / "test.jsonl")[:4]
+    assert second["reliance/chance"] == pytest.approx(100 * sum(1 / len(it.choices) for it in items) / 4)
+    assert 0 <= second["reliance/accuracy_silent"] <= 100 and second["reliance/hardly_drops"] in (0.0, 1.0)
