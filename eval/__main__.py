@@ -82,10 +82,13 @@ def _side_by_side(argv: list[str]) -> int:
     p.add_argument("--meta", required=True, help="the held-out benchmark both answered")
     p.add_argument("--train-submission", help="the fine-tuned model's answers to training records")
     p.add_argument("--train-meta", help="the training records it answered")
+    p.add_argument("--base-silent", help="the base model's answers with silent audio (infer.audio_ablation=silence)")
+    p.add_argument("--tuned-silent", help="the fine-tuned model's answers with silent audio")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the table and the comparison as JSON here")
     args = p.parse_args(argv)
-    result = side_by_side(args.base, args.tuned, args.meta, args.train_submission, args.train_meta, args.seed)
+    result = side_by_side(args.base, args.tuned, args.meta, args.train_submission, args.train_meta, args.seed,
+                          args.base_silent, args.tuned_silent)
     print(markdown(result))
     if args.out:
         write_json(result, args.out)
