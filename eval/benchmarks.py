@@ -121,7 +121,7 @@ def mmsu_item(rec: dict, where: str, root: Path) -> dict | str:
     answer_gt = the correct choice's text)."""
     for key in ("id", "audio_path", "question", "answer_gt", "task_name", "category", "sub-category"):
         _need_str(rec, key, where)
-    choices = [rec[k] for k in ("choice_a", "choice_b", "choice_c", "choice_d") if rec.get(k)]
+    choices = list(dict.fromkeys(rec[k] for k in ("choice_a", "choice_b", "choice_c", "choice_d") if rec.get(k)))
     if rec["answer_gt"] not in choices:
         raise SubmissionError(f"{_label(where, rec)}: answer_gt: {rec['answer_gt']!r} is not one of choice_a..choice_d")
     return {"id": rec["id"], "audio_path": _audio(root, rec["audio_path"]), "question": rec["question"],
@@ -146,14 +146,14 @@ def mmau_pro_item(rec: dict, where: str, root: Path) -> dict | str:
     choices = rec.get("choices") or []
     if len(choices) < 2:  # the official closed-form filter
         return "fewer than 2 choices (official: dropped from closed-form scoring)"
-    choices = _need_choices(rec, "choices", where)
+    choices = list(dict.fromkeys(_need_choices(rec, "choices", where)))
     clips = rec.get("audio_path") or []
     clips = [clips] if isinstance(clips, str) else clips
     if len(clips) != 1:
         return "multi-audio (infer gives one clip per prompt; not scored here)" if clips else "no audio"
     answer = _need_str(rec, "answer", where)
-    if answer not in choices:
-        raise SubmissionError(f"{_label(where, rec)}: answer: {answer!r} is not one of its choices {choices!r}")
+    if answer not in choices:  # the official exact comparison can never count it right
+        return "answer not among its choices (official: always wrong; not scored here)"
     return {"id": rec["id"], "audio_path": _audio(root, clips[0]), "question": rec["question"], "choices": choices,
             "answer": answer, **{k: rec.get(k) for k in ("category", "sub-cat", "length_type")}}
 
