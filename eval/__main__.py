@@ -119,7 +119,11 @@ def _suite(argv: list[str]) -> int:
     except RecipeError as err:
         print(err, file=sys.stderr)
         return 2
-    suite = run_suite(recipe, answer=not score_only)
+    try:
+        suite = run_suite(recipe, answer=not score_only)
+    except RuntimeError as err:  # an `infer run` failed; its finished answers are kept
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print((Path(recipe.suite.out_dir) / "suite.md").read_text(encoding="utf-8"))
     return 0 if suite["benchmarks"] else 2
 

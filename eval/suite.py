@@ -40,10 +40,10 @@ def write_items(path: Path, items: list[dict]) -> None:
         path.write_text(text, encoding="utf-8")
 
 
-def answer_benchmark(recipe_file: Path, items_file: Path, submission: Path) -> None:
+def answer_benchmark(recipe_file: Path, items_file: Path, submission: Path, limit: int | None) -> None:
     """`python -m infer run` on one benchmark's items (its own process: eval does not import infer)."""
     command = [sys.executable, "-m", "infer", "run", str(recipe_file), f"infer.meta={items_file}",
-               f"infer.output={submission}", "infer.limit=null"]
+               f"infer.output={submission}", f"infer.limit={'null' if limit is None else limit}"]
     print("suite: " + " ".join(command), flush=True)
     done = subprocess.run(command)
     if done.returncode != 0:
@@ -66,13 +66,12 @@ def run_suite(recipe: Recipe, answer: bool = True) -> dict:
     results = []
     for bench in cfg.benchmarks:
         items, skipped = read_items(bench.kind, bench.meta, bench.audio_root)
-        if bench.limit is not None:
-            items = items[: bench.limit]
         folder = out / bench.name
         items_file, submission = folder / "items.jsonl", folder / "submission.jsonl"
-        write_items(items_file, items)
+        write_items(items_file, items)  # every item: a changed limit still resumes the same output
         if answer and items:
-            answer_benchmark(recipe_file, items_file, submission)
+            answer_benchmark(recipe_file, items_file, submission, bench.limit)
+        items = items[: bench.limit] if bench.limit is not None else items
         preds = predictions(submission)
         rows = score_items(bench.kind, items, preds)
         scored = [r for r in rows if r["status"] != "withheld"]
