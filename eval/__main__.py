@@ -1,9 +1,10 @@
-"""Command line: `python -m eval {score,compare,convert} ...`.
+"""Command line: `python -m eval {score,compare,side-by-side,convert,browse} ...`.
 
     python -m eval score RECIPE.yaml [eval.submission=... eval.judge.backend=openai ...]
     python -m eval compare A B --meta META.jsonl [--out compare.json]
     python -m eval side-by-side BASE TUNED --meta META.jsonl [--train-submission S --train-meta M] [--out F]
     python -m eval convert OLD.json NEW.jsonl
+    python -m eval browse RUN [RUN2] --out report.html [--silent SUB [SUB2]] [--names A B]
 """
 
 from __future__ import annotations
@@ -101,7 +102,24 @@ def _convert(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"score": _score, "compare": _compare, "side-by-side": _side_by_side, "convert": _convert}
+def _browse(argv: list[str]) -> int:
+    from eval.browse import browse
+
+    p = argparse.ArgumentParser(prog="python -m eval browse",
+                                description="One or two scored runs as one self-contained HTML page (works offline from disk).")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="what `eval score` wrote: its report folder or report.json (two: side by side)")
+    p.add_argument("--out", required=True, help="the HTML file to write; clip links are relative to its folder")
+    p.add_argument("--silent", nargs="+", default=[], metavar="SUB",
+                   help="per run, in order: the same model's submission with silent audio (audio reliance)")
+    p.add_argument("--names", nargs="+", help="a short name per run (default: the report folders)")
+    p.add_argument("--audio-root", help="the folder the benchmark's audio_path entries are relative to (default: its folder)")
+    args = p.parse_args(argv)
+    out = browse(args.runs, args.out, args.silent, args.names, args.audio_root)
+    print(f"results browser: {out} ({out.stat().st_size / 1e6:.2f} MB; open it in a browser)")
+    return 0
+
+
+COMMANDS = {"score": _score, "compare": _compare, "side-by-side": _side_by_side, "convert": _convert, "browse": _browse}
 
 
 def main(argv: list[str] | None = None) -> int:
