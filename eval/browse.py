@@ -73,12 +73,14 @@ def raw_flags(submission: str | Path) -> dict[str, dict] | None:
     return flags
 
 
-def judge_verdicts(report: dict, meta: dict[str, dict], predictions: dict) -> tuple[dict[str, list], str | None]:
-    """(id -> per rater the judge's [{name, score, justification}], a note when there are none).
+def judge_verdicts(report: dict, meta: dict[str, dict], predictions: dict) -> tuple[dict[str, dict], str | None]:
+    """(id -> {criteria: the rubric's names, raters: per rater [score, justification] per criterion}, a note
+    when there are none).
 
     The replies come from the judge cache under the scorer's own keys (judge model, prompt, rater,
     sampling settings): the prompt holds the submission's reasoning, so a cache shared by many runs
-    still gives each run only its own verdicts.
+    still gives each run only its own verdicts. Entries pair with criteria by position, as the
+    official parser scores them (it does not enforce the names).
     """
     if not report.get("judged"):
         return {}, None
@@ -106,17 +108,17 @@ def judge_verdicts(report: dict, meta: dict[str, dict], predictions: dict) -> tu
     for rid, ks in keys.items():
         raters = [_entries(replies.get(key)) for key in ks]
         if any(raters):
-            verdicts[rid] = raters
+            verdicts[rid] = {"criteria": [c["name"] for c in meta[rid]["rubric"]], "raters": raters}
     return verdicts, None if verdicts or not keys else f"judge reasons not shown: none of them in {judge.cache}"
 
 
-def _entries(reply: str | None) -> list[dict]:
+def _entries(reply: str | None) -> list[list]:
+    """[score, justification] per criterion of a stored reply (empty when there is none)."""
     try:
         entries = reply_entries(reply)
     except ReplyError:
         return []
-    return [{"name": str(e.get("name", "")), "score": e.get("score"), "justification": str(e.get("justification", ""))}
-            for e in entries if isinstance(e, dict)]
+    return [[e.get("score"), str(e.get("justification", ""))] if isinstance(e, dict) else [None, ""] for e in entries]
 
 
 def silent_answers(path: str | Path, meta: dict[str, dict], answers: dict) -> dict[str, dict]:
