@@ -73,7 +73,8 @@ eval: | setup
 
 # The whole pipeline on the tiny default: data -> train -> infer -> eval, ending with the base and
 # the fine-tuned model side by side on the held-out set (per task: format rate, accuracy; the
-# fine-tuned model's accuracy on training records beside it; the paired comparison).
+# fine-tuned model's accuracy on training records beside it; the paired comparison), and both in
+# the results browser, one offline HTML page (docs/eval.md#the-results-browser).
 DEMO_BASE  := runs/tiny/base/submission.jsonl
 DEMO_TRAIN := runs/tiny/on_train/submission.jsonl
 demo: tiny data
@@ -82,6 +83,8 @@ demo: tiny data
 	$(MAKE) --no-print-directory eval SUB=
 	$(PY) -m eval side-by-side $(DEMO_BASE) runs/tiny/submission.jsonl --meta $(SYNTH)/test.jsonl \
 		--train-submission $(DEMO_TRAIN) --train-meta $(SYNTH)/train.jsonl --out runs/tiny/side_by_side.json
+	$(PY) -m eval score $(RECIPE) eval.submission=$(DEMO_BASE) eval.report_dir=runs/tiny/base/eval
+	$(PY) -m eval browse runs/tiny/base/eval runs/tiny/eval --names base tuned --out runs/tiny/browse.html
 
 # The README's demo table, from the side_by_side.json the last `make demo` wrote (tools/readme_demo_table.py):
 # rewrites only the block between <!-- demo-table:begin --> and <!-- demo-table:end -->, with date and CPU model.

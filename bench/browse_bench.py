@@ -3,7 +3,7 @@
     python -m bench.browse_bench [--items 1000] [--json runs/bench/browse_bench.json] [--keep DIR]
 
 Two runs of MMAR-shaped items (the 40 real records of tests/data/mmar_sample.jsonl, repeated under new
-ids), each with ~2,000 characters of reasoning, five judge ratings with a reason per criterion, raw
+ids), each with ~2,000 characters of reasoning (the reference's, then sentences of other records), five judge ratings with a reason per criterion, raw
 flags and a silent-audio run: scored by `eval score` (an instant in-process judge), written by `eval
 browse`, opened in headless Chromium (tools/headless_chromium.py). Each filter is set as a user sets
 it (the control's value, then its event). Figures (median of --reps): the page's own timer around
@@ -60,6 +60,7 @@ def build(tmp: Path, n: int, seed: int) -> Path:
     (tmp / "bench" / "audio").mkdir(parents=True)
     for k in range(8):
         write_clip(tmp / "bench" / "audio" / f"clip{k}.wav")
+    sentences = [s.strip().rstrip(".") + "." for r in records for s in r["thinking"].split(". ") if len(s) > 40]
     meta = [{**records[i % len(records)], "id": f"item{i:04d}", "audio_path": f"./audio/clip{i % 8}.wav"} for i in range(n)]
     (tmp / "bench" / "meta.jsonl").write_text("".join(json.dumps(r) + "\n" for r in meta))
     judge = ReasonedJudge()
@@ -70,9 +71,10 @@ def build(tmp: Path, n: int, seed: int) -> Path:
         with (folder / "submission.jsonl").open("w") as sub, (folder / "submission.raw.jsonl").open("w") as raw, \
                 (folder / "silent.jsonl").open("w") as silent:
             for r in meta:
-                words = r["thinking"].split() or ["x"]
                 answer = r["answer"] if rng.random() < right else rng.choice(r["choices"])
-                thinking = " ".join(rng.choice(words) for _ in range(330))  # ~2,000 characters
+                thinking = r["thinking"]
+                while len(thinking) < 2000:  # the item's reference reasoning, then other items' sentences
+                    thinking += "\n\n" + rng.choice(sentences)
                 sub.write(json.dumps({"id": r["id"], "thinking_prediction": thinking, "answer_prediction": answer}) + "\n")
                 raw.write(json.dumps({"id": r["id"], "truncated": rng.random() < 0.05, "thinking_budget_fired": rng.random() < 0.1,
                                       "thinking_cut": False}) + "\n")
