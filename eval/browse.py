@@ -133,9 +133,11 @@ def silent_answers(path: str | Path, meta: dict[str, dict], answers: dict) -> di
     return out
 
 
-def clip_link(rec: dict, meta_path: Path, audio_root: Path | None, page_dir: Path) -> tuple[str, bool]:
-    """(the clip's URL relative to the page, whether the file exists)."""
-    clip = (audio_root or meta_path.parent) / rec.get("audio_path", "")
+def clip_link(rec: dict, meta_path: Path, audio_root: Path | None, page_dir: Path) -> tuple[str | None, bool]:
+    """(the clip's URL relative to the page, whether the file exists); (None, False) for a record without one."""
+    if not isinstance(rec.get("audio_path"), str) or not rec["audio_path"]:
+        return None, False
+    clip = (audio_root or meta_path.parent) / rec["audio_path"]
     relative = os.path.relpath(clip.resolve(), page_dir.resolve())
     return quote(Path(relative).as_posix()), clip.is_file()
 

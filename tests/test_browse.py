@@ -31,17 +31,21 @@ ITEMS = [  # id, modality, category, choices, answer, cues
 ]
 CLIP_SECONDS = 0.5
 XSS = '</script><script>window.pwned=1</script><img src=x onerror="window.pwned=2"><!-- & \u2028'
-# A: p1, p3 right, p2 wrong, p4 missing. B: p1, p2, p4 right, p3 wrong -> fixed p2, p4; broken p3.
+# A: p1, p3 right, p2 wrong, p4 missing. B: p1, p2, p4 right, p3 wrong -> fixed p2, p4; broken p3. The judge
+# cannot rate B's p4 (NOT EVALUATED: left out of B's totals and of the paired comparison).
 ANSWERS = {"A": {"p1": "two", "p2": "falling", "p3": "yes"}, "B": {"p1": "two", "p2": "rising", "p3": "no", "p4": "dog"}}
 SILENT_B = {"p1": "one", "p2": "rising", "p3": "no", "p4": "cat"}  # p1 and p4 change without audio
 
 
 def thinking(run: str, rid: str) -> str:
-    return XSS if (run, rid) == ("B", "p2") else f"{run} reasons about {rid}: I hear a Beep."
+    if (run, rid) == ("B", "p2"):
+        return XSS
+    return f"{run} reasons about {rid}: I hear a Beep." + (" Unratable." if (run, rid) == ("B", "p4") else "")
 
 
 class EchoJudge:
-    """Scores Cue 1 and Logic n % 2 on its n-th call for an item; each justification quotes the reasoning it read."""
+    """Scores Cue 1 and Logic n % 2 on its n-th call for an item; each justification quotes the reasoning it read.
+    Reasoning with "Unratable" gets a reply that does not parse."""
 
     identity, max_workers = "echo-judge", 1
 
@@ -50,6 +54,8 @@ class EchoJudge:
 
     def complete(self, system: str, user: str) -> str:
         reasoning = user.split("- Model's Reasoning:\n", 1)[1]
+        if "Unratable" in reasoning:
+            return "I would rather not say."
         n = self.calls[reasoning]
         self.calls[reasoning] += 1
         return json.dumps([{"name": "Cue", "score": 1, "justification": f"call {n} read <b>{reasoning[:18]}</b>"},
@@ -92,7 +98,8 @@ def scored(tmp_path_factory):
                 {"id": rid, "truncated": rid == "p3", "thinking_budget_fired": rid == "p2", "thinking_cut": False}
                 for rid in answers])
         recipe = load_recipe(None, [f"eval.meta={meta}", f"eval.submission={sub}", f"eval.report_dir={tmp / run / 'eval'}",
-                                    f"eval.judge.cache={tmp / 'judge.sqlite'}", "eval.bootstrap=50", "eval.charts=false"])
+                                    f"eval.judge.cache={tmp / 'judge.sqlite'}", "eval.bootstrap=50", "eval.charts=false",
+                                    "eval.judge.max_attempts=2"])
         score(recipe, progress=False, backend=judge)
     silent = write_jsonl(tmp / "B_silent" / "submission.jsonl", [
         {"id": rid, "thinking_prediction": "", "answer_prediction": a} for rid, a in SILENT_B.items()])
@@ -112,11 +119,13 @@ def test_the_page_holds_each_items_runs_verdicts_and_clip(scored):
     items = {it["id"]: it for it in data["items"]}
     assert list(items) == ["p1", "p2", "p3", "p4"]
     status = {rid: [side["status"] for side in it["runs"]] for rid, it in items.items()}
-    assert status == {"p1": ["scored", "scored"], "p2": ["wrong", "scored"], "p3": ["scored", "wrong"], "p4": ["missing", "scored"]}
+    assert status == {"p1": ["scored", "scored"], "p2": ["wrong", "scored"], "p3": ["scored", "wrong"],
+                      "p4": ["missing", "not_evaluated"]}
+    assert "no parsable reply after 2 attempts" in items["p4"]["runs"][1]["reason"]
     a, b = data["runs"]
     assert (a["official"]["accuracy"], a["totals"]["accuracy"]) == (pytest.approx(200 / 3), 50.0)
-    assert b["totals"]["accuracy"] == 75.0 and (a["name"], b["name"]) == ("base", "tuned")
-    assert data["paired"]["both_correct"] == 1 and data["paired"]["b_only_correct"] == 2 and data["paired"]["a_only_correct"] == 1
+    assert b["totals"]["accuracy"] == pytest.approx(200 / 3) and (a["name"], b["name"]) == ("base", "tuned")
+    assert (data["paired"]["items"], data["paired"]["both_correct"], data["paired"]["b_only_correct"]) == (3, 1, 1)
     # The judge's verdicts: 5 raters, both criteria; Logic alternates 0, 1, 0, 1, 0 -> ratings .5 1 .5 1 .5, middle-3 mean 2/3.
     p1a = items["p1"]["runs"][0]
     raters = p1a["judge"]["raters"]
@@ -200,8 +209,9 @@ def test_filters_and_an_items_audio_in_chromium(scored, chromium):
     chromium.open(page)
     assert chromium.eval("document.getElementById('count').dataset.count") == "4"
     cards = chromium.eval("[...document.querySelectorAll('#headline .card .big')].map(n => n.firstChild.textContent)")
-    assert cards == ["66.67", "75.00", "+25.00"]
+    assert cards == ["66.67", "66.67", "+0.00"]
     assert choose(chromium, "f-status-1", "wrong") == ["p3"]
+    assert choose(chromium, "f-status-1", "ne") == ["p4"]
     assert choose(chromium, "f-status-1", "") == ["p1", "p2", "p3", "p4"]
     assert choose(chromium, "f-change", "fixed") == ["p2", "p4"]
     assert choose(chromium, "f-change", "broken") == ["p3"]
