@@ -6,9 +6,9 @@ Two runs of MMAR-shaped items (the 40 real records of tests/data/mmar_sample.jso
 ids), each with ~2,000 characters of reasoning (the reference's, then sentences of other records), five
 judge ratings with a reason per criterion, raw flags and a silent-audio run: scored by `eval score` (an
 instant in-process judge), written by `eval browse`, opened in headless Chromium (tools/headless_chromium.py).
-Each filter is set as a user sets it (the control's value, then its event). Figures (median of --reps): the page's own timer around
-filtering and building the visible page of rows; the same with style and layout forced; and the
-wall time of the round trip from Python (DevTools protocol included).
+Each filter is set as a user sets it (the control's value, then its event). Figures (median of --reps):
+the page's own timer around filtering and building the visible page of rows; the same with style and
+layout forced; and the wall time of the round trip from Python (DevTools protocol included).
 """
 
 from __future__ import annotations

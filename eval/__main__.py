@@ -110,7 +110,7 @@ def _browse(argv: list[str]) -> int:
     p.add_argument("runs", nargs="+", metavar="RUN", help="what `eval score` wrote: its report folder or report.json (two: side by side)")
     p.add_argument("--out", required=True, help="the HTML file to write; clip links are relative to its folder")
     p.add_argument("--silent", nargs="+", default=[], metavar="SUB",
-                   help="per run, in order: the same model's submission with silent audio (audio reliance)")
+                   help="per run, in order (- for none): the same model's submission with silent audio (audio reliance)")
     p.add_argument("--names", nargs="+", help="a short name per run (default: the report folders)")
     p.add_argument("--audio-root", help="the folder the benchmark's audio_path entries are relative to (default: its folder)")
     args = p.parse_args(argv)

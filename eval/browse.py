@@ -36,6 +36,9 @@ from eval.submission import SubmissionError, _json_lines, load_meta, load_submis
 TEMPLATE = Path(__file__).with_name("browse.html")
 DATA_MARK = "__BROWSE_DATA__"
 RAW_FLAGS = ("truncated", "thinking_budget_fired", "thinking_cut")
+# report.json's per-item fields (eval.report.ItemResult) the page shows in place; any other is listed as it is
+ITEM_FIELDS = {"id", "modality", "category", "sub_category", "status", "correct", "score", "ratings", "cues_found",
+               "cues_total", "reason"}
 
 
 def report_file(run: str | Path) -> Path:
@@ -170,6 +173,8 @@ def _item_side(run: dict, item: dict) -> dict:
         side["judge"] = run["verdicts"][rid]
     if run["silent"] is not None:
         side["silent"] = run["silent"].get(rid)
+    if extra := {key: value for key, value in item.items() if key not in ITEM_FIELDS}:
+        side["extra"] = extra  # what a later `eval score` adds per item (e.g. an audio-reliance field)
     return side
 
 
@@ -227,7 +232,7 @@ def browse(run_paths: list[str | Path], out: str | Path, silent: list[str | Path
     """Write the page for one or two runs; returns its path."""
     if not 1 <= len(run_paths) <= 2:
         raise SubmissionError(f"browse takes one or two runs, got {len(run_paths)}")
-    silent = list(silent or [])
+    silent = [None if s in (None, "-") else s for s in silent or []]
     if len(silent) > len(run_paths):
         raise SubmissionError(f"--silent: {len(silent)} submissions for {len(run_paths)} runs (one per run, in order)")
     silent += [None] * (len(run_paths) - len(silent))

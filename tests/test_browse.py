@@ -101,10 +101,14 @@ def scored(tmp_path_factory):
                                     f"eval.judge.cache={tmp / 'judge.sqlite'}", "eval.bootstrap=50", "eval.charts=false",
                                     "eval.judge.max_attempts=2"])
         score(recipe, progress=False, backend=judge)
+    # a per-item field a later `eval score` may add (say, audio reliance): shown as it is
+    report = json.loads((tmp / "B" / "eval" / "report.json").read_text())
+    report["items"][0]["silent_answer"] = "<i>one</i>"
+    (tmp / "B" / "eval" / "report.json").write_text(json.dumps(report))
     silent = write_jsonl(tmp / "B_silent" / "submission.jsonl", [
         {"id": rid, "thinking_prediction": "", "answer_prediction": a} for rid, a in SILENT_B.items()])
     page = browse([tmp / "A" / "eval", tmp / "B" / "eval" / "report.json"], tmp / "out" / "report.html",
-                  silent=[None, silent], names=["base", "tuned"])
+                  silent=["-", silent], names=["base", "tuned"])
     return tmp, page
 
 
@@ -143,6 +147,7 @@ def test_the_page_holds_each_items_runs_verdicts_and_clip(scored):
     assert b["silent_accuracy"] == 25.0 and a["silent"] is None
     assert items["p1"]["runs"][1]["silent"] == {"answer": "one", "correct": False, "changed": True}
     assert items["p2"]["runs"][1]["silent"]["changed"] is False
+    assert items["p1"]["runs"][1]["extra"] == {"silent_answer": "<i>one</i>"} and "extra" not in p1a
     # The clip: relative to the page, and there.
     clip = page.parent / unquote(items["p2"]["audio"])
     assert items["p2"]["audio"] == "../bench/audio/p2.wav" and clip.resolve() == (tmp / "bench/audio/p2.wav").resolve()
@@ -226,6 +231,11 @@ def test_filters_and_an_items_audio_in_chromium(scored, chromium):
     assert choose(chromium, "f-search", "nothing like this") == []
     chromium.eval("document.getElementById('f-reset').click()")
     print(f"\nfiltering 4 items in Chromium: {chromium.eval('browse.lastMs'):.2f} ms (1,000 items: python -m bench.browse_bench)")
+
+    chromium.eval("document.querySelector('tr.item[data-id=\"p1\"]').click()")
+    fields = chromium.eval("[...document.querySelectorAll('tr.detail[data-id=\"p1\"] .side.r1 .field')].map(f => f.textContent)")
+    assert "silent_answer: <i>one</i>" in fields and chromium.eval("document.querySelectorAll('i').length") == 0
+    chromium.eval("document.querySelector('tr.item[data-id=\"p1\"]').click()")  # closed again
 
     # Expand p2 by clicking its row: its clip, its question, both runs' reasoning as plain text.
     chromium.eval("document.querySelector('tr.item[data-id=\"p2\"]').click()")
