@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -35,6 +36,7 @@ from eval.submission import SubmissionError, _json_lines, load_meta, load_submis
 
 TEMPLATE = Path(__file__).with_name("browse.html")
 DATA_MARK = "__BROWSE_DATA__"
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 RAW_FLAGS = ("truncated", "thinking_budget_fired", "thinking_cut")
 # report.json's per-item fields (eval.report.ItemResult) the page shows in place; any other is listed as it is
 ITEM_FIELDS = {"id", "modality", "category", "sub_category", "status", "correct", "score", "ratings", "cues_found",
@@ -150,6 +152,9 @@ def load_run(run: str | Path, silent: str | Path | None = None) -> dict:
     path, report = load_report(run)
     sub = load_submission(report["submission"])
     meta = {rec["id"]: rec for rec in load_meta(report["meta"])}
+    if unknown := [it["id"] for it in report["items"] if it["id"] not in meta]:
+        raise SubmissionError(f"{path}: {len(unknown)} items not in {report['meta']} (first: {unknown[0]}); "
+                              "the benchmark changed since scoring: score the run again")
     verdicts, judge_note = judge_verdicts(report, meta, sub.predictions)
     return {"path": path, "report": report, "meta": meta, "meta_path": Path(report["meta"]),
             "predictions": sub.predictions, "flags": raw_flags(report["submission"]), "verdicts": verdicts,
@@ -220,11 +225,12 @@ def payload(runs: list[dict], names: list[str], page_dir: Path, audio_root: Path
 
 
 def embed(data: dict) -> str:
-    """JSON safe inside a <script> block: no `</script>`, `<!--` or other markup can close or open anything."""
+    """JSON safe inside a <script> block: no `</script>`, `<!--` or other markup can close or open anything.
+    A lone surrogate (valid in JSON, not in UTF-8) stays an escape, so any decoded text can be written."""
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
         text = text.replace(char, escaped)
-    return text
+    return LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def browse(run_paths: list[str | Path], out: str | Path, silent: list[str | Path] | None = None,

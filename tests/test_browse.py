@@ -162,6 +162,8 @@ def test_the_page_is_self_contained_and_the_data_cannot_close_its_block(scored):
     assert text.count("</script>") == 2  # the data block's and the page script's: the model's text adds none
     assert not re.search(r"<(link|img|iframe)\b|\bsrc=|https?://", text.replace(block, "")), "nothing loads from elsewhere"
     assert json.loads(embed({"t": XSS}))["t"] == XSS
+    lone = embed({"t": "a\ud800b"})  # a lone surrogate, as json.loads gives it from "\\ud800"
+    assert json.loads(lone)["t"] == "a\ud800b" and lone.encode("utf-8")
 
 
 def test_input_errors_name_the_file(scored, tmp_path, capsys):
