@@ -237,7 +237,8 @@ def test_filters_and_an_items_audio_in_chromium(scored, chromium):
     chromium.eval("document.querySelector('tr.item[data-id=\"p1\"]').click()")
     fields = chromium.eval("[...document.querySelectorAll('tr.detail[data-id=\"p1\"] .side.r1 .field')].map(f => f.textContent)")
     assert "silent_answer: <i>one</i>" in fields and chromium.eval("document.querySelectorAll('i').length") == 0
-    chromium.eval("document.querySelector('tr.item[data-id=\"p1\"]').click()")  # closed again
+    chromium.eval("document.querySelector('tr.item[data-id=\"p1\"]').dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter'}))")
+    assert chromium.eval("[document.querySelectorAll('tr.detail').length, document.activeElement.dataset.id]") == [0, "p1"]
 
     # Expand p2 by clicking its row: its clip, its question, both runs' reasoning as plain text.
     chromium.eval("document.querySelector('tr.item[data-id=\"p2\"]').click()")

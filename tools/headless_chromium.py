@@ -26,7 +26,8 @@ from pathlib import Path
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # Root in a container has no sandbox; nothing here may reach the network or write outside the profile.
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-extensions", "--mute-audio", "--remote-debugging-pipe")
+         "--disable-component-update", "--disable-sync", "--disable-extensions", "--mute-audio", "--remote-debugging-pipe",
+         "--disable-dev-shm-usage")  # containers often give /dev/shm 64 MB, too little for a renderer
 
 
 class BrowserError(RuntimeError):
