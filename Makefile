@@ -161,6 +161,7 @@ bench: setup
 	$(PY) -m bench.load_bench --json runs/bench/load_bench.json
 	$(PY) -m bench.data_bench --json runs/bench/data_bench.json
 	$(PY) -m bench.grpo_bench --json runs/bench/grpo_bench.json
+	$(if $(shell command -v chromium),$(PY) -m bench.browse_bench --json runs/bench/browse_bench.json,@echo "bench.browse_bench skipped: no chromium (apt-get install -y chromium)")
 
 clean:
 	rm -rf artifacts runs
