@@ -59,9 +59,10 @@ def load_report(run: str | Path) -> tuple[Path, dict]:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise SubmissionError(f"{path}: not a JSON report ({err})") from None
-    missing = [key for key in ("submission", "meta", "items", "official", "totals", "tables") if key not in report]
-    if not isinstance(report, dict) or missing:
-        raise SubmissionError(f"{path}: not a report of `eval score` (missing {', '.join(missing) or 'everything'})")
+    if not isinstance(report, dict):
+        raise SubmissionError(f"{path}: not a report of `eval score` (a JSON {type(report).__name__}, not an object)")
+    if missing := [key for key in ("submission", "meta", "items", "official", "totals", "tables") if key not in report]:
+        raise SubmissionError(f"{path}: not a report of `eval score` (missing {', '.join(missing)})")
     return path, report
 
 
