@@ -156,6 +156,31 @@ class TrainConfig(Section):
     """wandb project name"""
 
 
+class SelfConsistencyConfig(Section):
+    """Self-consistency: n sampled chains per item, a vote on their answers, one chain submitted (docs/infer.md)."""
+
+    n: int = Field(8, gt=1)
+    """chains sampled per item, in one engine call"""
+    temperature: float = Field(0.6, gt=0)
+    """the chains' sampling temperature (Qwen's thinking default)"""
+    top_p: float = Field(0.95, gt=0, le=1)
+    """the chains' nucleus"""
+    top_k: int = Field(20, ge=0)
+    """the chains' top-k; 0: off"""
+    selection: Literal["consensus", "first"] = "consensus"
+    """which chain of the winning answer is submitted: consensus, the one whose thinking shares the most words with
+    the other winning chains (mean Jaccard); first, the lowest-numbered one"""
+
+
+class MataConfig(Section):
+    """Audio-attention boost (MATA, arXiv 2509.18816): hf engine only (docs/infer.md)."""
+
+    layers: list[int] = Field(min_length=1)
+    """decoder layers (0-based) whose last query token is boosted; the paper takes middle layers"""
+    strength: float = Field(gt=0)
+    """factor on that token's attention to the clip's audio tokens, relative to every other key"""
+
+
 class InferConfig(Section):
     backend: Literal["hf", "vllm"] = "hf"
     """hf: transformers; vllm: GPUs"""
@@ -216,6 +241,11 @@ class InferConfig(Section):
     RAM; None on GPUs (vLLM sizes the cache from gpu_memory_utilization)."""
     enforce_eager: Annotated[bool, NoEffect] = False
     """vllm: skip torch.compile (and CUDA graphs); minutes less to load on a CPU"""
+    self_consistency: SelfConsistencyConfig | None = None
+    """None: one chain per item under the sampling above; set: n sampled chains and a vote. Opt-in: whether a vote
+    is a "separate controller" under Track 1 is not settled, and the audit's compliance report states it was on"""
+    mata: MataConfig | None = None
+    """None: off; set: the audio-attention boost on the hf engine (vLLM refuses it)"""
 
 
 class JudgeConfig(Section):
