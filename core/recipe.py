@@ -60,8 +60,9 @@ class DatasetSpec(Section):
 class DataConfig(Section):
     train: list[DatasetSpec] = Field(default_factory=list)
     """training datasets: [{path, audio_root, weight, max_samples}]"""
-    max_audio_seconds: float = Field(30.0, gt=0)
-    """clips are cut to this length (training and inference)"""
+    max_audio_seconds: float | None = Field(None, gt=0)
+    """the one long-clip rule of the Cogito-Pipe and training: collect drops longer clips (too_long), qa, cot
+    and training cut to it; None: whole clips everywhere (as the stock processor, truncation=False)"""
     max_length: int = Field(4096, gt=0)
     """tokens; longer samples are dropped and counted"""
     num_workers: Annotated[int, NoEffect] = Field(0, ge=0)
@@ -404,9 +405,17 @@ class DataPrepConfig(Section):
     shard: str = Field("0/1", pattern=r"^\d+/[1-9]\d*$")
     '''"i/n": this process handles shard i of n'''
     min_seconds: float = Field(0.5, ge=0)
-    """shorter clips are rejected (too_short)"""
-    max_seconds: float | None = Field(None, gt=0)
-    """longer clips are rejected (too_long)"""
+    """shorter clips are rejected (too_short); the longest clip is `data.max_audio_seconds`"""
+    shortfall: Literal["report", "redistribute", "error"] = "report"
+    """a ratio source with fewer clips than its share: report it; redistribute the missing clips over the ratio
+    sources of the same domain (the adapter's) in proportion to their ratios; or stop collect"""
+    licences: list[str] | None = None
+    """accepted licence ids (SPDX, or the named ids of data_prep.sources.NAMED_LICENCES); a clip whose licence
+    maps to no id or to one not listed stops collect (see `unaccepted`); None: no licence gate"""
+    unaccepted: Literal["error", "drop"] = "error"
+    """clips failing the licence gate: stop collect with counts per source and licence, or drop and count them"""
+    max_bad_rows: int = Field(100, ge=0)
+    """bad metadata rows (unparsable, truncated, undecodable) counted and skipped per source; one more stops collect"""
     mmar_meta: str | None = None
     """benchmark metadata for the contamination guard"""
     mmar_audio_root: str | None = None
