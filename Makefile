@@ -74,7 +74,8 @@ eval: | setup
 # The whole pipeline on the tiny default: data -> train -> infer -> eval, ending with the base and
 # the fine-tuned model side by side on the held-out set (per task: format rate, accuracy; the
 # fine-tuned model's accuracy on training records beside it; the paired comparison; each model's accuracy
-# with every clip replaced by silence, the audio-reliance column).
+# with every clip replaced by silence, the audio-reliance column), and both in the results browser,
+# one offline HTML page (docs/eval.md#the-results-browser).
 DEMO_BASE  := runs/tiny/base/submission.jsonl
 DEMO_TRAIN := runs/tiny/on_train/submission.jsonl
 DEMO_BASE_SILENT := runs/tiny/base_silent/submission.jsonl
@@ -86,6 +87,9 @@ demo: tiny data
 	$(PY) -m eval side-by-side $(DEMO_BASE) runs/tiny/submission.jsonl --meta $(SYNTH)/test.jsonl \
 		--train-submission $(DEMO_TRAIN) --train-meta $(SYNTH)/train.jsonl \
 		--base-silent $(DEMO_BASE_SILENT) --tuned-silent $(DEMO_SILENT) --out runs/tiny/side_by_side.json
+	$(PY) -m eval score $(RECIPE) eval.submission=$(DEMO_BASE) eval.report_dir=runs/tiny/base/eval
+	$(PY) -m eval browse runs/tiny/base/eval runs/tiny/eval --names base tuned --out runs/tiny/browse.html \
+		--silent $(DEMO_BASE_SILENT) $(DEMO_SILENT)
 
 # The README's demo table, from the side_by_side.json the last `make demo` wrote (tools/readme_demo_table.py):
 # rewrites only the block between <!-- demo-table:begin --> and <!-- demo-table:end -->, with date and CPU model.
@@ -167,6 +171,7 @@ bench: setup
 	$(PY) -m bench.load_bench --json runs/bench/load_bench.json
 	$(PY) -m bench.data_bench --json runs/bench/data_bench.json
 	$(PY) -m bench.grpo_bench --json runs/bench/grpo_bench.json
+	$(if $(shell command -v chromium),$(PY) -m bench.browse_bench --json runs/bench/browse_bench.json,@echo "bench.browse_bench skipped: no chromium (apt-get install -y chromium)")
 
 clean:
 	rm -rf artifacts runs

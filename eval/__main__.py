@@ -1,4 +1,4 @@
-"""Command line: `python -m eval {score,compare,convert} ...`.
+"""Command line: `python -m eval {score,compare,side-by-side,convert,browse} ...`.
 
     python -m eval score RECIPE.yaml [eval.submission=... eval.judge.backend=openai ...]
     python -m eval compare A B --meta META.jsonl [--out compare.json]
@@ -7,6 +7,7 @@
     python -m eval suite RECIPE.yaml [dotted.key=value ...] [--score-only]
     python -m eval suite-compare RUN_A RUN_B [--out compare.json]
     python -m eval reliance NORMAL_SUB ABLATED_SUB --meta META.jsonl [--out reliance.json]
+    python -m eval browse RUN [RUN2] --out report.html [--silent SUB [SUB2]] [--names A B]
 """
 
 from __future__ import annotations
@@ -163,8 +164,27 @@ def _reliance(argv: list[str]) -> int:
     return 0
 
 
+
+def _browse(argv: list[str]) -> int:
+    from eval.browse import browse
+
+    p = argparse.ArgumentParser(prog="python -m eval browse",
+                                description="One or two scored runs as one self-contained HTML page (works offline from disk).")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="what `eval score` wrote: its report folder or report.json (two: side by side)")
+    p.add_argument("--out", required=True, help="the HTML file to write; clip links are relative to its folder")
+    p.add_argument("--silent", nargs="+", default=[], metavar="SUB",
+                   help="per run, in order (- for none): the same model's submission with silent audio (audio reliance)")
+    p.add_argument("--names", nargs="+", help="a short name per run (default: the report folders)")
+    p.add_argument("--audio-root", help="the folder the benchmark's audio_path entries are relative to (default: its folder)")
+    args = p.parse_args(argv)
+    out = browse(args.runs, args.out, args.silent, args.names, args.audio_root)
+    print(f"results browser: {out} ({out.stat().st_size / 1e6:.2f} MB; open it in a browser)")
+    return 0
+
+
+
 COMMANDS = {"score": _score, "compare": _compare, "side-by-side": _side_by_side, "convert": _convert,
-            "suite": _suite, "suite-compare": _suite_compare, "reliance": _reliance}
+            "browse": _browse, "suite": _suite, "suite-compare": _suite_compare, "reliance": _reliance}
 
 
 def main(argv: list[str] | None = None) -> int:
