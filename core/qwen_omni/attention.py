@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-BIAS_ATTENTION = ("eager", "sdpa")  # implementations that add a float mask to the attention logits
+_BIAS_ATTENTION = ("eager", "sdpa")  # implementations that add a float mask to the attention logits
 
 
 class AudioAttentionBoost:
@@ -33,8 +33,8 @@ class AudioAttentionBoost:
         if bad:
             raise ValueError(f"infer.mata.layers: {bad} out of range; the thinker has layers 0..{n_layers - 1}")
         implementation = text_model.config._attn_implementation
-        if implementation not in BIAS_ATTENTION:
-            raise ValueError(f"infer.mata: needs model.attn_implementation in {BIAS_ATTENTION} (the boost is an attention "
+        if implementation not in _BIAS_ATTENTION:
+            raise ValueError(f"infer.mata: needs model.attn_implementation in {_BIAS_ATTENTION} (the boost is an attention "
                              f"bias), got {implementation!r}")
         self.audio_token_id = thinker.config.audio_token_id
         self.log_strength = math.log(strength)
@@ -63,7 +63,7 @@ class AudioAttentionBoost:
         cache = kwargs.get("past_key_values")
         past = cache.get_seq_length(module.layer_idx) if cache is not None else 0
         keys = past + queries
-        bias = additive_mask(kwargs.get("attention_mask"), batch, queries, keys, hidden.dtype, hidden.device)
+        bias = _additive_mask(kwargs.get("attention_mask"), batch, queries, keys, hidden.dtype, hidden.device)
         audio = torch.zeros(batch, keys, dtype=torch.bool, device=hidden.device)
         known = min(keys, self.audio_keys.shape[1])
         audio[:, :known] = self.audio_keys[:, :known]
@@ -71,7 +71,7 @@ class AudioAttentionBoost:
         return args, {**kwargs, "attention_mask": bias}
 
 
-def additive_mask(mask: torch.Tensor | None, batch: int, queries: int, keys: int, dtype, device) -> torch.Tensor:
+def _additive_mask(mask: torch.Tensor | None, batch: int, queries: int, keys: int, dtype, device) -> torch.Tensor:
     """The layer's mask as a float bias [batch, 1, queries, keys] (0 where attended, the dtype's minimum where not),
     whatever form the decoder passed: a float bias already, a boolean mask, or None (plain causal)."""
     lowest = torch.finfo(dtype).min
