@@ -10,6 +10,7 @@ in at the end, so an interrupted command leaves the old folder or the new one, n
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
@@ -86,3 +87,36 @@ def replacing(out: str | Path, maker: str, made: Callable[[Path], bool] | None =
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+class DiskFull(OSError):
+    """The disk filled up while an output was written; the message names the file (or folder) and says so."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+def _disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno == errno.ENOSPC
+    # torch.save ("inline_container.cc ... unexpected pos", "file write failed") and safetensors
+    # ("No space left on device", "StorageFull") report a full disk in their own words
+    text = str(err)
+    return any(sign in text for sign in ("unexpected pos", "file write failed", "No space left on device", "StorageFull"))
+
+
+@contextlib.contextmanager
+def naming_full_disk(target: str | Path, what: str) -> Iterator[None]:
+    """Turn a full-disk error raised in the block (OSError ENOSPC, or torch's and safetensors' own errors)
+    into DiskFull naming the file (the error's own, else `target`) and `what` was being written."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as err:
+        if not _disk_full(err):
+            raise
+        where = getattr(err, "filename", None) or target
+        raise DiskFull(f"{where}: the disk is full (no space left on device) while writing {what}; "
+                       "free space, then rerun") from err
