@@ -88,13 +88,14 @@ def finished(tmp_path_factory, tiny_checkpoint, synthetic_dir, one_torch_thread)
 
 def test_bundle_refuses_to_replace_a_folder_it_did_not_make(finished, tmp_path):
     from audit.__main__ import main as audit_cli
-    from core.outdir import FolderRefused
 
     run_dir = finished["run"]
     before = tree_digest(run_dir)
     args = ["bundle", "--train-run", str(run_dir), "--infer-output", str(run_dir / "submission.jsonl")]
     assert audit_cli([*args, "--out", str(run_dir)]) == 2  # the training run itself
     assert tree_digest(run_dir) == before
+    from core.outdir import FolderRefused
+
     parent = tmp_path / "parent"
     (parent / "work").mkdir(parents=True)
     (parent / "work" / "notes.txt").write_text("mine")
@@ -117,7 +118,6 @@ def test_merge_refuses_an_out_that_overlaps_its_inputs_or_is_not_its_own(tiny_ch
     from peft import LoraConfig, get_peft_model
 
     from core import qwen_omni as qo
-    from core.outdir import MARKER, FolderRefused
     from train.merge import main as merge_cli
     from train.merge import merge
 
@@ -126,10 +126,13 @@ def test_merge_refuses_an_out_that_overlaps_its_inputs_or_is_not_its_own(tiny_ch
     adapter = tmp_path / "adapter"
     get_peft_model(model, config).save_pretrained(adapter)
     before = tree_digest(adapter)
+    assert merge_cli(["--base", str(tiny_checkpoint), "--adapter", str(adapter), "--out", str(adapter)]) == 2
+    assert tree_digest(adapter) == before
+    from core.outdir import MARKER, FolderRefused
+
     for out in (adapter, adapter / "merged", tmp_path):  # the adapter, inside it, above it
         with pytest.raises(FolderRefused, match=rf"^{out}: overlaps the adapter {adapter}"):
             merge(tiny_checkpoint, adapter, out)
-    assert merge_cli(["--base", str(tiny_checkpoint), "--adapter", str(adapter), "--out", str(adapter)]) == 2
     with pytest.raises(FolderRefused, match="overlaps the base checkpoint"):
         merge(tiny_checkpoint, adapter, tiny_checkpoint)
     assert tree_digest(adapter) == before
@@ -154,7 +157,7 @@ def test_a_second_training_run_on_the_same_output_dir_fails_at_once_naming_it(re
     from core.locks import file_lock
     from train import runtime
 
-    run, LOCK = tmp_path / "run", runtime.LOCK
+    run, LOCK = tmp_path / "run", "train.lock"
     with file_lock(run / LOCK, wait=False, note="pid 4242 on host-a, since 2026-01-01 00:00:00: train/sft.py lr=3e-3"):
         AcceleratorState._reset_state(True)
         assert runtime.cli(sft.main, [str(recipe_file)]) == 1
@@ -162,7 +165,7 @@ def test_a_second_training_run_on_the_same_output_dir_fails_at_once_naming_it(re
     assert f"error: {run}: another training run is writing this train.output_dir " \
            "(pid 4242 on host-a, since 2026-01-01 00:00:00: train/sft.py lr=3e-3)" in err
     assert sorted(p.name for p in run.iterdir()) == [LOCK]  # no recipe, metrics or checkpoint written
-    assert run_sft(recipe_file, "train.max_steps=1") == 0  # released: the next run goes ahead
+    assert runtime.LOCK == LOCK and run_sft(recipe_file, "train.max_steps=1") == 0  # released: the next run goes ahead
     assert (run / LOCK).read_text() == ""  # the holder's note is cleared when it ends
 
 
