@@ -45,8 +45,8 @@ def check_replaceable(out: str | Path, maker: str, made: Callable[[Path], bool] 
                             "choose another output folder, or move it away")
     if next(out.iterdir(), None) is None or made_by(out, maker) or (made is not None and made(out)):
         return
-    raise FolderRefused(f"{out}: a folder {maker} did not make (no {MARKER} naming it); replacing it would delete "
-                        "what it holds: choose another output folder, or remove it yourself")
+    raise FolderRefused(f"{out}: a folder {maker} did not make" + (f" (no {MARKER} naming it)" if made is None else "")
+                        + "; replacing it would delete what it holds: choose another output folder, or remove it yourself")
 
 
 def check_apart(out: str | Path, inputs: dict[str, str | Path | None]) -> None:
