@@ -350,7 +350,8 @@ def checkpoints(output_dir: Path, warn: Callable[[str], object] | None = None) -
             complete.append(path)
         elif warn is not None:
             warn(f"warning: {path}: incomplete or corrupt checkpoint (no {COMPLETE} marker, or {STATE_FILE} empty or "
-                 "unreadable: interrupted or a full disk), skipped")
+                 f"unreadable: interrupted or a full disk), skipped; if an older version wrote it whole (before {COMPLETE} "
+                 f"markers), `touch {path / COMPLETE}` to resume from it")
     return complete
 
 
