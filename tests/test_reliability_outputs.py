@@ -169,6 +169,27 @@ def test_a_second_training_run_on_the_same_output_dir_fails_at_once_naming_it(re
     assert (run / LOCK).read_text() == ""  # the holder's note is cleared when it ends
 
 
+@pytest.mark.slow  # two ranks under `accelerate launch`, as `make train` runs them
+def test_every_rank_of_a_launch_stops_when_the_output_dir_is_taken(recipe_file, tmp_path):
+    """Rank 0 tries the lock and tells the others; on the CPU launch Accelerate labels each rank as not
+    distributed, where its own broadcast does nothing and rank 1 would train on alone."""
+    import os
+    import sys
+
+    from core.locks import file_lock
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    with file_lock(run / "train.lock", wait=False, note="pid 4242 on host-a: the first run"):
+        done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                               str(REPO / "recipes" / "accelerate" / "cpu_ddp_2proc.yaml"), "train/sft.py", str(recipe_file)],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count(f"error: {run}: another training run is writing this train.output_dir "
+                             "(pid 4242 on host-a: the first run)") == 2  # both ranks, one line each
+    assert sorted(p.name for p in run.rglob("*")) == ["train.lock"]  # neither rank wrote anything
+
+
 # ---------------------------------------------------------------- 3. verify cross-checks every copy
 
 

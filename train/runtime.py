@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
-from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from core import qwen_omni as qo
@@ -136,6 +136,17 @@ def check_resumable(recipe: Recipe, out: Path, sections: tuple[str, ...] = TRAIN
 LOCK = "train.lock"  # in train.output_dir, held by rank 0 for the whole session
 
 
+def from_rank0(value):
+    """Rank 0's `value`, on every rank. torch.distributed itself: Accelerate's broadcast does nothing where it
+    labels the launch not distributed, as it does the CPU launch of recipes/accelerate/cpu_ddp_2proc.yaml
+    (DistributedType.NO on each of its 2 ranks, accelerate 1.15)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
 @contextlib.contextmanager
 def launch(recipe: Recipe, sections: tuple[str, ...] = TRAINING_SECTIONS, also: tuple[str, ...] = (),
            check: Callable[[Recipe, int], None] | None = None) -> Iterator[tuple[Accelerator, Callable[[str], None]]]:
@@ -155,8 +166,7 @@ def launch(recipe: Recipe, sections: tuple[str, ...] = TRAINING_SECTIONS, also: 
                 held.enter_context(file_lock(out / LOCK, wait=False, note=holder_note()))
             except LockBusy as err:
                 busy = err.holder
-        # every rank learns rank 0's outcome, so all stop together and none waits in a collective for it
-        busy = broadcast_object_list([busy])[0]
+        busy = from_rank0(busy)  # every rank learns the outcome: all stop together, none waits in a collective
         if busy is not None:
             raise TrainingError(f"{out}: another training run is writing this train.output_dir ({busy}); "
                                 "wait for it to finish, or choose another train.output_dir")
