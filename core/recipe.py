@@ -20,6 +20,37 @@ class RecipeError(ValueError):
     """A recipe that does not validate; the message names the file and each bad key."""
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping: PyYAML keeps the last without a
+    word, so a section written twice would silently drop the first (epochs 6 -> 1)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may repeat what it overrides
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    raise RecipeError(f"{key_node.start_mark.name}: key {key!r} written twice (lines {first[key]} and "
+                                      f"{line}): YAML would keep only the last; merge them into one")
+                first[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse YAML config text with UniqueKeyLoader; a syntax error or a repeated key is a RecipeError naming `source`."""
+    loader = UniqueKeyLoader(text)
+    loader.name = source  # the marks of every node name the file
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{source}: not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
+
+
 class NoEffect:
     """Tags a setting that does not change what a run computes or writes, only where it writes, how fast it
     runs or how it reports: `log_every: Annotated[int, NoEffect] = Field(1, gt=0)`. Every other setting changes results,
@@ -593,7 +624,7 @@ def apply_override(tree: dict, override: str) -> None:
         if not isinstance(child, dict):
             raise RecipeError(f"override {override!r}: {'.'.join(parents[: i + 1])} is not a section")
         node = child
-    node[leaf] = yaml.safe_load(raw)
+    node[leaf] = load_yaml(raw, f"override {override!r}")
 
 
 def _format_errors(source: str, err: ValidationError) -> str:
@@ -618,11 +649,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         source = str(path)
         try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
+            text = Path(path).read_text()
         except FileNotFoundError:
             raise RecipeError(f"{source}: recipe file not found") from None
-        except yaml.YAMLError as err:
-            raise RecipeError(f"{source}: not valid YAML: {err}") from None
+        tree = load_yaml(text, source) or {}
         if not isinstance(tree, dict):
             raise RecipeError(f"{source}: a recipe must be a mapping of sections")
     for override in overrides:
@@ -659,7 +689,7 @@ def dotted_keys(tree: dict, prefix: str = "") -> list[str]:
 def changed_settings(saved: str | Path, recipe: Recipe, keys: list[str]) -> list[str]:
     """`key: saved -> now` for each of `keys` whose value in `recipe` differs from the resolved recipe saved
     at `saved` (a key the saved file lacks counts as its default: it was written by an older version)."""
-    tree = yaml.safe_load(Path(saved).read_text()) or {}
+    tree = load_yaml(Path(saved).read_text(), str(saved)) or {}
     defaults, now = Recipe().model_dump(mode="json"), recipe.model_dump(mode="json")
     changed = []
     for key in keys:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -36,7 +35,7 @@ from typing import Callable
 
 from core import qwen_omni as qo
 from core.items import DataError, Item, load_items
-from core.locks import LockBusy, file_lock
+from core.locks import LockBusy, file_lock, holder_note
 from core.progress import library_bars_off_a_terminal, progress
 from core.recipe import Recipe, changed_settings, result_keys, save_recipe
 from infer.ablation import donors, request_audio
@@ -57,11 +56,9 @@ class OutputBusy(RuntimeError):
 @contextmanager
 def output_lock(output: Path):
     """Hold an exclusive lock on `output` (a `.lock` file beside it) or fail at once naming the holder."""
-    note = (f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-            + " ".join(sys.argv))
     with ExitStack() as held:
         try:
-            held.enter_context(file_lock(output.with_name(f"{output.name}.lock"), wait=False, note=note))
+            held.enter_context(file_lock(output.with_name(f"{output.name}.lock"), wait=False, note=holder_note()))
         except LockBusy as busy:
             raise OutputBusy(f"{output}: another `infer run` is writing it ({busy.holder}); wait for it to finish, "
                              "or choose another infer.output") from None

@@ -186,8 +186,13 @@ def check_settings(recipe: Recipe, stage: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     recipe = recipe_cli(sys.argv[1:] if argv is None else argv, "python train/grpo.py",
                         "GRPO after SFT on audio (see the module docstring for what it writes).")
+    with runtime.launch(recipe, GRPO_SECTIONS, GRPO_ALSO, check=check_settings) as (accelerator, log):
+        return session(recipe, accelerator, log)
+
+
+def session(recipe: Recipe, accelerator, log) -> int:
+    """The session's training, inside runtime.launch (train.output_dir locked)."""
     cfg, grpo, out = recipe.train, recipe.grpo, Path(recipe.train.output_dir)
-    accelerator, log = runtime.launch(recipe, GRPO_SECTIONS, GRPO_ALSO, check=check_settings)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
 
     per_rank = cfg.batch_size * cfg.grad_accum
