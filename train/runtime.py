@@ -73,7 +73,10 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=cfg.output_dir,
-        # Without an explicit gloo backend, CPU processes each believe they are alone.
+        # CPU ranks started by torchrun (the MULTI_GPU launcher with use_cpu, recipes/accelerate/cpu_ddp_2proc.yaml):
+        # without cpu=True Accelerate 1.15 takes them for single processes (DistributedType.NO: no DDP, no gradient
+        # all-reduce, each rank training its own copy on its half); with it they are MULTI_CPU over gloo.
+        cpu=_cpu_multiprocess(),
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if _cpu_multiprocess() else [],
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
