@@ -425,7 +425,7 @@ def test_a_refused_connection_or_unknown_host_is_fatal_at_once(monkeypatch):
     def unknown_host(*args, **kwargs):
         raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
 
-    monkeypatch.setattr(judge.urllib.request, "urlopen", unknown_host)
+    monkeypatch.setattr(judge.urllib.request.OpenerDirector, "open", unknown_host)
     nowhere = judge.OpenAIJudge("http://judge.invalid/v1", "m", None, 0.0, 42, 5.0)
     with pytest.raises(judge.FatalJudgeError, match=r"unknown host .*Name or service not known"):
         nowhere.complete("s", "u")

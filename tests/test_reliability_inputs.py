@@ -1,0 +1,153 @@
+"""Reliability round two (issue 28, items 4, 5, 6, 9, 10, 11, 13): bad inputs and hostile servers give a named
+error or a counted, reported failure, never a silent wrong result, a leaked key or a traceback."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.test_eval_http import GOOD, RUBRIC, ChatServer, completion
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class RawServer:
+    """A loopback HTTP server whose handler is `respond(handler)`; records every request's method and auth."""
+
+    def __init__(self, respond):
+        self.requests: list[tuple[str, str | None]] = []
+        self.sent = 0  # body bytes the handler managed to write
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def handle_any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                server.requests.append((self.command, self.headers.get("Authorization")))
+                try:
+                    respond(self, server)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up, as it should
+
+            do_GET = do_POST = handle_any
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.origin = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def judge_at(url: str, timeout_s: float = 5.0):
+    from eval.judge import OpenAIJudge
+
+    return OpenAIJudge(url, "judge-model", "sk-secret-judge-key", 0.0, 42, timeout_s)
+
+
+def ask_once(backend, max_attempts: int = 2):
+    from eval.judge import Backoff, RateLimiter, RaterOutcome, ask
+
+    return ask(backend, "user prompt", RUBRIC, RaterOutcome("i1", 0, "k"), max_attempts, RateLimiter(None),
+               Backoff(0.0, 0.0))
+
+
+# ---------------------------------------------------------------- 4. the key never follows a redirect
+
+
+def test_a_judge_redirect_is_refused_and_the_key_never_reaches_the_other_origin():
+    from eval.judge import FatalJudgeError, JudgeRedirectError
+
+    def answer(handler, server):
+        handler.send_response(200)
+        body = completion(GOOD)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    with RawServer(answer) as elsewhere:
+        target = f"{elsewhere.origin}/v1/chat/completions"
+
+        def redirect(handler, server):
+            handler.send_response(302)
+            handler.send_header("Location", target)
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+
+        with RawServer(redirect) as judge_server:
+            with pytest.raises(JudgeRedirectError, match=rf"HTTP 302 redirect to '{target}' refused") as caught:
+                ask_once(judge_at(f"{judge_server.origin}/v1"))
+    assert isinstance(caught.value, FatalJudgeError)  # every request would be redirected: the run stops
+    assert judge_server.requests == [("POST", "Bearer sk-secret-judge-key")]
+    assert elsewhere.requests == []  # neither the key nor anything else went there
+
+
+# ---------------------------------------------------------------- 10. total deadline, bounded body, odd content
+
+
+def test_the_judge_bounds_total_time_and_body_size_and_names_non_text_content(tmp_path):
+    from eval.cache import JudgeCache
+    from eval.judge import MAX_REPLY_BYTES, Backoff, JudgeJob, RateLimiter, ReplyTooLarge, run_judge
+
+    def trickle(handler, server):  # one byte every 0.25 s, status line included, for up to 6 s
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100:
+            handler.wfile.write(bytes([byte]))
+            handler.wfile.flush()
+            time.sleep(0.25)
+
+    with RawServer(trickle) as slow:
+        began = time.monotonic()
+        outcome = ask_once(judge_at(f"{slow.origin}/v1", timeout_s=1.0), max_attempts=1)
+        took = time.monotonic() - began
+    assert outcome.rating is None and "timed out: no complete reply within 1 s" in outcome.transient_errors[0]
+    assert took < 3.0  # the per-read timeout never fires on a trickle: only a total deadline stops it
+
+    def endless(handler, server):  # no Content-Length: the body runs until the client hangs up
+        handler.send_response(200)
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        chunk = b" " * (1 << 20)
+        while server.sent < 64 * MAX_REPLY_BYTES // 8:
+            handler.wfile.write(chunk)
+            server.sent += len(chunk)
+
+    with RawServer(endless) as huge:
+        outcome = ask_once(judge_at(f"{huge.origin}/v1"))
+    assert outcome.attempts == 1 and outcome.error.endswith(f"reply exceeds {MAX_REPLY_BYTES} bytes")
+    assert huge.sent < 3 * MAX_REPLY_BYTES  # the read stopped (socket buffers hold a little more)
+
+    def declared(handler, server):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(200 << 20))
+        handler.end_headers()
+
+    with RawServer(declared) as big:
+        with pytest.raises(ReplyTooLarge, match=rf"reply of {200 << 20} bytes exceeds {MAX_REPLY_BYTES} bytes"):
+            judge_at(f"{big.origin}/v1").complete("s", "u")
+
+    # content that is a number, a list or an object: a named failure of that item, the others are rated
+    with ChatServer() as server:
+        oddities = [completion(5), completion([{"type": "text", "text": GOOD}]), completion({"text": GOOD})]
+        server.script = [(200, body, 0.0) for body in oddities for _ in range(2)]
+        jobs = [JudgeJob(f"odd{i}", f"odd {i}", RUBRIC) for i in range(3)] + [JudgeJob("fine", "fine", RUBRIC)]
+        backend = judge_at(server.url)
+        backend.max_workers = 1  # the script is served in job order
+        cache = JudgeCache(tmp_path / "cache.sqlite")
+        result = run_judge(jobs, backend, cache, 1, {}, 2, RateLimiter(None), Backoff(0.0, 0.0), progress=False)
+        cache.close()
+    assert set(result.ratings) == {"fine"} and result.stats.failed_ratings == 3
+    for item, kind in zip(("odd0", "odd1", "odd2"), ("int", "list", "dict")):
+        assert f"malformed API response: message content is a {kind}, not a string" in result.failures[item]
