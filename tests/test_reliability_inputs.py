@@ -151,3 +151,47 @@ def test_the_judge_bounds_total_time_and_body_size_and_names_non_text_content(tm
     assert set(result.ratings) == {"fine"} and result.stats.failed_ratings == 3
     for item, kind in zip(("odd0", "odd1", "odd2"), ("int", "list", "dict")):
         assert f"malformed API response: message content is a {kind}, not a string" in result.failures[item]
+
+
+# ---------------------------------------------------------------- 5. a damaged data cache is rebuilt, never trained on
+
+
+def test_a_data_cache_part_missing_truncated_or_altered_is_named_and_rebuilt(synthetic_dir, processor, tmp_path, monkeypatch):
+    from core.items import DataError
+    from train import data_cache
+
+    monkeypatch.setattr(data_cache, "MIN_RANGE_BYTES", 3000)  # the 24 records in several parts
+    monkeypatch.setattr(data_cache, "MAX_RANGE_BYTES", 3000)
+    train, root, lines = synthetic_dir / "train.jsonl", tmp_path / "cache", []
+
+    def open_cache():
+        return data_cache.cached_records(train, None, processor, "baseline", 30.0, root, 1, lines.append)
+
+    expected = open_cache().data.to_pylist()
+    (folder,) = [p for p in root.iterdir() if p.is_dir()]
+    parts = sorted(folder.glob("part-*.arrow"))
+    info = json.loads((folder / "info.json").read_text())
+    assert len(parts) > 3 and [p["name"] for p in info["parts"]] == [p.name for p in parts]
+    assert sum(p["rows"] for p in info["parts"]) == info["records"] == 24
+
+    def truncate(part):
+        part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+
+    def flip(part):  # same size, one character of the text changed
+        data = bytearray(part.read_bytes())
+        at = data.index(b"beep") if b"beep" in data else data.index(b"tone")
+        data[at] ^= 0x20
+        part.write_bytes(bytes(data))
+
+    damages = [(lambda part: part.unlink(), "missing"), (truncate, "bytes, the manifest says"),
+               (flip, "content differs from the manifest (blake2b)")]
+    for damage, says in damages:
+        lines.clear()
+        damage(parts[1])
+        assert open_cache().data.to_pylist() == expected  # all 24 rows, as built
+        assert any(f"{parts[1]}: " in line and says in line and "rebuilding" in line for line in lines), lines[0]
+        assert any("building" in line for line in lines) and not list(root.glob("*.tmp-*"))
+
+    truncate(parts[2])  # read directly, a truncated part is an error naming it, not a bare OSError
+    with pytest.raises(DataError, match=rf"{parts[2]}: unreadable data-cache part"):
+        data_cache.load(folder)
