@@ -4,6 +4,7 @@ error or a counted, reported failure, never a silent wrong result, a leaked key 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -195,3 +196,76 @@ def test_a_data_cache_part_missing_truncated_or_altered_is_named_and_rebuilt(syn
     truncate(parts[2])  # read directly, a truncated part is an error naming it, not a bare OSError
     with pytest.raises(DataError, match=rf"{parts[2]}: unreadable data-cache part"):
         data_cache.load(folder)
+
+
+# ---------------------------------------------------------------- 6. weights that do not match their config
+
+
+def lora_adapter(checkpoint, out):
+    """A small LoRA adapter for `checkpoint`, saved as training saves it."""
+    from peft import LoraConfig, get_peft_model
+
+    from core import qwen_omni as qo
+
+    model = get_peft_model(qo.load_thinker(checkpoint, "float32"), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    model.save_pretrained(str(out), save_embedding_layers=False)
+    return out
+
+
+def edit_safetensors(path, change):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_weights_that_do_not_match_their_config_fail_to_load_in_training_and_inference(
+        tiny_checkpoint, synthetic_dir, tmp_path, capsys):
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+
+    from core import qwen_omni as qo
+    from infer.cli import main as infer_main
+    from train import runtime, sft
+
+    talking = shutil.copytree(tiny_checkpoint, tmp_path / "with-talker")  # a full Qwen3-Omni also has the speech parts
+    index = json.loads((talking / qo.WEIGHT_INDEX).read_text())
+    shard = sorted(talking.glob("model-*.safetensors"))[-1]
+    extra = {"talker.model.norm.weight": torch.ones(4), "code2wav.pre_transformer.norm.weight": torch.ones(4)}
+    edit_safetensors(shard, lambda tensors: tensors.update(extra))
+    index["weight_map"].update({name: shard.name for name in extra})
+    (talking / qo.WEIGHT_INDEX).write_text(json.dumps(index))
+    qo.load_thinker(talking)  # skipped, as transformers and the ZeRO-3 loader skip them
+
+    deeper = shutil.copytree(tiny_checkpoint, tmp_path / "deeper")
+    config = json.loads((deeper / "config.json").read_text())
+    layers = config["thinker_config"]["text_config"]["num_hidden_layers"]
+    config["thinker_config"]["text_config"]["num_hidden_layers"] = layers + 1
+    (deeper / "config.json").write_text(json.dumps(config))
+    says = rf"{deeper}: the thinker's weights do not match its config.json: missing \d+ \(model.layers.{layers}.input_layernorm"
+
+    meta = synthetic_dir / "test.jsonl"
+    assert infer_main(["run", "recipes/tiny.yaml", f"model.path={deeper}", f"infer.meta={meta}", "infer.adapter=null",
+                       f"infer.output={tmp_path / 'infer' / 'submission.jsonl'}", "infer.limit=2"]) == 2
+    assert re.search(says, capsys.readouterr().err)
+    assert runtime.cli(sft.main, ["recipes/tiny.yaml", f"model.path={deeper}", f"train.output_dir={tmp_path / 'run'}",
+                                  f"data.train=[{{path: {synthetic_dir / 'train.jsonl'}}}]", "train.max_steps=1"]) == 2
+    assert re.search(says, capsys.readouterr().err)
+
+    # a LoRA adapter: one tensor missing, one that fits nothing (peft warns of the first, drops the second)
+    adapter = lora_adapter(tiny_checkpoint, tmp_path / "adapter")
+    weights = adapter / "adapter_model.safetensors"
+    with safe_open(str(weights), "pt") as handle:
+        names = sorted(handle.keys())
+    stray = "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"
+
+    def damage(tensors):
+        tensors[stray] = tensors.pop(names[0])
+
+    edit_safetensors(weights, damage)
+    with pytest.raises(qo.CheckpointError, match=rf"{weights}: the adapter's tensors do not match the LoRA its "
+                                                 rf"adapter_config.json places: missing 1 \({names[0]}\); unexpected 1 \({stray}\)"):
+        qo.load_adapter(qo.load_thinker(tiny_checkpoint), adapter)

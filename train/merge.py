@@ -25,13 +25,11 @@ from core import qwen_omni as qo  # noqa: E402
 
 
 def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str = "auto") -> Path:
-    from peft import PeftModel
-
     base, out = Path(base), Path(out)
     if out.resolve() == base.resolve():
         raise ValueError(f"--out {out} is the base checkpoint: write the merged checkpoint elsewhere")
     model = qo.load_thinker(base, dtype)
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged = qo.load_adapter(model, adapter).merge_and_unload()
     shard_size = max(p.stat().st_size for p in qo.weight_files(base) if p.suffix == ".safetensors")
     qo.save_thinker(merged, out, json.loads((base / "config.json").read_text()), max_shard_size=shard_size)
     qo.copy_checkpoint_files(base, out)

@@ -45,13 +45,17 @@ from core.qwen_omni.checkpoint import (  # noqa: F401
     SHARD_PATTERN,
     THINKER_PREFIX,
     WEIGHT_INDEX,
+    CheckpointError,
     CheckpointNotFound,
+    check_weight_file,
     checkpoint_source,
     composite_config,
     copy_checkpoint_files,
+    load_adapter,
     load_thinker,
     load_tokenizer,
     save_thinker,
+    shard_files,
     weight_files,
 )
 from core.qwen_omni.lora_targets import (  # noqa: F401
