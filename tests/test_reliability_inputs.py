@@ -269,3 +269,84 @@ def test_weights_that_do_not_match_their_config_fail_to_load_in_training_and_inf
     with pytest.raises(qo.CheckpointError, match=rf"{weights}: the adapter's tensors do not match the LoRA its "
                                                  rf"adapter_config.json places: missing 1 \({names[0]}\); unexpected 1 \({stray}\)"):
         qo.load_adapter(qo.load_thinker(tiny_checkpoint), adapter)
+
+
+# ---------------------------------------------------------------- 13. truncated weights, a damaged judge cache, a hostile tarball
+
+
+def test_truncated_weights_a_damaged_judge_cache_and_a_hostile_bundle_are_named_errors(tiny_checkpoint, tmp_path):
+    import io
+    import shutil
+    import tarfile
+
+    from audit.verify import opened
+    from core import qwen_omni as qo
+    from core.items import DataError
+    from eval.cache import JudgeCache, JudgeCacheError
+
+    def truncate(path):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    shard = sorted(copy.glob("model-*.safetensors"))[1]
+    truncate(shard)
+    with pytest.raises(qo.CheckpointError, match=rf"{shard}: [\d,]+ bytes, its header describes [\d,]+: truncated"):
+        qo.load_thinker(copy)
+    adapter = lora_adapter(tiny_checkpoint, tmp_path / "adapter")
+    truncate(adapter / "adapter_model.safetensors")
+    with pytest.raises(qo.CheckpointError, match=rf"{adapter / 'adapter_model.safetensors'}: [\d,]+ bytes.*truncated"):
+        qo.load_adapter(qo.load_thinker(tiny_checkpoint), adapter)
+
+    # a judge cache: garbage from the first byte, then a real cache with a page overwritten
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"not a database, " * 512)
+    with pytest.raises(JudgeCacheError, match=rf"{garbage}: damaged judge cache .*sqlite3 {garbage} .recover"):
+        JudgeCache(garbage)
+    torn = tmp_path / "torn.sqlite"
+    cache = JudgeCache(torn)
+    for i in range(400):
+        cache.put(f"k{i}", "m", f"item{i}", 0, {}, "reply " * 20, 1)
+    cache.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    cache.close()
+    data = bytearray(torn.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    data[3 * page : 4 * page] = b"\xff" * page  # one b-tree page of the table
+    torn.write_bytes(bytes(data))
+    with pytest.raises(JudgeCacheError, match=rf"{torn}: damaged judge cache"):
+        JudgeCache(torn)
+    assert torn.read_bytes() == bytes(data)  # left as it was, to recover from
+
+    # a bundle tarball: each member that could leave the folder or is not a plain file is named and refused
+    def tarball(name, member, payload=b""):
+        path = tmp_path / f"{name}.tar.gz"
+        with tarfile.open(path, "w:gz") as tar:
+            folder = tarfile.TarInfo("bundle")
+            folder.type = tarfile.DIRTYPE
+            tar.addfile(folder)
+            member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+        return path
+
+    def entry(name, kind=tarfile.REGTYPE, link=""):
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = kind, link
+        return info
+
+    hostile = {
+        "dotdot": (entry("bundle/../../escaped.txt"), "a path leaving the extraction folder"),
+        "absolute": (entry(str(tmp_path / "absolute.txt")), "an absolute path"),
+        "symlink": (entry("bundle/MANIFEST.json", tarfile.SYMTYPE, "/etc/passwd"), "a symbolic link (to '/etc/passwd')"),
+        "hardlink": (entry("bundle/copy", tarfile.LNKTYPE, "/etc/passwd"), "a hard link"),
+        "device": (entry("bundle/null", tarfile.CHRTYPE), "a device, FIFO or other special file"),
+    }
+    for name, (member, why) in hostile.items():
+        path = tarball(name, member, b"x" if member.isfile() else b"")
+        with pytest.raises(DataError, match=re.escape(f"{path}: member {member.name!r}: {why}")):
+            with opened(path):
+                pass
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "absolute.txt").exists()
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(tarball("fine", entry("bundle/a.txt"), b"abc").read_bytes()[:30])
+    with pytest.raises(DataError, match=rf"{broken}: unreadable or refused archive"):
+        with opened(broken):
+            pass
