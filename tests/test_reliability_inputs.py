@@ -350,3 +350,43 @@ def test_truncated_weights_a_damaged_judge_cache_and_a_hostile_bundle_are_named_
     with pytest.raises(DataError, match=rf"{broken}: unreadable or refused archive"):
         with opened(broken):
             pass
+
+
+# ---------------------------------------------------------------- 9. audio headers are checked before any decode
+
+
+def test_an_absurd_audio_header_fails_its_item_before_any_decode_and_the_rest_is_answered(
+        tiny_checkpoint, synthetic_dir, tmp_path, monkeypatch):
+    import numpy as np
+    import soundfile as sf
+
+    from core import audio
+    from core.items import DataError
+    from infer.run import run
+    from tests.test_reliability import infer_recipe
+
+    one_hz, long = tmp_path / "one_hz.wav", tmp_path / "long.wav"
+    sf.write(str(one_hz), np.zeros(500, dtype=np.float32), 1, subtype="PCM_16")  # 500 s at 1 Hz: 8M samples at 16 kHz
+    sf.write(str(long), np.zeros(6 * 16000, dtype=np.float32), 16000, subtype="PCM_16")
+    monkeypatch.setattr(audio, "MAX_AUDIO_SECONDS", 5.0)  # the real bound is an hour; a 6 s clip stands in
+    with pytest.raises(audio.AudioError, match=rf"{one_hz}: header claims a sample rate of 1 Hz, outside 1,000-768,000 Hz"):
+        audio.load_audio(one_hz)  # training's and the feature cache's path: refused before decoding
+    with pytest.raises(audio.AudioError, match=rf"{long}: header claims 6 s of audio .* more than the 5 s a clip may hold"):
+        audio.decode_audio(str(long), long)
+
+    records = [json.loads(line) for line in (synthetic_dir / "test.jsonl").read_text().splitlines()][:5]
+    for record in records:
+        record["audio_path"] = str(synthetic_dir / record["audio_path"])
+    records[1]["audio_path"], records[3]["audio_path"] = str(one_hz), str(long)
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out" / "submission.jsonl"
+    summary = run(infer_recipe(tiny_checkpoint, meta, out))
+    ids = [r["id"] for r in records]
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [ids[0], ids[2], ids[4]]
+    failed = {f["id"]: f["error"] for f in json.loads(out.with_name("submission.run.json").read_text())["failed"]}
+    assert summary["totals"]["failed"] == 2 and list(failed) == [ids[1], ids[3]]
+    assert failed[ids[1]].startswith(f"{meta}:2 (id={ids[1]}): audio_path: {one_hz}: header claims a sample rate of 1 Hz")
+    assert f"{meta}:4 (id={ids[3]}): audio_path: {long}: header claims 6 s" in failed[ids[3]]
+    with pytest.raises(DataError, match=rf"{meta}:2 \(id={ids[1]}\): audio_path: .*1 Hz"):
+        run(infer_recipe(tiny_checkpoint, meta, tmp_path / "strict" / "submission.jsonl", "infer.fail_fast=true"))
