@@ -390,3 +390,57 @@ def test_an_absurd_audio_header_fails_its_item_before_any_decode_and_the_rest_is
     assert f"{meta}:4 (id={ids[3]}): audio_path: {long}: header claims 6 s" in failed[ids[3]]
     with pytest.raises(DataError, match=rf"{meta}:2 \(id={ids[1]}\): audio_path: .*1 Hz"):
         run(infer_recipe(tiny_checkpoint, meta, tmp_path / "strict" / "submission.jsonl", "infer.fail_fast=true"))
+
+
+# ---------------------------------------------------------------- 11. lone surrogates: refused alike by inference, validate and scoring
+
+
+def test_a_lone_surrogate_in_a_question_or_a_reasoning_is_refused_alike_by_infer_validate_and_scoring(
+        synthetic_dir, tmp_path, capsys):
+    from core.items import DataError, load_items
+    from eval.__main__ import main as eval_main
+    from eval.submission import SubmissionError, load_meta, load_submission
+    from infer.cli import main as infer_main
+    from infer.submission import validate_submission
+
+    lines = (synthetic_dir / "test.jsonl").read_text().splitlines()[:3]
+    records = [json.loads(line) for line in lines]
+    for record in records:
+        record["audio_path"] = str(synthetic_dir / record["audio_path"])
+    ids = [r["id"] for r in records]
+    good_meta = tmp_path / "meta.jsonl"
+    good_meta.write_text("".join(json.dumps(r) + "\n" for r in records))
+    records[1]["question"] = "How many beeps \ud800?"  # json.dumps writes the escape \ud800, valid JSON
+    bad_meta = tmp_path / "bad-meta.jsonl"
+    bad_meta.write_text("".join(json.dumps(r) + "\n" for r in records))
+    says = "question: holds a lone surrogate (U+D800) at character 16"
+
+    with pytest.raises(DataError, match=re.escape(f"{bad_meta}:2 (id={ids[1]}): {says}")):
+        load_items(bad_meta, check_audio=False)  # inference and training
+    with pytest.raises(SubmissionError, match=re.escape(f"{bad_meta}:2 (id={ids[1]}): {says}")):
+        load_meta(bad_meta)  # scoring
+    assert infer_main(["run", "recipes/tiny.yaml", f"infer.meta={bad_meta}", f"infer.output={tmp_path / 'o' / 's.jsonl'}"]) == 2
+    assert f"{bad_meta}:2 (id={ids[1]}): {says}" in capsys.readouterr().err
+
+    submission = [{"id": rid, "thinking_prediction": "two beeps", "answer_prediction": r["answer"]}
+                  for rid, r in zip(ids, records)]
+    submission[2]["thinking_prediction"] = "I hear \udc80 beeps"
+    sub = tmp_path / "submission.jsonl"
+    sub.write_text("".join(json.dumps(r) + "\n" for r in submission))
+    says = f"{sub}:3 (id={ids[2]}): thinking_prediction: holds a lone surrogate (U+DC80) at character 8"
+    errors, _ = validate_submission(sub, good_meta)
+    assert len(errors) == 1 and errors[0].startswith(says)
+    assert infer_main(["validate", str(sub), "--meta", str(good_meta)]) == 1
+    assert says in capsys.readouterr().err
+    with pytest.raises(SubmissionError, match=re.escape(says)):
+        load_submission(sub)
+    assert eval_main(["score", "recipes/tiny.yaml", f"eval.meta={good_meta}", f"eval.submission={sub}",
+                      f"eval.report_dir={tmp_path / 'eval'}", "eval.judge.backend=none", "eval.charts=false"]) == 2
+    assert says in capsys.readouterr().err
+
+    # a surrogate in the id itself: the message escapes it, so it can still be printed
+    submission[2]["id"] = "id-\ud801"
+    sub.write_text("".join(json.dumps(r) + "\n" for r in submission))
+    errors, _ = validate_submission(sub, good_meta)
+    assert errors[0].startswith(f"{sub}:3 (id='id-\\ud801'): id: holds a lone surrogate (U+D801)")
+    errors[0].encode("utf-8")  # printable
