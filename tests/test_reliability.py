@@ -577,6 +577,7 @@ def test_hub_ids_load_only_with_the_opt_in(tiny_checkpoint, synthetic_dir, tmp_p
         @staticmethod
         def from_pretrained(source, **kwargs):
             asked.append(source)
+            return object(), {"missing_keys": set(), "unexpected_keys": set()}
 
     monkeypatch.setattr(qo.checkpoint, "thinker_class", lambda: Thinker)  # where load_thinker looks it up
     qo.load_thinker("Qwen/Qwen3-Omni-30B-A3B-Thinking", allow_hub=True)

@@ -138,11 +138,12 @@ def _listed(keys, shown: int = 8) -> str:
 
 
 def shard_files(folder: str | Path) -> list[Path]:
-    """The safetensors files holding a local checkpoint's weights: those its index names, else model.safetensors."""
+    """The safetensors files holding a local checkpoint's weights: those its index names (each must exist), else
+    model.safetensors where there is one."""
     folder = Path(folder)
     index = folder / WEIGHT_INDEX
     if not index.is_file():
-        return [folder / "model.safetensors"]
+        return [path] if (path := folder / "model.safetensors").is_file() else []
     try:
         names = json.loads(index.read_text())["weight_map"].values()
     except (ValueError, KeyError, TypeError, AttributeError) as err:
