@@ -40,8 +40,10 @@ from core.qwen_omni.chat import (  # noqa: F401
     render_target,
 )
 from core.qwen_omni.checkpoint import (  # noqa: F401
+    ADAPTER_WEIGHTS,
     CHAT_TEMPLATE_FILES,
     CHECKPOINT_FILES,
+    OTHER_SUBMODELS,
     SHARD_PATTERN,
     THINKER_PREFIX,
     WEIGHT_INDEX,

@@ -93,7 +93,7 @@ def load_thinker(
     except SafetensorError as err:  # checked above; this names the folder if a file changed since
         raise CheckpointError(f"{source}: unreadable weights ({err})") from None
     unexpected = {key for key in info["unexpected_keys"] if not key.startswith(OTHER_SUBMODELS)}
-    check_keys(source, "the thinker's weights do not match its config.json", info["missing_keys"], unexpected)
+    _check_keys(source, "the thinker's weights do not match its config.json", info["missing_keys"], unexpected)
     if device:
         model = model.to(device)
     return model
@@ -118,12 +118,12 @@ def load_adapter(model, adapter: str | Path, is_trainable: bool = False):
         raise CheckpointError(f"{weights}: unreadable ({err})") from None
     lora = set(get_peft_model_state_dict(model, save_embedding_layers=False))
     allowed = lora | set(get_peft_model_state_dict(model, save_embedding_layers="auto"))  # e.g. lm_head's own weight
-    check_keys(weights, "the adapter's tensors do not match the LoRA its adapter_config.json places", lora - stored,
+    _check_keys(weights, "the adapter's tensors do not match the LoRA its adapter_config.json places", lora - stored,
                stored - allowed)
     return model
 
 
-def check_keys(where: str | Path, what: str, missing, unexpected) -> None:
+def _check_keys(where: str | Path, what: str, missing, unexpected) -> None:
     """`CheckpointError` listing the missing and unexpected tensor names, if there are any."""
     if missing or unexpected:
         raise CheckpointError(f"{where}: {what}: missing {_listed(missing)}; unexpected {_listed(unexpected)}")
