@@ -175,6 +175,7 @@ def similarity(a: str, b: str) -> float:
 
 def rerun(folder: Path, n_ids: int, device: str | None, backend: str | None, min_similarity: float, report: Report) -> None:
     from core.items import load_items
+    from infer.ablation import donors
     from infer.engine import load_engine
     from infer.run import item_request, records_for
     from infer.submission import read_records
@@ -195,8 +196,9 @@ def rerun(folder: Path, n_ids: int, device: str | None, backend: str | None, min
         report.notes.append(f"the submission was decoded with sampling ({summary['sampling']}): a greedy re-run is not "
                             "expected to give the same reasoning or answers; differences are reported, not failed")
     engine = load_engine(recipe, device)
-    requests = [item_request(items[rid], engine.tokenizer, recipe.model.prompt_style, recipe.infer.max_audio_seconds)
-                for rid in chosen]
+    swaps = donors(list(items.values()), recipe.infer.audio_ablation, recipe.infer.seed)  # the clips the run heard
+    requests = [item_request(items[rid], engine.tokenizer, recipe.model.prompt_style, recipe.infer.max_audio_seconds,
+                             recipe.infer.audio_ablation, swaps.get(rid)) for rid in chosen]
     for generation in engine.generate(requests):
         rid = generation.id
         again, _ = records_for(items[rid], generation, engine.name)

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         if command == "collect":
             from data_prep.collect import collect
 
-            report = collect(_recipe(rest).data_prep)
+            recipe = _recipe(rest)
+            report = collect(recipe.data_prep, max_seconds=recipe.data.max_audio_seconds)
             print(json.dumps({k: report[k] for k in REPORT_KEYS if k in report}))
             return 0
         if command in ("qa", "cot", "verify"):

@@ -90,7 +90,7 @@ def test_bundle_records_the_run(demo):
     # the commit recorded by train/sft.py as it ran, carried into the bundle
     assert "training/provenance.jsonl" in manifest
     assert [t["commit"] for t in summary["training_git"]] == [summary["git"]["commit"]]
-    assert summary["compliance"] == {"prompt": "pass", "parsing": "pass", "submission": "pass",
+    assert summary["compliance"] == {"prompt": "pass", "parsing": "pass", "submission": "pass", "decoding": "pass",
                                      "data_sources": "pass", "contamination": "skip"}
 
     groups = json.loads((bundle / "checksums.json").read_text())
@@ -116,7 +116,7 @@ def test_verify_passes_on_the_untouched_run(demo, capsys):
     assert all(row["answer_match"] and row["reasoning_similarity"] == 1.0 for row in report.rerun)
     # something was compared (the random model may close its thinking at once on some items)
     assert any(submitted[row["id"]]["thinking_prediction"] for row in report.rerun)
-    assert [c["status"] for c in report.compliance] == ["pass", "pass", "pass", "pass", "skip"]
+    assert [c["status"] for c in report.compliance] == ["pass", "pass", "pass", "pass", "pass", "skip"]
     # the archive verifies the same way, from the command line
     assert audit_cli(["verify", str(demo["bundle"].with_name("audit.tar.gz")), "--ids", "0"]) == 0
     assert "verify: OK" in capsys.readouterr().out

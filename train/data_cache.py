@@ -110,7 +110,7 @@ def _digest(data: bytes) -> str:
 
 
 def cache_key(data_digest: str, audio_root: Path, processor: qo.OmniProcessor, prompt_style: str,
-              max_audio_seconds: float) -> tuple[str, dict]:
+              max_audio_seconds: float | None) -> tuple[str, dict]:
     """(folder name, what it was made of) for one data file's rows."""
     probe = qo.render_prompt(processor.tokenizer, "Which tone is higher?", ["the first", "the second"], prompt_style)
     description = {
@@ -154,7 +154,7 @@ class RangeRenderer:
     processor: qo.OmniProcessor
     audio_root: Path
     prompt_style: str
-    max_audio_seconds: float
+    max_audio_seconds: float | None
 
     def __call__(self, task: tuple[str, int, int, int, str]) -> int:
         path, start, end, first_line, out = task
@@ -183,12 +183,17 @@ class RangeRenderer:
         }, schema=SCHEMA)
 
 
-def render(items: Sequence[Item], processor: qo.OmniProcessor, prompt_style: str, max_audio_seconds: float):
+def sample_limit(max_audio_seconds: float | None) -> int:
+    """Samples at 16 kHz a clip keeps under `data.max_audio_seconds` (None: whole clips, no limit)."""
+    return sys.maxsize if max_audio_seconds is None else int(max_audio_seconds * qo.SAMPLE_RATE)
+
+
+def render(items: Sequence[Item], processor: qo.OmniProcessor, prompt_style: str, max_audio_seconds: float | None):
     """(prompts, targets, whole-clip samples at 16 kHz, token lengths) of SFT items: what the cache holds of each."""
     prompts = [qo.render_prompt(processor.tokenizer, item.question, item.choices, prompt_style) for item in items]
     targets = [qo.render_target(prompt, item.thinking, item.answer) for prompt, item in zip(prompts, items)]
     samples = [item.audio_samples() for item in items]  # whole clips, from the headers
-    limit = int(max_audio_seconds * qo.SAMPLE_RATE)
+    limit = sample_limit(max_audio_seconds)
     return prompts, targets, samples, token_lengths(processor, prompts, targets, [min(n, limit) for n in samples])
 
 
@@ -218,7 +223,7 @@ def cached_records(
     audio_root: str | Path | None,
     processor: qo.OmniProcessor,
     prompt_style: str,
-    max_audio_seconds: float,
+    max_audio_seconds: float | None,
     root: str | Path,
     workers: int | None = None,
     log: Callable[[str], object] = partial(print, file=sys.stderr, flush=True),

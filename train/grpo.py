@@ -44,6 +44,7 @@ from core.progress import progress  # noqa: E402
 from core.recipe import Recipe, RecipeError, recipe_cli  # noqa: E402
 from train import runtime  # noqa: E402
 from train.loss import group_advantages, grpo_loss, make_token_logps  # noqa: E402
+from train.reliance_probe import RelianceProbe  # noqa: E402
 from train.rewards import build_rewards  # noqa: E402
 from train.rollouts import Sample, Schedule, roll_out, rollout_engine, sequence_batch, stage_items  # noqa: E402
 
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     rollouts_path.parent.mkdir(parents=True, exist_ok=True)
     runtime.reset_metrics(rollouts_path, start)
 
+    probe = RelianceProbe.for_recipe(recipe)  # grpo.reliance_every: held-out answers with and without the audio
     bar = progress(total_steps, "grpo", unit="step", initial=start, disable=not accelerator.is_main_process)
     for step in range(start, end):
         tick = time.perf_counter()
@@ -230,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                          token_logps, start_weights)
         record = step_record(accelerator, step + 1, stage.name, lr, parts, total, samples, stats, generated, rollout_s,
                              time.perf_counter() - tick, grpo.iterations)
+        if probe is not None:
+            record.update(probe.at(step + 1, model, engine))
         if stats["nonfinite"]:  # counted per optimizer step, as SFT's train.max_nonfinite_steps
             what = (f"step {step + 1}: loss {record['loss']}, gradient norm {record['grad_norm']} "
                     f"(prompts of this rank: {', '.join(item.id for item in items)}); stopped before its checkpoint")

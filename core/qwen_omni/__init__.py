@@ -9,10 +9,12 @@ One module per job, each importing only the ones listed before it:
 - chat: special tokens, prompt systems, rendering prompts and SFT targets, end-of-generation tokens;
 - checkpoint: the released checkpoint's files, loading the thinker and tokenizer, saving in that layout;
 - processor: the waveform-to-features rule, audio token counts, OmniProcessor (model inputs, padding);
-- lora_targets: the text layers, the exact LoRA module names and the fused expert parameters.
+- lora_targets: the text layers, the exact LoRA module names and the fused expert parameters;
+- attention: the audio-attention boost (MATA) on the thinker's decoder layers.
 Loading under DeepSpeed ZeRO-3 is training's own: train/zero3.py.
 """
 
+from core.qwen_omni.attention import AudioAttentionBoost, audio_attention_boost  # noqa: F401
 from core.qwen_omni.chat import (  # noqa: F401
     AUDIO_END,
     AUDIO_PAD,
