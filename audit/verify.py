@@ -70,12 +70,35 @@ def opened(bundle: str | Path) -> Iterator[Path]:
         return
     if not bundle.is_file() or not bundle.name.endswith(".tar.gz"):
         raise DataError(f"{bundle}: not a bundle folder or .tar.gz")
-    with tempfile.TemporaryDirectory() as tmp, tarfile.open(bundle) as tar:
-        tar.extractall(tmp, filter="data")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            with tarfile.open(bundle) as tar:
+                for member in tar.getmembers():
+                    _check_member(bundle, member)
+                tar.extractall(tmp, filter="data")  # the same rules again, from the library
+        except (tarfile.TarError, EOFError, OSError) as err:
+            raise DataError(f"{bundle}: unreadable or refused archive ({type(err).__name__}: {err})") from None
         tops = [p for p in Path(tmp).iterdir() if p.is_dir()]
         if len(tops) != 1:
             raise DataError(f"{bundle}: expected one folder inside, found {len(tops)}")
         yield tops[0]
+
+
+def _check_member(bundle: Path, member: tarfile.TarInfo) -> None:
+    """A DataError naming the member unless it is a plain file or folder inside the extraction folder: audit
+    bundle writes nothing else, and a link, a device or a path leaving the folder could only come from elsewhere."""
+    name = member.name
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name):
+        why = "an absolute path"
+    elif ".." in re.split(r"[/\\]", name):
+        why = "a path leaving the extraction folder (..)"
+    elif member.issym() or member.islnk():
+        why = f"a {'symbolic' if member.issym() else 'hard'} link (to {member.linkname!r})"
+    elif not (member.isfile() or member.isdir()):
+        why = "a device, FIFO or other special file"
+    else:
+        return
+    raise DataError(f"{bundle}: member {name!r}: {why}: refused; an audit bundle holds only files and folders")
 
 
 def check_manifest(folder: Path, report: Report) -> None:

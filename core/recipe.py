@@ -308,7 +308,7 @@ class JudgeConfig(Section):
     requests_per_minute: Annotated[float | None, NoEffect] = Field(None, gt=0)
     """rate limit; None: none"""
     timeout_s: Annotated[float, NoEffect] = Field(120.0, gt=0)
-    """per-request timeout"""
+    """total time for one judge request (connect, send, the whole reply), not per socket read"""
     backoff_s: Annotated[float, NoEffect] = Field(1.0, ge=0)
     """first pause after 429/5xx/timeout, doubling up to backoff_max_s"""
     backoff_max_s: Annotated[float, NoEffect] = Field(60.0, ge=0)

@@ -18,6 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
+from eval.cache import JudgeCacheError
 from eval.submission import SubmissionError
 
 
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except SubmissionError as err:
+    except (SubmissionError, JudgeCacheError) as err:
         print(f"input error: {err}", file=sys.stderr)
         return 2
 

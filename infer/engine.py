@@ -440,10 +440,8 @@ def load_engine(recipe: Recipe, device: str | None = None) -> Engine:
                 f"infer.adapter={recipe.infer.adapter}: no LoRA adapter there (adapter_config.json missing); "
                 "train first (make train) or run without one: infer.adapter=null"
             )
-        from peft import PeftModel
-
         # Merged once at load: the same outputs as the adapter on top, without its per-step cost.
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model = qo.load_adapter(model, adapter).merge_and_unload()
     if recipe.infer.mata is not None:  # installed for the engine's lifetime (core/qwen_omni/attention.py)
         qo.AudioAttentionBoost(model, recipe.infer.mata.layers, recipe.infer.mata.strength)
     return HFEngine(model, qo.OmniProcessor.from_pretrained(source, allow_hub), sampling, recipe.infer.batch_size, device)

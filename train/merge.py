@@ -28,14 +28,12 @@ MAKER = "train/merge.py"
 
 
 def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str = "auto") -> Path:
-    from peft import PeftModel
-
     base, out = Path(base), Path(out)
     check_apart(out, {"the base checkpoint": base, "the adapter": adapter})
     # built beside `out`, swapped in when whole; an existing `out` is replaced only if a merge made it
     with replacing(out, MAKER) as staging:
         model = qo.load_thinker(base, dtype)
-        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        merged = qo.load_adapter(model, adapter).merge_and_unload()
         shard_size = max(p.stat().st_size for p in qo.weight_files(base) if p.suffix == ".safetensors")
         qo.save_thinker(merged, staging, json.loads((base / "config.json").read_text()), max_shard_size=shard_size)
         qo.copy_checkpoint_files(base, staging)

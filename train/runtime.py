@@ -56,7 +56,7 @@ def cli(entry: Callable[[list[str] | None], int], argv: list[str] | None = None)
     without a traceback: exit status 2 for the recipe and the data, 1 for the run's state."""
     try:
         return entry(argv)
-    except (RecipeError, DataError, TrainingError, FileNotFoundError, DiskFull) as err:
+    except (RecipeError, DataError, TrainingError, FileNotFoundError, DiskFull, qo.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1 if isinstance(err, (TrainingError, DiskFull)) else 2
 
@@ -200,9 +200,7 @@ def prepare_for_training(model, recipe: Recipe, adapter: str | Path | None = Non
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter is None:
         return apply_lora(model, recipe.lora)
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    model = qo.load_adapter(model, adapter, is_trainable=True)
     return model, placement(model)
 
 

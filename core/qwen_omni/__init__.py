@@ -42,18 +42,24 @@ from core.qwen_omni.chat import (  # noqa: F401
     render_target,
 )
 from core.qwen_omni.checkpoint import (  # noqa: F401
+    ADAPTER_WEIGHTS,
     CHAT_TEMPLATE_FILES,
     CHECKPOINT_FILES,
+    OTHER_SUBMODELS,
     SHARD_PATTERN,
     THINKER_PREFIX,
     WEIGHT_INDEX,
+    CheckpointError,
     CheckpointNotFound,
+    check_weight_file,
     checkpoint_source,
     composite_config,
     copy_checkpoint_files,
+    load_adapter,
     load_thinker,
     load_tokenizer,
     save_thinker,
+    shard_files,
     weight_files,
 )
 from core.qwen_omni.lora_targets import (  # noqa: F401
