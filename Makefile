@@ -79,30 +79,43 @@ eval: | setup
 
 # The whole pipeline on the tiny default: data -> train -> infer -> eval, ending with the base and
 # the fine-tuned model side by side on the held-out set (per task: format rate, accuracy; the
-# fine-tuned model's accuracy on training records beside it; the paired comparison).
+# fine-tuned model's accuracy on training records beside it; the paired comparison; each model's accuracy
+# with every clip replaced by silence, the audio-reliance column), and both in the results browser,
+# one offline HTML page (docs/eval.md#the-results-browser).
 DEMO_BASE  := runs/tiny/base/submission.jsonl
 DEMO_TRAIN := runs/tiny/on_train/submission.jsonl
+DEMO_BASE_SILENT := runs/tiny/base_silent/submission.jsonl
+DEMO_SILENT      := runs/tiny/silent/submission.jsonl
 demo: tiny data
 	$(MAKE) --no-print-directory train ARGS=
 	$(MAKE) --no-print-directory -j2 --output-sync=target demo-answers
 	$(MAKE) --no-print-directory eval SUB=
 	$(PY) -m eval side-by-side $(DEMO_BASE) runs/tiny/submission.jsonl --meta $(SYNTH)/test.jsonl \
-		--train-submission $(DEMO_TRAIN) --train-meta $(SYNTH)/train.jsonl --out runs/tiny/side_by_side.json
+		--train-submission $(DEMO_TRAIN) --train-meta $(SYNTH)/train.jsonl \
+		--base-silent $(DEMO_BASE_SILENT) --tuned-silent $(DEMO_SILENT) --out runs/tiny/side_by_side.json
+	$(PY) -m eval score $(RECIPE) eval.submission=$(DEMO_BASE) eval.report_dir=runs/tiny/base/eval
+	$(PY) -m eval browse runs/tiny/base/eval runs/tiny/eval --names base tuned --out runs/tiny/browse.html \
+		--silent $(DEMO_BASE_SILENT) $(DEMO_SILENT)
 
 # The README's demo table, from the side_by_side.json the last `make demo` wrote (tools/readme_demo_table.py):
 # rewrites only the block between <!-- demo-table:begin --> and <!-- demo-table:end -->, with date and CPU model.
 readme-demo: | setup
 	$(PY) -m tools.readme_demo_table runs/tiny/side_by_side.json --readme README.md
 
-# The demo's three answer runs, two at a time (one per core), each printed whole when it ends.
-.PHONY: demo-answers demo-finetuned demo-base demo-on-train
-demo-answers: demo-finetuned demo-base demo-on-train
+# The demo's answer runs, two at a time (one per core), each printed whole when it ends; the two silent
+# ones (infer.audio_ablation=silence: the held-out set with every clip silenced) add seconds.
+.PHONY: demo-answers demo-finetuned demo-base demo-on-train demo-base-silent demo-silent
+demo-answers: demo-finetuned demo-base demo-on-train demo-base-silent demo-silent
 demo-finetuned:
 	$(ONE_THREAD) $(PY) -m infer run $(RECIPE)
 demo-base:
 	$(ONE_THREAD) $(PY) -m infer run $(RECIPE) infer.adapter=null infer.output=$(DEMO_BASE)
 demo-on-train:
 	$(ONE_THREAD) $(PY) -m infer run $(RECIPE) infer.meta=$(SYNTH)/train.jsonl infer.limit=120 infer.output=$(DEMO_TRAIN)
+demo-base-silent:
+	$(ONE_THREAD) $(PY) -m infer run $(RECIPE) infer.adapter=null infer.audio_ablation=silence infer.output=$(DEMO_BASE_SILENT)
+demo-silent:
+	$(ONE_THREAD) $(PY) -m infer run $(RECIPE) infer.audio_ablation=silence infer.output=$(DEMO_SILENT)
 
 # Reproducibility bundle of a finished run (default: the tiny demo's, after `make demo`): RUN/audit/ and
 # RUN/audit.tar.gz, then its verification (checksums, compliance, greedy re-run of 8 ids).
@@ -164,6 +177,7 @@ bench: setup
 	$(PY) -m bench.load_bench --json runs/bench/load_bench.json
 	$(PY) -m bench.data_bench --json runs/bench/data_bench.json
 	$(PY) -m bench.grpo_bench --json runs/bench/grpo_bench.json
+	$(if $(shell command -v chromium),$(PY) -m bench.browse_bench --json runs/bench/browse_bench.json,@echo "bench.browse_bench skipped: no chromium (apt-get install -y chromium)")
 
 clean:
 	rm -rf artifacts runs

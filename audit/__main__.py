@@ -2,7 +2,8 @@
 
     python -m audit bundle --train-run runs/tiny --infer-output runs/tiny/submission.jsonl --out runs/tiny/audit
             [--data-card DATA_CARD.json] [--merged runs/tiny/merged] [--hash-audio] [--mmar-meta MMAR-meta.jsonl]
-    python -m audit verify BUNDLE [--ids 8] [--device cpu] [--backend hf] [--min-similarity 0.8] [--report verify.json]
+    python -m audit verify BUNDLE [--ids 8] [--seed S] [--allow-path DIR] [--device cpu] [--backend hf] [--min-similarity 0.8]
+            [--report verify.json]
     python -m audit compliance (BUNDLE | --train-run RUN --infer-output SUBMISSION) [--data-card ...] [--mmar-meta ...]
 
 Run from the repository root: recorded paths are relative to it. Exit status: 0 when everything
@@ -40,7 +41,7 @@ def _verify(args) -> int:
     from audit.verify import render, verify
 
     report = verify(args.bundle, args.ids, args.device, args.backend, args.min_similarity,
-                    Path(args.mmar_meta) if args.mmar_meta else None)
+                    Path(args.mmar_meta) if args.mmar_meta else None, args.seed, tuple(args.allow_path))
     print(render(report))
     if args.report:
         Path(args.report).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -96,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="least reasoning similarity (0-1) of a greedy re-run; GPU bf16 greedy drifts with batch "
                             "composition, lower it (0: report only) when hardware or batch size differ")
     check.add_argument("--mmar-meta", help="MMAR-meta.jsonl for the contamination guard")
+    check.add_argument("--seed", type=int, help="draws the re-run ids (default: a random seed, printed); repeats a check")
+    check.add_argument("--allow-path", action="append", default=[], metavar="FOLDER",
+                       help="a folder outside the repository whose recorded files may be read (an absolute model.path); "
+                            "absolute and '..' paths are refused otherwise")
     check.add_argument("--report", help="write the findings as JSON here")
     comply = commands.add_parser("compliance", help="the Track 1 rules that code can check")
     comply.add_argument("bundle", nargs="?", help="bundle folder or .tar.gz (or give --train-run and --infer-output)")

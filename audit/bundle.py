@@ -43,6 +43,7 @@ from pathlib import Path
 from audit import compliance
 from core import provenance
 from core.items import DataError, load_items
+from core.outdir import replacing
 from core.progress import progress
 from core.recipe import Recipe, load_recipe
 from core.redact import redact
@@ -219,6 +220,16 @@ def write_manifest(folder: Path) -> dict:
     return manifest
 
 
+def is_bundle(folder: Path) -> bool:
+    """Whether `folder` is a bundle this command wrote (so `bundle --out` may replace it): its MANIFEST.json
+    parses and lists every file it holds."""
+    try:
+        listed = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(listed, dict) and all(str(p.relative_to(folder)) in listed for p in files_under(folder) if p.name != MANIFEST)
+
+
 def build_bundle(src: BundleSources) -> tuple[Path, list[compliance.Check]]:
     """Write the bundle folder and its .tar.gz; returns (folder, compliance checks)."""
     paths = RunPaths.beside(src.submission)
@@ -230,8 +241,19 @@ def build_bundle(src: BundleSources) -> tuple[Path, list[compliance.Check]]:
     card = src.data_card or default_card(train)
 
     out = Path(src.out)
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    with replacing(out, "audit bundle", made=is_bundle, marker=False) as staging:
+        checks = fill_bundle(staging, src, paths, train, infer, card, trainer)
+    tarball = out.with_name(out.name + ".tar.gz")
+    partial = tarball.with_name(f".{tarball.name}.partial-{os.getpid()}")
+    with tarfile.open(partial, "w:gz") as tar:
+        tar.add(out, arcname=out.name)
+    os.replace(partial, tarball)
+    return out, checks
+
+
+def fill_bundle(staging: Path, src: BundleSources, paths: RunPaths, train: Recipe, infer: Recipe, card: Path | None,
+                trainer: str) -> list[compliance.Check]:
+    """Write the bundle's files into the empty folder `staging`; returns the compliance checks."""
     for folder in ("recipes", "submission", "training", "data", "environment", "git"):
         (staging / folder).mkdir(parents=True)
     shutil.copy2(src.train_run / "recipe.yaml", staging / "recipes" / "train.yaml")
@@ -296,9 +318,4 @@ def build_bundle(src: BundleSources) -> tuple[Path, list[compliance.Check]]:
     (staging / "audit.json").write_text(json.dumps(summary, indent=2) + "\n")
     redact_files(staging)
     write_manifest(staging)
-
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(staging, out)
-    with tarfile.open(out.with_name(out.name + ".tar.gz"), "w:gz") as tar:
-        tar.add(out, arcname=out.name)
-    return out, checks
+    return checks

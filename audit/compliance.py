@@ -6,6 +6,7 @@
 | parsing | answers extracted by string matching, no second model | the run's parse policy is `infer.parse.POLICY`, and every line re-derives from its raw output by `infer.parse.parse_output` |
 | submission | thinking under 10,000 characters, without <think> tags; the challenge format | `infer.submission.validate_submission` |
 | data_sources | data sources declared | a data card (data_prep card) listing sources, each with a licence |
+| decoding | one model, no external tools; opt-in inference-time scaling is declared | states greedy or sampled decoding, and self-consistency (a vote over sampled chains: whether it is a "separate controller" is not settled) and the audio-attention boost when on; under self-consistency every raw line must hold its n chains and the submitted one must be a winning chain, verbatim |
 | contamination | no MMAR test data in training | `data_prep.guard` on every training file (SFT's data.train, GRPO's curriculum stages), when the MMAR metadata is at hand |
 
 Each check passes, fails or is skipped (with the reason); the details name file, line, id and field.
@@ -151,6 +152,39 @@ def check_parsing(submission: Path, items: dict[str, Item]) -> Check:
     return Check("parsing", "fail" if problems else "pass", details)
 
 
+def check_decoding(submission: Path) -> Check:
+    from infer.run import RunPaths
+    from infer.submission import read_records
+
+    paths = RunPaths.beside(submission)
+    if not paths.run.is_file():
+        return Check("decoding", "fail", [f"{paths.run}: not found: how the answers were decoded is unknown"])
+    summary = json.loads(paths.run.read_text())
+    sampling, sc, mata = summary.get("sampling") or {}, summary.get("self_consistency"), summary.get("mata")
+    details = [("sampled: " + ", ".join(f"{k} {sampling.get(k)}" for k in ("temperature", "top_p", "top_k", "seed")))
+               if sampling.get("do_sample") else "greedy decoding"]
+    problems = []
+    if sc:
+        details.append(f"SELF-CONSISTENCY ON: {sc['n']} sampled chains per item, a vote on their answers, the "
+                       f"{sc['selection']} winning chain submitted verbatim. Opt-in: whether a vote is a \"separate "
+                       "controller\" under Track 1 is not settled; declare it with the submission")
+        raw = {r["id"]: r for r in read_records(paths.raw)} if paths.raw.is_file() else {}
+        for record in read_records(submission):
+            line = raw.get(record["id"], {})
+            voted = line.get("self_consistency") or {}
+            chains = voted.get("chains") or []
+            chosen = voted.get("chosen", -1)
+            if len(chains) != sc["n"] or not 0 <= chosen < len(chains):
+                problems.append(f"{paths.raw} (id={record['id']}): self_consistency: {len(chains)} chains, expected {sc['n']}")
+            elif chains[chosen]["raw_output"] != line.get("raw_output") or (
+                    voted["winner"] is not None and chains[chosen]["vote"] != voted["winner"]):
+                problems.append(f"{paths.raw} (id={record['id']}): self_consistency: the submitted chain is not a winning chain")
+    if mata:
+        details.append(f"AUDIO-ATTENTION BOOST (MATA) ON: layers {mata['layers']}, strength {mata['strength']} "
+                       "(training-free, inside the one model)")
+    return Check("decoding", "fail" if problems else "pass", problems + details)
+
+
 def check_submission(submission: Path, meta: str, complete_expected: bool) -> Check:
     from infer.submission import read_records, validate_submission
 
@@ -215,6 +249,7 @@ def run_checks(inputs: Inputs) -> list[Check]:
         check_prompt(recipe, items[:PROMPT_ITEMS], processor.tokenizer),
         check_parsing(inputs.submission, {item.id: item for item in items}),
         check_submission(inputs.submission, recipe.infer.meta, complete_expected=recipe.infer.limit is None),
+        check_decoding(inputs.submission),
         check_data_sources(inputs.data_card),
         check_contamination(inputs.train_recipe, inputs.mmar_meta, inputs.trainer),
     ]

@@ -31,8 +31,10 @@ import numpy as np
 import yaml
 
 from bench.common import machine, print_table, write_json
+from core.outdir import check_replaceable, mark
 
 REPO = Path(__file__).resolve().parents[1]
+MAKER = "bench.data_bench"
 AUDIO_COGITO_RECORDS = 545_000
 GOAL = {"cold_s": 120, "warm_s": 30, "peak_rss_gib": 3.0}  # issue 19, 100k records on 2 CPU cores
 WORDS = ("the first second third tone beep onset pitch rises falls louder softer than before after clip sound "
@@ -117,9 +119,11 @@ def rank_main(report: Path, argv: list[str]) -> None:
 def measure(ranks: int, data: Path, checkpoint: Path, work: Path) -> list[dict]:
     """Cold then warm start of `ranks` ranks on one cache folder; one result per start."""
     run = work / f"ranks{ranks}"
+    check_replaceable(run, MAKER)  # a fresh folder each time, replacing only one this script made
     shutil.rmtree(run, ignore_errors=True)
     recipe = run / "recipe.yaml"
     run.mkdir(parents=True)
+    mark(run, MAKER)
     recipe.write_text(yaml.safe_dump({
         "name": "data-bench",
         "model": {"path": str(checkpoint), "dtype": "float32"},

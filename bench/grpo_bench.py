@@ -29,9 +29,12 @@ import torch
 import yaml
 
 from bench.common import machine, print_table, write_json
+from core.outdir import check_replaceable, mark
+from core.recipe import load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "grpo_tiny.yaml"
+MAKER = "bench.grpo_bench"
 
 
 def run(*args: str) -> None:
@@ -142,10 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     from eval.compare import compare
 
     out, sft_adapter = REPO / args.out, REPO / args.sft_adapter
-    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe = load_yaml(RECIPE.read_text(), str(RECIPE))
     ensure_inputs(recipe, sft_adapter)
+    check_replaceable(out, MAKER)  # a fresh run each time, in a folder this script made
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    mark(out, MAKER)
     recipe["grpo"]["init_adapter"] = str(sft_adapter)
     steps = args.steps or recipe["grpo"]["stages"][0]["steps"]
     recipe["grpo"]["stages"][0]["steps"] = steps

@@ -2,6 +2,10 @@
 
 `datasets.Audio` decodes through torchcodec, which needs CUDA libraries; soundfile + librosa's
 resampler work everywhere.
+
+Every clip's header is checked before anything is decoded: a damaged or hostile header (a wav that
+claims 1 Hz would resample 40 KB into gigabytes) is an `AudioError` naming the file, which a run
+records as that item's failure, never a MemoryError that ends it.
 """
 
 from __future__ import annotations
@@ -15,9 +19,29 @@ import soundfile as sf
 
 from core.qwen_omni import SAMPLE_RATE
 
+# What a header may claim. The lowest rate in real use is 8 kHz telephony (some 4-6 kHz archives), the
+# highest 384-768 kHz studio masters; an hour at 16 kHz is 230 MB of float32, far past any benchmark clip.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 768_000
+MAX_AUDIO_SECONDS = 3600.0
+MAX_CHANNELS = 64
+
 
 class AudioError(ValueError):
     """An audio file that is missing or cannot be decoded; the message names the file."""
+
+
+def check_header(path: str | Path, rate: int, frames: int, channels: int) -> None:
+    """`AudioError` naming `path` unless its header's rate, length and channels are ones a clip can have."""
+    if frames <= 0 or rate <= 0:
+        raise AudioError(f"{path}: audio file holds no samples")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioError(f"{path}: header claims a sample rate of {rate:,} Hz, outside {MIN_SAMPLE_RATE:,}-"
+                         f"{MAX_SAMPLE_RATE:,} Hz: a damaged or mislabelled file")
+    if frames / rate > MAX_AUDIO_SECONDS:
+        raise AudioError(f"{path}: header claims {frames / rate:,.0f} s of audio ({frames:,} frames at {rate:,} Hz), "
+                         f"more than the {MAX_AUDIO_SECONDS:,.0f} s a clip may hold")
+    if channels > MAX_CHANNELS:
+        raise AudioError(f"{path}: header claims {channels:,} channels, more than {MAX_CHANNELS}")
 
 
 def load_audio(path: str | Path, max_seconds: float | None = None) -> np.ndarray:
@@ -35,8 +59,7 @@ def audio_samples(path: str | Path, max_seconds: float | None = None) -> int:
         info = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError) as err:
         raise AudioError(f"{path}: cannot read audio header ({err})") from None
-    if info.frames <= 0 or info.samplerate <= 0:
-        raise AudioError(f"{path}: audio file holds no samples")
+    check_header(path, info.samplerate, info.frames, info.channels)
     samples = math.ceil(info.frames * SAMPLE_RATE / info.samplerate)  # librosa's resampled length
     return samples if max_seconds is None else min(samples, int(max_seconds * SAMPLE_RATE))
 
@@ -45,7 +68,9 @@ def decode_audio(source: str | BinaryIO, path: str | Path, max_seconds: float | 
     """Like `load_audio`, from a file name or an open binary file (e.g. bytes already read and
     hashed); `path` names the clip in errors."""
     try:
-        wave, rate = sf.read(source, dtype="float32", always_2d=True)
+        with sf.SoundFile(source) as handle:
+            check_header(path, handle.samplerate, handle.frames, handle.channels)
+            wave, rate = handle.read(dtype="float32", always_2d=True), handle.samplerate
     except (sf.LibsndfileError, RuntimeError) as err:
         raise AudioError(f"{path}: cannot decode audio ({err})") from None
     if not np.isfinite(wave).all():  # NaN/inf samples poison every loss and output they reach

@@ -1,6 +1,6 @@
 """A disk cache of per-clip Whisper log-mel features, for clips that are read every epoch.
 
-    python -m core.feature_cache build META.jsonl --checkpoint CKPT --out DIR [--max-seconds 30]
+    python -m core.feature_cache build META.jsonl --checkpoint CKPT --out DIR [--max-seconds S]
 
     cache = FeatureCache(DIR, processor, max_seconds=30)
     batch = processor(prompts, features=[cache.features_for(item.audio_path) for item in items])
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--checkpoint", required=True, help="folder with the feature extractor config (preprocessor_config.json)")
     b.add_argument("--out", required=True, help="cache folder")
     b.add_argument("--audio-root", default=None, help="folder audio_path is relative to (default: the JSONL's folder)")
-    b.add_argument("--max-seconds", type=float, default=30.0, help="must match data.max_audio_seconds of the run")
+    b.add_argument("--max-seconds", type=float, default=None,
+                   help="must match data.max_audio_seconds of the run (default: none, whole clips, its default)")
     b.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
     summary = build(args.meta, args.checkpoint, args.out, args.audio_root, args.max_seconds, args.workers)

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from core.audio import AudioError, audio_samples, load_audio
-from core.records import record_problem
+from core.records import record_problem, shown_id
 
 MODALITIES = (
     "speech", "sound", "music", "mix-sound-speech", "mix-music-speech", "mix-sound-music", "mix-sound-music-speech",
@@ -92,7 +92,7 @@ def parse_line(raw: bytes, where: str) -> dict:
 
 
 def parse_item(obj: dict, where: str, audio_root: Path) -> Item:
-    label = f"{where} (id={obj.get('id')})"
+    label = f"{where} (id={shown_id(obj.get('id'))})"
     if (problem := record_problem(obj)) is not None:
         raise DataError(f"{label}: {problem}")
     thinking = obj.get("thinking")

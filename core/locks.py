@@ -5,6 +5,10 @@ a stale lock."""
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -17,6 +21,11 @@ class LockBusy(RuntimeError):
     def __init__(self, path: Path, holder: str):
         super().__init__(f"{path}: locked by {holder}")
         self.path, self.holder = path, holder
+
+
+def holder_note() -> str:
+    """Who holds a lock, for the message of the process that finds it busy: pid, host, start, command."""
+    return f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: " + " ".join(sys.argv)
 
 
 @contextlib.contextmanager

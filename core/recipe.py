@@ -20,6 +20,37 @@ class RecipeError(ValueError):
     """A recipe that does not validate; the message names the file and each bad key."""
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping: PyYAML keeps the last without a
+    word, so a section written twice would silently drop the first (epochs 6 -> 1)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may repeat what it overrides
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    raise RecipeError(f"{key_node.start_mark.name}: key {key!r} written twice (lines {first[key]} and "
+                                      f"{line}): YAML would keep only the last; merge them into one")
+                first[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse YAML config text with UniqueKeyLoader; a syntax error or a repeated key is a RecipeError naming `source`."""
+    loader = UniqueKeyLoader(text)
+    loader.name = source  # the marks of every node name the file
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{source}: not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
+
+
 class NoEffect:
     """Tags a setting that does not change what a run computes or writes, only where it writes, how fast it
     runs or how it reports: `log_every: Annotated[int, NoEffect] = Field(1, gt=0)`. Every other setting changes results,
@@ -60,8 +91,9 @@ class DatasetSpec(Section):
 class DataConfig(Section):
     train: list[DatasetSpec] = Field(default_factory=list)
     """training datasets: [{path, audio_root, weight, max_samples}]"""
-    max_audio_seconds: float = Field(30.0, gt=0)
-    """clips are cut to this length (training and inference)"""
+    max_audio_seconds: float | None = Field(None, gt=0)
+    """the one long-clip rule of the Cogito-Pipe and training: collect drops longer clips (too_long), qa, cot
+    and training cut to it; None: whole clips everywhere (as the stock processor, truncation=False)"""
     max_length: int = Field(4096, gt=0)
     """tokens; longer samples are dropped and counted"""
     num_workers: Annotated[int, NoEffect] = Field(0, ge=0)
@@ -159,6 +191,31 @@ class TrainConfig(Section):
     """wandb project name"""
 
 
+class SelfConsistencyConfig(Section):
+    """Self-consistency: n sampled chains per item, a vote on their answers, one chain submitted (docs/infer.md)."""
+
+    n: int = Field(8, gt=1)
+    """chains sampled per item, in one engine call"""
+    temperature: float = Field(0.6, gt=0)
+    """the chains' sampling temperature (Qwen's thinking default)"""
+    top_p: float = Field(0.95, gt=0, le=1)
+    """the chains' nucleus"""
+    top_k: int = Field(20, ge=0)
+    """the chains' top-k; 0: off"""
+    selection: Literal["consensus", "first"] = "consensus"
+    """which chain of the winning answer is submitted: consensus, the one whose thinking shares the most words with
+    the other winning chains (mean Jaccard); first, the lowest-numbered one"""
+
+
+class MataConfig(Section):
+    """Audio-attention boost (MATA, arXiv 2509.18816): hf engine only (docs/infer.md)."""
+
+    layers: list[int] = Field(min_length=1)
+    """decoder layers (0-based) whose last query token is boosted; the paper takes middle layers"""
+    strength: float = Field(gt=0)
+    """factor on that token's attention to the clip's audio tokens, relative to every other key"""
+
+
 class InferConfig(Section):
     backend: Literal["hf", "vllm"] = "hf"
     """hf: transformers; vllm: GPUs"""
@@ -219,6 +276,14 @@ class InferConfig(Section):
     RAM; None on GPUs (vLLM sizes the cache from gpu_memory_utilization)."""
     enforce_eager: Annotated[bool, NoEffect] = False
     """vllm: skip torch.compile (and CUDA graphs); minutes less to load on a CPU"""
+    self_consistency: SelfConsistencyConfig | None = None
+    """None: one chain per item under the sampling above; set: n sampled chains and a vote. Opt-in: whether a vote
+    is a "separate controller" under Track 1 is not settled, and the audit's compliance report states it was on"""
+    mata: MataConfig | None = None
+    """None: off; set: the audio-attention boost on the hf engine (vLLM refuses it)"""
+    audio_ablation: Literal["none", "silence", "swap"] = "none"
+    """audio reliance (infer/ablation.py): none: each item's own clip; silence: zeros of the same length; swap: the
+    clip of another item of infer.meta (a derangement fixed by infer.seed). `python -m eval reliance` compares runs."""
 
 
 class JudgeConfig(Section):
@@ -246,7 +311,7 @@ class JudgeConfig(Section):
     requests_per_minute: Annotated[float | None, NoEffect] = Field(None, gt=0)
     """rate limit; None: none"""
     timeout_s: Annotated[float, NoEffect] = Field(120.0, gt=0)
-    """per-request timeout"""
+    """total time for one judge request (connect, send, the whole reply), not per socket read"""
     backoff_s: Annotated[float, NoEffect] = Field(1.0, ge=0)
     """first pause after 429/5xx/timeout, doubling up to backoff_max_s"""
     backoff_max_s: Annotated[float, NoEffect] = Field(60.0, ge=0)
@@ -257,6 +322,32 @@ class JudgeConfig(Section):
     """local backend"""
     cache: Annotated[str, NoEffect] = "runs/judge_cache.sqlite"
     """SQLite cache of parsed replies (resume, no repeated calls)"""
+
+
+class SuiteBenchmark(Section):
+    """One benchmark of a suite (`python -m eval suite`; adapters in eval/benchmarks.py)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """its label and the folder of its run under suite.out_dir"""
+    kind: Literal["mmar", "mmau", "mmau-pro", "mmsu"]
+    """the metadata schema and scoring rule: mmau also reads the test set (answers withheld: submission file only)"""
+    meta: str
+    """the released metadata file (MMAU: the JSON list; MMAU-Pro: test.parquet's rows as JSONL; MMSU and MMAR: JSONL)"""
+    audio_root: str | None = None
+    """folder the records' audio paths are relative to; default: the metadata's folder"""
+    limit: int | None = Field(None, gt=0)
+    """answer only the first N items it can score"""
+
+
+class SuiteConfig(Section):
+    """Several benchmarks answered and scored by one command (`python -m eval suite RECIPE`)."""
+
+    out_dir: Annotated[str, NoEffect] = "runs/tiny/suite"
+    """per benchmark a folder (items.jsonl, the submission and its sidecars), and suite.json / suite.md"""
+    benchmarks: list[SuiteBenchmark] = Field(default_factory=list)
+    """answered in order with the recipe's model and infer settings"""
+    bootstrap: int = Field(1000, ge=0)
+    """resamples of each accuracy's 95% interval"""
 
 
 class EvalConfig(Section):
@@ -377,9 +468,17 @@ class DataPrepConfig(Section):
     shard: str = Field("0/1", pattern=r"^\d+/[1-9]\d*$")
     '''"i/n": this process handles shard i of n'''
     min_seconds: float = Field(0.5, ge=0)
-    """shorter clips are rejected (too_short)"""
-    max_seconds: float | None = Field(None, gt=0)
-    """longer clips are rejected (too_long)"""
+    """shorter clips are rejected (too_short); the longest clip is `data.max_audio_seconds`"""
+    shortfall: Literal["report", "redistribute", "error"] = "report"
+    """a ratio source with fewer clips than its share: report it; redistribute the missing clips over the ratio
+    sources of the same domain (the adapter's) in proportion to their ratios; or stop collect"""
+    licences: list[str] | None = None
+    """accepted licence ids (SPDX, or the named ids of data_prep.sources.NAMED_LICENCES); a clip whose licence
+    maps to no id or to one not listed stops collect (see `unaccepted`); None: no licence gate"""
+    unaccepted: Literal["error", "drop"] = "error"
+    """clips failing the licence gate: stop collect with counts per source and licence, or drop and count them"""
+    max_bad_rows: int = Field(100, ge=0)
+    """bad metadata rows (unparsable, truncated, undecodable) counted and skipped per source; one more stops collect"""
     mmar_meta: str | None = None
     """benchmark metadata for the contamination guard"""
     mmar_audio_root: str | None = None
@@ -465,6 +564,11 @@ class GRPOConfig(Section):
     """the reasoning judge of the `judge` reward"""
     stages: list[GRPOStage] = Field(default_factory=list)
     """the curriculum, run in order"""
+    reliance_every: Annotated[int | None, NoEffect] = Field(None, gt=0)
+    """every N steps, greedy answers to the first `reliance_items` of infer.meta (held out) with their clips and with
+    silence of the same length, logged as reliance/* in metrics.jsonl (train/reliance_probe.py); None: off"""
+    reliance_items: Annotated[int, NoEffect] = Field(16, gt=0)
+    """held-out items the reliance probe answers"""
 
     @model_validator(mode="after")
     def _rewards_have_their_models(self) -> "GRPOConfig":
@@ -540,6 +644,8 @@ class Recipe(Section):
     """the Cogito-Pipe data pipeline (python -m data_prep)"""
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     """RL after SFT (train/grpo.py)"""
+    suite: SuiteConfig = Field(default_factory=SuiteConfig)
+    """benchmarks beside MMAR, answered and scored by `python -m eval suite`"""
     rest: RestConfig = Field(default_factory=RestConfig)
     """the self-improvement loop (train/rest.py)"""
 
@@ -568,7 +674,7 @@ def apply_override(tree: dict, override: str) -> None:
         if not isinstance(child, dict):
             raise RecipeError(f"override {override!r}: {'.'.join(parents[: i + 1])} is not a section")
         node = child
-    node[leaf] = yaml.safe_load(raw)
+    node[leaf] = load_yaml(raw, f"override {override!r}")
 
 
 def _format_errors(source: str, err: ValidationError) -> str:
@@ -593,11 +699,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         source = str(path)
         try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
+            text = Path(path).read_text()
         except FileNotFoundError:
             raise RecipeError(f"{source}: recipe file not found") from None
-        except yaml.YAMLError as err:
-            raise RecipeError(f"{source}: not valid YAML: {err}") from None
+        tree = load_yaml(text, source) or {}
         if not isinstance(tree, dict):
             raise RecipeError(f"{source}: a recipe must be a mapping of sections")
     for override in overrides:
@@ -634,7 +739,7 @@ def dotted_keys(tree: dict, prefix: str = "") -> list[str]:
 def changed_settings(saved: str | Path, recipe: Recipe, keys: list[str]) -> list[str]:
     """`key: saved -> now` for each of `keys` whose value in `recipe` differs from the resolved recipe saved
     at `saved` (a key the saved file lacks counts as its default: it was written by an older version)."""
-    tree = yaml.safe_load(Path(saved).read_text()) or {}
+    tree = load_yaml(Path(saved).read_text(), str(saved)) or {}
     defaults, now = Recipe().model_dump(mode="json"), recipe.model_dump(mode="json")
     changed = []
     for key in keys:

@@ -22,6 +22,7 @@ from transformers import Qwen2Tokenizer, WhisperFeatureExtractor
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeConfig, Qwen3OmniMoeThinkerConfig
 
 from core import qwen_omni as qo
+from core.outdir import replacing
 
 # Qwen-style template: content lists render audio as <|audio_start|><|audio_pad|><|audio_end|>,
 # and the generation prompt ends with the assistant header, as in the real Thinking checkpoint.
@@ -383,13 +384,23 @@ def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0, pretrain: str | Pa
 
 
 def write_checkpoint(model, config: Qwen3OmniMoeThinkerConfig, tokenizer, out_dir: str | Path) -> Path:
-    """The model and its tokenizer and processor files, in the real repository's layout."""
+    """The model and its tokenizer and processor files, in the real repository's layout: built beside
+    `out_dir` and swapped in whole (`make tiny` is done once config.json is there, so it must come with the
+    rest). An existing `out_dir` is replaced only when empty or a tiny checkpoint of this configuration."""
+    composite = composite_config_dict(config, tokenizer)
+    written = json.loads(json.dumps(qo.composite_config(composite)))  # config.json as save_thinker writes it
+
+    def tiny_of_this_config(folder: Path) -> bool:
+        names = {"model-0000N-of-0000M.safetensors" if qo.SHARD_PATTERN.fullmatch(p.name) else p.name for p in folder.iterdir()}
+        config_file = folder / "config.json"
+        return names <= set(qo.CHECKPOINT_FILES) and (not config_file.is_file() or json.loads(config_file.read_text()) == written)
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    qo.save_thinker(model, out, composite_config_dict(config, tokenizer), max_shard_size=size // TINY_SHARDS + 1)
-    write_tokenizer_files(tokenizer, out)
-    write_processor_files(tokenizer, out)
+    with replacing(out, "core.tiny", made=tiny_of_this_config, marker=False) as staging:
+        qo.save_thinker(model, staging, composite, max_shard_size=size // TINY_SHARDS + 1)
+        write_tokenizer_files(tokenizer, staging)
+        write_processor_files(tokenizer, staging)
     return out
 
 

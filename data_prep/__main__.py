@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         if command == "collect":
             from data_prep.collect import collect
 
-            report = collect(_recipe(rest).data_prep)
+            recipe = _recipe(rest)
+            report = collect(recipe.data_prep, max_seconds=recipe.data.max_audio_seconds)
             print(json.dumps({k: report[k] for k in REPORT_KEYS if k in report}))
             return 0
         if command in ("qa", "cot", "verify"):
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
             args = list(rest)
             data_file = _pop_option(args, "--data", "runs/x/sft.jsonl")  # default: the newest stage output
-            curation = []  # per-item curation statistics (eval audio-reliance, train.rest buckets), repeatable
+            curation = []  # per-item curation statistics (eval reliance --items, train.rest buckets), repeatable
             while (path := _pop_option(args, "--curation", "runs/x/audio_reliance.jsonl")) is not None:
                 curation.append(path)
             recipe = _recipe(args)

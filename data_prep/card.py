@@ -4,14 +4,17 @@
 
 It describes the newest pipeline output in the work dir (the last of PIPELINE whose NAME.jsonl
 exists: the verified SFT file once stage 4 has run, else the questions, else the manifest):
-records, clips and hours per source dataset and per domain with their proportions, licences, and
+records, clips and hours per source dataset and per domain with their proportions, licences (the
+release's text and the licence gate's id, counted), and
 for every stage report found in the work dir its counts in/out, rejections by reason and event
 counts (retries, dropped questions).
 Given the recipe's `data_prep` section, it also sets each source's achieved share (of the clips
 collect selected, and of the described records) against the share the recipe asks for and the
 reference mixture it reproduces (`reference_samples`, e.g. Audio-Cogito Table 1), and shows the
-QA stage's few-shot sampling (seed-pool size, examples per call).
-With curation files (`--curation`, repeatable: `python -m eval audio-reliance`'s per-item JSONL, or the
+QA stage's few-shot sampling (seed-pool size, examples per call). From collect's report, per source:
+clips removed as duplicates (and which source kept them), clips refused by the licence gate, and the
+clips the shortfall rule moved (`moved`: + received, - given away).
+With curation files (`--curation`, repeatable: the per-item JSONL of `python -m eval reliance --items`, or the
 `.stats.jsonl` of `python -m train.rest buckets`), it shows each one's items per label or bucket and, where given,
 their mean pass rate.
 Records are read for `source`, `domain`, `licence`, `duration` and `audio_path`: later stages
@@ -39,18 +42,21 @@ def newest_output(work_dir: Path) -> Path:
 
 
 def _table(records: list[dict], key: str) -> dict[str, dict]:
-    groups: dict[str, dict] = defaultdict(lambda: {"records": 0, "clips": {}, "licences": Counter(), "domains": Counter()})
+    groups: dict[str, dict] = defaultdict(lambda: {"records": 0, "clips": {}, "licences": Counter(), "licence_ids": Counter(),
+                                                   "domains": Counter()})
     for record in records:
         group = groups[str(record.get(key) or "unknown")]
         group["records"] += 1
         group["clips"][record.get("audio_path") or record["id"]] = float(record.get("duration") or 0.0)
         group["licences"][record.get("licence") or "unknown"] += 1
+        group["licence_ids"][record.get("licence_id") or "unknown"] += 1
         group["domains"][record.get("domain") or "unknown"] += 1
     total = sum(g["records"] for g in groups.values()) or 1
     return {
         name: {
             "records": g["records"], "proportion": round(g["records"] / total, 4), "clips": len(g["clips"]),
             "hours": round(sum(g["clips"].values()) / 3600, 4), "licences": dict(g["licences"].most_common()),
+            "licence_ids": dict(g["licence_ids"].most_common()),
             "domains": dict(g["domains"].most_common()),
         }
         for name, g in sorted(groups.items())
@@ -115,12 +121,17 @@ def build_card(work_dir: str | Path, data_file: str | Path | None = None, config
         "data_file": str(path), "records": len(records), "clips": len(clips), "hours": round(sum(clips.values()) / 3600, 4),
         "by_source": by_source, "by_domain": _table(records, "domain"),
         "mixture": collect.get("mixture", {}), "seed": collect.get("seed"), "scan": collect.get("scan", {}),
+        "shortfall_rule": collect.get("shortfall_rule"), "accepted_licences": collect.get("accepted_licences"),
         "targets": mixture_against_targets(config, collect.get("mixture", {}), by_source) if config is not None else {},
         "seed_pool": {k: qa[k] for k in ("seed_questions", "seed_pool_size", "n_shots", "max_questions") if k in qa},
         "stages": {s: {k: reports[s].get(k) for k in ("in", "out", "rejected", "seconds")} | {"counts": reports[s].get("counts") or {}}
                    for s in order},
         "curation": [curation_summary(path) for path in curation],
     }
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in counts.items()) or "-"
 
 
 def _percent(share: float | None) -> str:
@@ -133,21 +144,28 @@ def render_markdown(card: dict) -> str:
         f"Data file: `{card['data_file']}`: **{card['records']} records**, {card['clips']} clips, "
         f"**{card['hours']:.2f} hours** of audio.", "",
         "## Sources", "",
-        "| source | records | share | clips | hours | domains | licences |", "|---|---:|---:|---:|---:|---|---|",
+        "| source | records | share | clips | hours | domains | licences | licence counts |", "|---|---:|---:|---:|---:|---|---|---|",
     ]
     for name, row in card["by_source"].items():
         lines.append(f"| {name} | {row['records']} | {100 * row['proportion']:.1f} % | {row['clips']} | {row['hours']:.2f} | "
-                     f"{', '.join(row['domains'])} | {'; '.join(row['licences'])} |")
+                     f"{', '.join(row['domains'])} | {'; '.join(row['licences'])} | {_counts(row.get('licence_ids') or {})} |")
     lines += ["", "## Domains", "", "| domain | records | share | clips | hours |", "|---|---:|---:|---:|---:|"]
     for name, row in card["by_domain"].items():
         lines.append(f"| {name} | {row['records']} | {100 * row['proportion']:.1f} % | {row['clips']} | {row['hours']:.2f} |")
     if card["mixture"]:
-        lines += ["", f"## Mixture (seed {card['seed']})", "",
-                  "| source | available | wanted | selected | shortfall | skipped at scan |", "|---|---:|---:|---:|---:|---|"]
+        lines += ["", f"## Mixture (seed {card['seed']}, shortfall rule: {card.get('shortfall_rule') or 'report'})", "",
+                  "`available`: usable clips after the licence gate and dedup; `shortfall moved`: clips the shortfall rule "
+                  "moved to (+) or away from (-) the source; `duplicates removed`: clips whose audio another clip (kept in "
+                  "the named source) already holds.", "",
+                  "| source | available | wanted | shortfall moved | selected | shortfall | duplicates removed | licence refused "
+                  "| skipped at scan |", "|---|---:|---:|---:|---:|---:|---|---|---|"]
         for name, row in card["mixture"].items():
-            skipped = card["scan"].get(name, {}).get("skipped", {})
-            lines.append(f"| {name} | {row['available']} | {row['wanted']} | {row['selected']} | {row['shortfall']} | "
-                         f"{', '.join(f'{k}: {v}' for k, v in skipped.items()) or '-'} |")
+            scan = card["scan"].get(name, {})
+            dups = scan.get("duplicates") or {}
+            removed = f"{dups['removed']} (kept in {_counts(dups['kept_in'])})" if dups.get("removed") else "0"
+            lines.append(f"| {name} | {row['available']} | {row['wanted']} | {row.get('moved', 0):+d} | {row['selected']} | "
+                         f"{row['shortfall']} | {removed} | {_counts(scan.get('licence_refused') or {})} | "
+                         f"{_counts(scan.get('skipped') or {})} |")
     if card["targets"]:
         lines += ["", "## Mixture against the recipe", "",
                   "Shares of the recipe's request (count, or ratio of `total`), of the reference mixture it reproduces "

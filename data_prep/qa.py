@@ -178,7 +178,7 @@ class QuestionWriter:
             records.append({
                 "id": f"{clip['id']}-q{k}", "clip_id": clip["id"], "audio_path": clip["audio_path"],
                 "duration": clip.get("duration"), "domain": clip.get("domain"), "source": clip.get("source"),
-                "licence": clip.get("licence"), "metadata": clip.get("metadata") or {},
+                "licence": clip.get("licence"), "licence_id": clip.get("licence_id"), "metadata": clip.get("metadata") or {},
                 "question": item["question"], "choices": choices, "answer": item["answer"],
                 "qa_model": self.config.model, "qa_attempt": attempt,
             })

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -328,19 +329,31 @@ def generate_split(out_dir: Path, split: str, count: int, seed: int, hard: bool 
         record = make_record(split, index, task_name, clip, duration=wave.size / SAMPLE_RATE, hard=hard)
         write_wav(out_dir / record["audio_path"], wave)
         records.append(record)
-    with (out_dir / f"{split}.jsonl").open("w", encoding="utf-8") as handle:
+    return records
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    """Write the JSONL under a temporary name, then rename: the file is whole or absent."""
+    tmp = path.with_name(f".{path.name}.partial")
+    with tmp.open("w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record) + "\n")
-    return records
+    os.replace(tmp, path)
 
 
 def generate(out_dir: str | Path, train: int = 960, test: int = 120, seed: int = 0, pretrain: int = 0,
              hard: bool = False) -> dict[str, list[dict]]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "test.jsonl").unlink(missing_ok=True)  # not "done" for make until this run writes it again
     sizes = {"train": train, "test": test, "pretrain": pretrain}
     # train and test are always written (empty when 0), the pre-training clips only when asked for
-    return {split: generate_split(out, split, sizes[split], seed, hard) for split in SPLITS if split != "pretrain" or pretrain}
+    splits = {split: generate_split(out, split, sizes[split], seed, hard) for split in SPLITS if split != "pretrain" or pretrain}
+    # Every clip first, then the record files, test.jsonl (`make data`'s target) last: a run killed
+    # before the end leaves no test.jsonl, so make reruns it instead of calling the set done.
+    for split in sorted(splits, key=lambda name: name == "test"):
+        write_records(out / f"{split}.jsonl", splits[split])
+    return splits
 
 
 def main() -> None:

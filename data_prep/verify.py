@@ -42,7 +42,7 @@ from infer.parse import Parsed, parse_output
 STAGE = "verify"
 INPUT = "cot"
 VERDICTS = ("pass", "fail")
-PROVENANCE = ("source", "domain", "licence", "duration", "clip_id", "qa_model", "cot_model")
+PROVENANCE = ("source", "domain", "licence", "licence_id", "duration", "clip_id", "qa_model", "cot_model")
 
 
 def consistency(record: dict) -> tuple[Parsed, str | None]:

@@ -13,7 +13,9 @@ limit, serves what it can from the SQLite cache, and stores every parsed reply t
 
 from __future__ import annotations
 
+import functools
 import http.client
+import io
 import json
 import logging
 import os
@@ -51,6 +53,21 @@ class FatalJudgeError(RuntimeError):
     """No request can succeed (bad key, unknown model or URL): the run stops, finished work is kept."""
 
 
+class JudgeRedirectError(FatalJudgeError):
+    """The judge answered with a redirect: never followed, so the API key goes to the configured address only."""
+
+
+class MalformedResponse(TransientError):
+    """An HTTP 200 that is not a chat completion with a text reply; asked again like any transient failure."""
+
+
+class ReplyTooLarge(RequestError):
+    """A reply body over `MAX_REPLY_BYTES`: the read stops there and the rating fails."""
+
+
+MAX_REPLY_BYTES = 8 << 20  # a chat completion is kilobytes; a body this large is not one
+
+
 class JudgeBackend(Protocol):
     identity: str  # the judge model in the cache key
     max_workers: int
@@ -80,12 +97,21 @@ class OpenAIJudge:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url, data=json.dumps(body).encode("utf-8"), headers=headers)
+        # The timeout bounds the whole request: every socket read gets only what is left of it, so a server
+        # trickling bytes cannot hold a rating (or the run) past it.
+        deadline = time.monotonic() + self.timeout_s
+        opener = urllib.request.build_opener(_NoRedirect, _DeadlineHTTP(deadline, self.timeout_s),
+                                             _DeadlineHTTPS(deadline, self.timeout_s))
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                raw = response.read()
+            with opener.open(request, timeout=self.timeout_s) as response:
+                raw = _read_bounded(response, self.url)
             self.reached = True
         except urllib.error.HTTPError as err:
             self.reached = True
+            if 300 <= err.code < 400:
+                raise JudgeRedirectError(
+                    f"{self.url}: HTTP {err.code} redirect to {err.headers.get('Location')!r} refused (the API key is "
+                    f"sent to eval.judge.base_url only); set eval.judge.base_url to the address the server names") from None
             detail = redact(err.read(300).decode("utf-8", "replace"))  # servers echo the key they refused
             if err.code == 429 or err.code == 408 or err.code >= 500:
                 raise TransientError(f"HTTP {err.code}: {detail}", _retry_after(err.headers.get("Retry-After"))) from None
@@ -101,9 +127,90 @@ class OpenAIJudge:
                 raise FatalJudgeError(f"{self.url}: {what}; is the judge server running? check eval.judge.base_url") from None
             raise TransientError(f"{type(err).__name__}: {err}") from None
         try:
-            return json.loads(raw)["choices"][0]["message"]["content"]
+            content = json.loads(raw)["choices"][0]["message"]["content"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
-            raise TransientError(f"malformed API response: {raw[:120]!r}") from None
+            raise MalformedResponse(f"malformed API response: {raw[:120]!r}") from None
+        if content is not None and not isinstance(content, str):  # None: an empty reply, a parse failure
+            raise MalformedResponse(f"malformed API response: message content is a {type(content).__name__}, "
+                                    f"not a string: {raw[:120]!r}")
+        return content
+
+
+def _read_bounded(response, url: str) -> bytes:
+    """The body, or `ReplyTooLarge` as soon as it passes `MAX_REPLY_BYTES` (nothing beyond is read)."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > MAX_REPLY_BYTES:
+        raise ReplyTooLarge(f"{url}: reply of {int(declared)} bytes exceeds {MAX_REPLY_BYTES} bytes")
+    chunks, size = [], 0
+    while chunk := response.read(1 << 16):
+        size += len(chunk)
+        if size > MAX_REPLY_BYTES:
+            raise ReplyTooLarge(f"{url}: reply exceeds {MAX_REPLY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Hands every redirect back as an `HTTPError` (3xx) instead of following it with the key."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A response's socket reads, each allowed only what is left of the request's total time."""
+
+    def __init__(self, raw, sock, deadline: float, budget_s: float):
+        super().__init__()
+        self.raw, self.sock, self.deadline, self.budget_s = raw, sock, deadline, budget_s
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left > 0:
+            self.sock.settimeout(left)
+            try:
+                return self.raw.readinto(buffer)
+            except TimeoutError:
+                pass
+        raise TimeoutError(f"timed out: no complete reply within {self.budget_s:g} s")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    def __init__(self, sock, *args, deadline: float, budget_s: float, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, deadline, budget_s))
+
+
+class _Deadline:
+    """urllib handler mixin: the connections it opens read their response under one total deadline."""
+
+    def __init__(self, deadline: float, budget_s: float):
+        super().__init__()
+        self.deadline, self.budget_s = deadline, budget_s
+
+    def do_open(self, http_class, req, **kwargs):
+        def connection(*args, **kw):
+            conn = http_class(*args, **kw)
+            conn.response_class = functools.partial(_DeadlineResponse, deadline=self.deadline, budget_s=self.budget_s)
+            return conn
+
+        return super().do_open(connection, req, **kwargs)
+
+
+class _DeadlineHTTP(_Deadline, urllib.request.HTTPHandler):
+    pass
+
+
+class _DeadlineHTTPS(_Deadline, urllib.request.HTTPSHandler):
+    pass
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -102,14 +102,8 @@ class ReplyError(ValueError):
     """A judge reply that does not parse under the official rules; it is asked again."""
 
 
-def parse_judge_reply(reply: str, rubric: Sequence[dict]) -> float:
-    """One rating in [0, 1]: sum of scores / sum of maximum scores, or `ReplyError`.
-
-    Official rules: take the regex's JSON-list span (else the whole reply), parse it as JSON;
-    it must be a list as long as the rubric, every entry an object with `name` and `score`, the
-    score a number among the criterion's `choices`. A name that differs is accepted (the
-    official script only logs it).
-    """
+def reply_entries(reply: str | None) -> list:
+    """The reply's JSON list as the official parser finds it (the regex's span, else the whole reply)."""
     if reply is None:
         raise ReplyError("empty reply")
     match = _JSON_LIST.search(reply)
@@ -119,6 +113,18 @@ def parse_judge_reply(reply: str, rubric: Sequence[dict]) -> float:
         raise ReplyError(f"invalid JSON: {err}") from None
     if not isinstance(parsed, list):
         raise ReplyError("not a JSON list")
+    return parsed
+
+
+def parse_judge_reply(reply: str, rubric: Sequence[dict]) -> float:
+    """One rating in [0, 1]: sum of scores / sum of maximum scores, or `ReplyError`.
+
+    Official rules: take the regex's JSON-list span (else the whole reply), parse it as JSON;
+    it must be a list as long as the rubric, every entry an object with `name` and `score`, the
+    score a number among the criterion's `choices`. A name that differs is accepted (the
+    official script only logs it).
+    """
+    parsed = reply_entries(reply)
     if len(parsed) != len(rubric):
         raise ReplyError(f"rubric length mismatch: expected {len(rubric)} entries, got {len(parsed)}")
     got = best = 0.0

@@ -1,12 +1,15 @@
 """Base versus fine-tuned, per task type: format rate and accuracy side by side, and the paired test.
 
     python -m eval side-by-side BASE.jsonl TUNED.jsonl --meta TEST.jsonl \\
-        [--train-submission ON_TRAIN.jsonl --train-meta TRAIN.jsonl] [--out side_by_side.json]
+        [--train-submission ON_TRAIN.jsonl --train-meta TRAIN.jsonl] \\
+        [--base-silent BASE_SILENT.jsonl --tuned-silent TUNED_SILENT.jsonl] [--out side_by_side.json]
 
 Format: the reply closes `</think>` and its answer names exactly one choice (the `truncated` and
 `matched` flags `infer run` writes to the `.raw.jsonl` beside each submission). Accuracy: the
 official answer rule. The fine-tuned model's accuracy on training items, when given, stands beside
-its held-out accuracy so overfitting shows. The paired comparison is `eval compare`'s (difference
+its held-out accuracy so overfitting shows. Each model's answers with every clip replaced by silence
+(`infer.audio_ablation=silence`), when given, add its accuracy without the audio per task and the
+reliance line of `eval reliance` (a model that listens falls to about chance). The paired comparison is `eval compare`'s (difference
 tuned - base with its 95 % paired bootstrap interval, exact McNemar test).
 """
 
@@ -17,6 +20,7 @@ from pathlib import Path
 
 from core.answer_rule import is_correct
 from eval.compare import compare
+from eval.reliance import reliance_figures, verdict
 from eval.submission import SubmissionError, _json_lines, load_meta, load_submission
 
 GROUP = "sub-category"
@@ -56,16 +60,26 @@ def rates(results: dict[str, dict], group: str) -> dict | None:
             "accuracy": 100 * sum(r["correct"] for r in chosen) / len(chosen)}
 
 
-def side_by_side(base, tuned, meta_path, train_submission=None, train_meta_path=None, seed: int = 0) -> dict:
+def side_by_side(base, tuned, meta_path, train_submission=None, train_meta_path=None, seed: int = 0,
+                 base_silent=None, tuned_silent=None) -> dict:
     meta = load_meta(meta_path)
     runs = {"base": item_results(base, meta), "tuned": item_results(tuned, meta)}
     if train_submission is not None:
         if train_meta_path is None:
             raise SubmissionError("--train-submission needs --train-meta, the training records it answered")
         runs["tuned_on_train"] = item_results(train_submission, load_meta(train_meta_path))
+    silent = {name: path for name, path in (("base", base_silent), ("tuned", tuned_silent)) if path is not None}
+    for name, path in silent.items():
+        runs[f"{name}_silent"] = item_results(path, meta)
     groups = sorted({r["group"] for r in runs["tuned"].values()}) + [ALL]
     rows = [{"task": g, **{name: rates(results, g) for name, results in runs.items()}} for g in groups]
-    return {"rows": rows, "paired": compare(base, tuned, meta_path, seed=seed)}
+    result = {"rows": rows, "paired": compare(base, tuned, meta_path, seed=seed)}
+    if silent:
+        answers = {path: {rid: p.answer for rid, p in load_submission(path).predictions.items()}
+                   for path in (base, tuned, *silent.values())}
+        normal = {"base": base, "tuned": tuned}
+        result["reliance"] = {name: reliance_figures(meta, answers[normal[name]], answers[path]) for name, path in silent.items()}
+    return result
 
 
 def _cell(stats: dict | None, key: str) -> str:
@@ -74,8 +88,10 @@ def _cell(stats: dict | None, key: str) -> str:
 
 def markdown(result: dict) -> str:
     on_train = any(row.get("tuned_on_train") for row in result["rows"])
+    silent = [name for name in ("base", "tuned") if any(row.get(f"{name}_silent") for row in result["rows"])]
     head = ["task", "n", "base format %", "base accuracy %", "tuned format %", "tuned accuracy %"]
     head += ["tuned accuracy on train %"] if on_train else []
+    head += [f"{name} accuracy, silent audio %" for name in silent]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for row in result["rows"]:
         cells = [f"**{row['task']}**" if row["task"] == ALL else row["task"], str(row["tuned"]["n"]),
@@ -84,12 +100,17 @@ def markdown(result: dict) -> str:
         if on_train:
             train = row.get("tuned_on_train")
             cells.append(_cell(train, "accuracy") + (f" (n={train['n']})" if train else ""))
+        cells += [_cell(row.get(f"{name}_silent"), "accuracy") for name in silent]
         lines.append("| " + " | ".join(cells) + " |")
     p = result["paired"]
     lo, hi = p["accuracy_delta_ci"]
     lines += ["", f"Paired ({p['items']} items): accuracy tuned - base {p['accuracy_delta']:+.1f} points "
               f"(95% paired bootstrap CI {lo:+.1f} to {hi:+.1f}); {p['b_only_correct']} items fixed, "
               f"{p['a_only_correct']} broken; exact McNemar p = {p['mcnemar_p']:.3g}."]
+    for name, r in result.get("reliance", {}).items():
+        lines += ["", f"Audio reliance, {name} ({r['items']} items, every clip replaced by silence of its length): accuracy "
+                  f"{r['accuracy']:.1f} -> {r['accuracy_ablated']:.1f} % (chance {r['chance']:.1f} %), {r['changed']:.1f} % "
+                  f"of answers change; {verdict(r)}."]
     return "\n".join(lines)
 
 

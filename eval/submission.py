@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from core.answer_rule import THINKING_LENGTH_LIMIT
-from core.records import record_problem
+from core.records import lone_surrogate, record_problem, shown_id
 
 THINK_TAGS = ("<think>", "</think>")
 # (thinking key, answer key) of each submission schema, tried in this order on the first record.
@@ -91,7 +91,7 @@ def load_meta(path: str | Path) -> list[dict]:
         if not isinstance(rec, dict):
             raise SubmissionError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         rid = rec.get("id")
-        label = f"{where} (id={rid})"
+        label = f"{where} (id={shown_id(rid)})"
         # the same rule inference applies (core.records), so a file one accepts the other does too
         if (problem := record_problem(rec, ("id", "question", "choices", "answer"))) is not None:
             raise SubmissionError(f"{label}: {problem}")
@@ -120,6 +120,8 @@ def _prediction(rec: Any, where: str, thinking_key: str, answer_key: str) -> Pre
     rid = rec.get("id")
     if not isinstance(rid, str) or not rid:
         raise SubmissionError(f"{where}: id: missing or not a string (got {rid!r})")
+    if (problem := lone_surrogate(rec)) is not None:  # the same rule `infer validate` applies
+        raise SubmissionError(f"{where} (id={shown_id(rid)}): {problem}")
     for key in (thinking_key, answer_key):
         if key not in rec:
             raise SubmissionError(f"{where} (id={rid}): {key}: missing")

@@ -341,6 +341,9 @@ def vllm_prompt(request: Request, tokenizer, continue_after: Sequence[int] = ())
 
 def vllm_engine_kwargs(recipe: Recipe) -> dict[str, Any]:
     """`vllm.LLM(**kwargs)` for one data-parallel worker (data parallelism is separate processes)."""
+    if recipe.infer.mata is not None:
+        raise ValueError("infer.mata: the audio-attention boost hooks transformers' attention and runs on infer.backend=hf "
+                         "only; vLLM's fused attention kernels take no per-token bias. Set infer.backend=hf or infer.mata=null")
     if recipe.infer.adapter:
         raise ValueError(
             f"infer.adapter={recipe.infer.adapter!r}: vLLM cannot load a LoRA adapter for Qwen3-Omni; "
@@ -437,8 +440,8 @@ def load_engine(recipe: Recipe, device: str | None = None) -> Engine:
                 f"infer.adapter={recipe.infer.adapter}: no LoRA adapter there (adapter_config.json missing); "
                 "train first (make train) or run without one: infer.adapter=null"
             )
-        from peft import PeftModel
-
         # Merged once at load: the same outputs as the adapter on top, without its per-step cost.
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model = qo.load_adapter(model, adapter).merge_and_unload()
+    if recipe.infer.mata is not None:  # installed for the engine's lifetime (core/qwen_omni/attention.py)
+        qo.AudioAttentionBoost(model, recipe.infer.mata.layers, recipe.infer.mata.strength)
     return HFEngine(model, qo.OmniProcessor.from_pretrained(source, allow_hub), sampling, recipe.infer.batch_size, device)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -36,11 +35,13 @@ from typing import Callable
 
 from core import qwen_omni as qo
 from core.items import DataError, Item, load_items
-from core.locks import LockBusy, file_lock
+from core.locks import LockBusy, file_lock, holder_note
 from core.progress import library_bars_off_a_terminal, progress
 from core.recipe import Recipe, changed_settings, result_keys, save_recipe
+from infer.ablation import donors, request_audio
 from infer.engine import Engine, Generation, Request, SamplingConfig, checkpoint_generation_defaults, load_engine, request_length
 from infer.parse import POLICY, parse_output
+from infer.self_consistency import ChainCollector, chain_requests, chain_sampling, vote_chains
 from infer.submission import append_records, read_records, write_records
 
 # Audio is decoded per chunk of this many items, so a large benchmark never sits in memory at once.
@@ -55,11 +56,9 @@ class OutputBusy(RuntimeError):
 @contextmanager
 def output_lock(output: Path):
     """Hold an exclusive lock on `output` (a `.lock` file beside it) or fail at once naming the holder."""
-    note = (f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-            + " ".join(sys.argv))
     with ExitStack() as held:
         try:
-            held.enter_context(file_lock(output.with_name(f"{output.name}.lock"), wait=False, note=note))
+            held.enter_context(file_lock(output.with_name(f"{output.name}.lock"), wait=False, note=holder_note()))
         except LockBusy as busy:
             raise OutputBusy(f"{output}: another `infer run` is writing it ({busy.holder}); wait for it to finish, "
                              "or choose another infer.output") from None
@@ -96,11 +95,13 @@ class RunPaths:
                    out.with_name(f"{stem}.recipe.yaml"))
 
 
-def item_request(item: Item, tokenizer, prompt_style: str, max_audio_seconds: float | None) -> Request:
+def item_request(item: Item, tokenizer, prompt_style: str, max_audio_seconds: float | None,
+                 ablation: str = "none", donor: Item | None = None) -> Request:
     """Only the audio, the question, the choices and the fixed prompt reach the model (Track 1 rule).
-    The clip is whole unless `max_audio_seconds` (infer.max_audio_seconds) cuts it."""
+    The clip is whole unless `max_audio_seconds` (infer.max_audio_seconds) cuts it; `ablation`
+    (infer.audio_ablation) replaces it by silence or by `donor`'s clip (infer/ablation.py)."""
     prompt = qo.render_prompt(tokenizer, item.question, item.choices, prompt_style)
-    return Request(item.id, prompt, item.load_audio(max_audio_seconds))
+    return Request(item.id, prompt, request_audio(item, ablation, donor, max_audio_seconds))
 
 
 def records_for(item: Item, generation: Generation, backend: str) -> tuple[dict, dict]:
@@ -229,9 +230,10 @@ def run(recipe: Recipe, engine: Engine | None = None, on_batch: Callable[[int], 
         library_bars_off_a_terminal()
         engine = engine or (load_engine(recipe) if pending else None)
         started = time.perf_counter()
-        written = answer(recipe, engine, pending, paths, on_batch, failed) if pending else 0
+        swaps = donors(every, cfg.audio_ablation, cfg.seed)
+        written = answer(recipe, engine, pending, paths, on_batch, failed, swaps) if pending else 0
         return finish(recipe, paths, every, items, engine.describe() if engine else None,
-                      engine.sampling.to_dict() if engine else None, written, time.perf_counter() - started, failed)
+                      run_sampling(engine.sampling, recipe).to_dict() if engine else None, written, time.perf_counter() - started, failed)
 
 
 def prompt_too_long(request: Request, tokenizer, context: int | None, max_token_chars: int) -> str | None:
@@ -247,13 +249,15 @@ def prompt_too_long(request: Request, tokenizer, context: int | None, max_token_
     return None
 
 
-def build_requests(recipe: Recipe, engine: Engine, chunk: list[Item], failed: dict[str, str]) -> list[Request]:
+def build_requests(recipe: Recipe, engine: Engine, chunk: list[Item], failed: dict[str, str],
+                   swaps: dict[str, Item] | None = None) -> list[Request]:
     """Decode a chunk's clips into requests; a clip that fails to decode is recorded in `failed`
-    (or raised with infer.fail_fast)."""
+    (or raised with infer.fail_fast). `swaps`: id -> the item whose clip it hears (infer.audio_ablation swap)."""
     requests = []
     for item in chunk:
         try:
-            requests.append(item_request(item, engine.tokenizer, recipe.model.prompt_style, recipe.infer.max_audio_seconds))
+            requests.append(item_request(item, engine.tokenizer, recipe.model.prompt_style, recipe.infer.max_audio_seconds,
+                                         recipe.infer.audio_ablation, (swaps or {}).get(item.id)))
         except DataError as err:
             if recipe.infer.fail_fast:
                 raise
@@ -261,20 +265,38 @@ def build_requests(recipe: Recipe, engine: Engine, chunk: list[Item], failed: di
     return requests
 
 
+def run_sampling(sampling: SamplingConfig, recipe: Recipe) -> SamplingConfig:
+    """The engine's sampling, or under self-consistency the chains' (infer/self_consistency.py)."""
+    sc = recipe.infer.self_consistency
+    return sampling if sc is None else chain_sampling(sampling, sc)
+
+
+def voted_records(item: Item, chains: list[Generation], backend: str, selection: str) -> tuple[dict, dict]:
+    """The records of the chain the vote submits, its raw line holding every chain and the vote."""
+    chosen, extra = vote_chains(item, chains, selection)
+    submission, raw = records_for(item, chosen, backend)
+    raw.update(extra)
+    return submission, raw
+
+
 def answer(recipe: Recipe, engine: Engine, pending: list[Item], paths: RunPaths,
-           on_batch: Callable[[int], None] | None, failed: dict[str, str]) -> int:
+           on_batch: Callable[[int], None] | None, failed: dict[str, str], swaps: dict[str, Item] | None = None) -> int:
     by_id = {item.id: item for item in pending}
     context = engine.context_length
     max_token_chars = max(map(len, engine.tokenizer.get_vocab())) if context else 0
     chunks = [pending[start:start + AUDIO_CHUNK] for start in range(0, len(pending), AUDIO_CHUNK)]
     written = 0
+    sc = recipe.infer.self_consistency
+    sampling = run_sampling(engine.sampling, recipe)
+    chains = None if sc is None else ChainCollector(sc.n)
+    expand = (lambda requests: requests) if sc is None else (lambda requests: chain_requests(requests, sc.n))
     # The next chunk's clips decode in a thread while this chunk generates.
     with progress(len(pending), "infer", unit="item") as bar, ThreadPoolExecutor(1) as decoder:
-        ahead = decoder.submit(build_requests, recipe, engine, chunks[0], failed)
+        ahead = decoder.submit(build_requests, recipe, engine, chunks[0], failed, swaps)
         for n in range(len(chunks)):
             requests = ahead.result()
             if n + 1 < len(chunks):
-                ahead = decoder.submit(build_requests, recipe, engine, chunks[n + 1], failed)
+                ahead = decoder.submit(build_requests, recipe, engine, chunks[n + 1], failed, swaps)
             fitting = []
             for request in requests:
                 reason = prompt_too_long(request, engine.tokenizer, context, max_token_chars)
@@ -285,14 +307,18 @@ def answer(recipe: Recipe, engine: Engine, pending: list[Item], paths: RunPaths,
                 else:
                     failed[request.id] = f"{by_id[request.id].where} (id={request.id}): {reason}"
             bar.update(len(chunks[n]) - len(fitting))  # failed items are done with too
-            for batch in engine.generate_batches(fitting) if fitting else ():
-                pairs = [records_for(by_id[g.id], g, engine.name) for g in batch]
+            for batch in engine.generate_batches(expand(fitting), sampling) if fitting else ():
+                pairs = ([records_for(by_id[g.id], g, engine.name) for g in batch] if chains is None
+                         else [voted_records(by_id[item_id], item_chains, engine.name, sc.selection)
+                               for item_id, item_chains in chains.add(batch)])
+                if not pairs:
+                    continue
                 append_records(paths.raw, [raw for _, raw in pairs])  # raw first: resume trusts the submission
                 append_records(paths.submission, [sub for sub, _ in pairs])
-                written += len(batch)
-                tokens = sum(g.n_generated_tokens for g in batch)
-                bar.set_postfix(tok_s=f"{tokens / max(sum(g.seconds for g in batch), 1e-9):.1f}")
-                bar.update(len(batch))
+                written += len(pairs)
+                tokens = sum(raw["n_generated_tokens"] for _, raw in pairs)
+                bar.set_postfix(tok_s=f"{tokens / max(sum(raw['seconds'] for _, raw in pairs), 1e-9):.1f}")
+                bar.update(len(pairs))
                 if on_batch is not None:
                     on_batch(written)
     if failed:
@@ -313,8 +339,12 @@ def finish(recipe: Recipe, paths: RunPaths, every: list[Item], items: list[Item]
         write_records(paths.submission, sorted(read_records(paths.submission), key=lambda r: order[r["id"]]))
     summary = {
         "output": str(paths.submission), "meta": recipe.infer.meta, "model": recipe.model.path,
-        "adapter": recipe.infer.adapter, "prompt_style": recipe.model.prompt_style, "complete": complete,
+        "adapter": recipe.infer.adapter, "prompt_style": recipe.model.prompt_style,
+        "audio_ablation": recipe.infer.audio_ablation, "complete": complete,
         "engine": engine, "sampling": sampling, "parse_policy": POLICY,
+        # opt-in inference-time scaling, stated where the audit's compliance check reads it
+        "self_consistency": recipe.infer.self_consistency.model_dump() if recipe.infer.self_consistency else None,
+        "mata": recipe.infer.mata.model_dump() if recipe.infer.mata else None,
         "this_invocation": {"answered": written, "wall_seconds": round(seconds, 3)},
         "totals": {**totals(raw_records, len(items)), "failed": len(failed)},
         "failed": [{"id": rid, "error": reason} for rid, reason in failed.items()],
@@ -397,7 +427,7 @@ def run_data_parallel(recipe: Recipe) -> dict:
         crashed = [(rank, log) for rank, log, process in workers if process.wait() != 0]
         failed = fold_shards(paths, known, cfg.data_parallel_size)
         written = len(read_records(paths.submission)) - before
-        sampling = SamplingConfig.resolve(cfg, checkpoint_generation_defaults(recipe.model.path)).to_dict()
+        sampling = run_sampling(SamplingConfig.resolve(cfg, checkpoint_generation_defaults(recipe.model.path)), recipe).to_dict()
         engine = {"backend": cfg.backend, "data_parallel_size": cfg.data_parallel_size,
                   "tensor_parallel_size": cfg.tensor_parallel_size, "batch_size": cfg.batch_size}
         summary = finish(recipe, paths, every, items, engine, sampling, written, time.perf_counter() - started, failed)

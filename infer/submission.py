@@ -13,6 +13,7 @@ from typing import Iterable
 from core.answer_rule import THINKING_LENGTH_LIMIT
 from core.items import DataError, load_items
 from core.qwen_omni import THINK_CLOSE, THINK_OPEN
+from core.records import lone_surrogate, shown_id
 
 SUBMISSION_KEYS = ("id", "thinking_prediction", "answer_prediction")
 
@@ -101,7 +102,9 @@ def validate_submission(path: str | Path, meta: str | Path, allow_unmatched: boo
                 errors.append(f"{where}: expected a JSON object, got {type(obj).__name__}")
                 continue
             rid = obj.get("id")
-            label = f"{where} (id={rid})"
+            label = f"{where} (id={shown_id(rid)})"
+            if (problem := lone_surrogate(obj)) is not None:  # scoring refuses it too (eval.submission)
+                errors.append(f"{label}: {problem}")
             for key in SUBMISSION_KEYS:
                 if key not in obj:
                     errors.append(f"{label}: {key}: missing")

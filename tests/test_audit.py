@@ -90,7 +90,7 @@ def test_bundle_records_the_run(demo):
     # the commit recorded by train/sft.py as it ran, carried into the bundle
     assert "training/provenance.jsonl" in manifest
     assert [t["commit"] for t in summary["training_git"]] == [summary["git"]["commit"]]
-    assert summary["compliance"] == {"prompt": "pass", "parsing": "pass", "submission": "pass",
+    assert summary["compliance"] == {"prompt": "pass", "parsing": "pass", "submission": "pass", "decoding": "pass",
                                      "data_sources": "pass", "contamination": "skip"}
 
     groups = json.loads((bundle / "checksums.json").read_text())
@@ -109,16 +109,16 @@ def test_bundle_records_the_run(demo):
 
 
 def test_verify_passes_on_the_untouched_run(demo, capsys):
-    report = verify(demo["bundle"], n_ids=4, device="cpu")
+    report = verify(demo["bundle"], n_ids=4, device="cpu", seed=0, allow_paths=[demo["root"]])
     assert report.problems == []
     submitted = {json.loads(line)["id"]: json.loads(line) for line in (demo["run"] / "submission.jsonl").read_text().splitlines()}
-    assert [row["id"] for row in report.rerun] == choose_ids(list(submitted), 4)
+    assert [row["id"] for row in report.rerun] == choose_ids(list(submitted), 4, 0)
     assert all(row["answer_match"] and row["reasoning_similarity"] == 1.0 for row in report.rerun)
     # something was compared (the random model may close its thinking at once on some items)
     assert any(submitted[row["id"]]["thinking_prediction"] for row in report.rerun)
-    assert [c["status"] for c in report.compliance] == ["pass", "pass", "pass", "pass", "skip"]
+    assert [c["status"] for c in report.compliance] == ["pass", "pass", "pass", "pass", "pass", "skip"]
     # the archive verifies the same way, from the command line
-    assert audit_cli(["verify", str(demo["bundle"].with_name("audit.tar.gz")), "--ids", "0"]) == 0
+    assert audit_cli(["verify", str(demo["bundle"].with_name("audit.tar.gz")), "--ids", "0", "--allow-path", str(demo["root"])]) == 0
     assert "verify: OK" in capsys.readouterr().out
 
 
@@ -144,7 +144,7 @@ def restored(path: Path):
 
 def first_checked_id(demo) -> str:
     ids = [json.loads(line)["id"] for line in (demo["run"] / "submission.jsonl").read_text().splitlines()]
-    return choose_ids(ids, 1)[0]
+    return choose_ids(ids, 1, 0)[0]
 
 
 @pytest.mark.parametrize("case", ["checkpoint", "adapter", "submission", "data_shard", "bundle_submission"])
@@ -167,7 +167,8 @@ def test_verify_names_the_altered_file(demo, case, capsys):
     }[case]
     with restored(target):
         alter(target)
-        code = audit_cli(["verify", str(demo["bundle"]), "--ids", "1", "--device", "cpu"])
+        code = audit_cli(["verify", str(demo["bundle"]), "--ids", "1", "--device", "cpu", "--seed", "0",
+                          "--allow-path", str(demo["root"])])
         out = capsys.readouterr().out
     assert code == 1 and "verify: FAILED" in out
     mismatches = [line for line in out.splitlines() if line.startswith("MISMATCH")]
@@ -175,7 +176,7 @@ def test_verify_names_the_altered_file(demo, case, capsys):
         assert any(text in line for line in mismatches), (text, mismatches)
     if case in ("checkpoint", "adapter"):
         assert "re-run: skipped" in out  # a re-run would test another model
-    assert verify(demo["bundle"], n_ids=0).problems == []  # restored: clean again
+    assert verify(demo["bundle"], n_ids=0, allow_paths=[demo["root"]]).problems == []  # restored: clean again
 
 
 def test_compliance_reports_a_prompt_that_holds_the_category(demo, monkeypatch, capsys):
@@ -241,7 +242,7 @@ def test_a_sampled_submission_is_reported_not_failed(demo):
     run(load_recipe(demo["recipe"], ["infer.do_sample=true", "infer.temperature=1.0", f"infer.output={output}"]))
     bundle = demo["root"] / "sampled-audit"
     assert audit_cli(["bundle", "--train-run", str(demo["run"]), "--infer-output", str(output), "--out", str(bundle)]) == 0
-    report = verify(bundle, n_ids=3, device="cpu")
+    report = verify(bundle, n_ids=3, device="cpu", allow_paths=[demo["root"]])
     assert report.problems == []
     assert any("decoded with sampling" in note for note in report.notes)
     assert any(row["reasoning_similarity"] < 1.0 for row in report.rerun)  # it did differ, and that was allowed
@@ -292,13 +293,15 @@ def test_a_grpo_run_declares_its_stages_data_and_sft_start(demo, grpo_demo):
     commands = (bundle / "commands.sh").read_text()
     assert 'python train/grpo.py "$BUNDLE/recipes/train.yaml"' in commands
     assert f"# GRPO starts from the SFT adapter at grpo.init_adapter={demo['run'] / 'adapter'}" in commands
-    assert verify(bundle, n_ids=1, device="cpu").problems == []
+    assert verify(bundle, n_ids=1, device="cpu", allow_paths=[demo["root"]]).problems == []
     with restored(grpo_demo["grpo_file"]) as path:
         path.write_text(path.read_text().replace('"question": "', '"question": "So, ', 1))
-        assert f"{path} (train_data): sha256 differs from the bundle's record (checksums.json)" in verify(bundle, n_ids=0).problems
+        problems = verify(bundle, n_ids=0, allow_paths=[demo["root"]]).problems
+        assert f"{path} (train_data): sha256 differs from the bundle's record (checksums.json)" in problems
     with restored(demo["run"] / "adapter" / "adapter_model.safetensors") as path:
         flip_byte(path)
-        assert any("adapter_model.safetensors (init_adapter): sha256 differs" in p for p in verify(bundle, n_ids=0).problems)
+        problems = verify(bundle, n_ids=0, allow_paths=[demo["root"]]).problems
+        assert any("adapter_model.safetensors (init_adapter): sha256 differs" in p for p in problems)
 
 
 def test_the_contamination_guard_reads_a_grpo_runs_stages_data(grpo_demo, mmar_meta):

@@ -18,16 +18,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def test_card_numbers(tmp_path):
     manifest = [
-        {"id": "clotho-a", "audio_path": "/d/a.wav", "duration": 1800.0, "domain": "sound", "source": "clotho", "licence": "CC BY"},
-        {"id": "clotho-b", "audio_path": "/d/b.wav", "duration": 1800.0, "domain": "sound", "source": "clotho", "licence": "CC0"},
+        {"id": "clotho-a", "audio_path": "/d/a.wav", "duration": 1800.0, "domain": "sound", "source": "clotho", "licence": "CC BY",
+         "licence_id": "CC-BY-4.0"},
+        {"id": "clotho-b", "audio_path": "/d/b.wav", "duration": 1800.0, "domain": "sound", "source": "clotho", "licence": "CC0",
+         "licence_id": "CC0-1.0"},
         {"id": "meld-c", "audio_path": "/d/c.wav", "duration": 3600.0, "domain": "speech", "source": "meld", "licence": "GPL-3.0"},
         {"id": "fma-d", "audio_path": "/d/d.wav", "duration": 7200.0, "domain": "music", "source": "fma", "licence": "CC BY"},
     ]
     write_jsonl(tmp_path / "collect.jsonl", manifest)
     (tmp_path / "collect.report.json").write_text(json.dumps({
         "stage": "collect", "in": 6, "out": 4, "rejected": {"unreadable_clip": 2}, "seconds": 1.5, "seed": 3,
-        "mixture": {"clotho": {"available": 9, "wanted": 3, "selected": 3, "shortfall": 0}},
-        "scan": {"clotho": {"candidates": 9, "skipped": {"missing_clip": 4}}},
+        "mixture": {"clotho": {"available": 9, "wanted": 3, "moved": 2, "selected": 5, "shortfall": 0}},
+        "scan": {"clotho": {"candidates": 9, "skipped": {"missing_clip": 4}, "duplicates": {"removed": 1, "kept_in": {"audioset": 1}},
+                            "licence_refused": {"unknown": 2}}},
+        "shortfall_rule": "redistribute",
     }))
     # A later stage's output: two questions on one meld clip and one on fma; its hours count clips once.
     qa = [dict(manifest[2], id="q1", question="?"), dict(manifest[2], id="q2", question="?"), dict(manifest[3], id="q3", question="?")]
@@ -39,7 +43,7 @@ def test_card_numbers(tmp_path):
     assert card["data_file"].endswith("qa.jsonl")  # the newest stage output
     assert card["records"] == 3 and card["clips"] == 2 and card["hours"] == pytest.approx(3.0)
     assert card["by_source"]["meld"] == {"records": 2, "proportion": pytest.approx(0.6667, abs=1e-4), "clips": 1, "hours": 1.0,
-                                         "licences": {"GPL-3.0": 2}, "domains": {"speech": 2}}
+                                         "licences": {"GPL-3.0": 2}, "licence_ids": {"unknown": 2}, "domains": {"speech": 2}}
     assert card["by_domain"]["music"]["hours"] == 2.0
     assert list(card["stages"]) == ["collect", "qa"]
     assert card["stages"]["qa"]["rejected"] == {"malformed_reply": 2}
@@ -51,7 +55,10 @@ def test_card_numbers(tmp_path):
     markdown = (tmp_path / "data_card.md").read_text()
     assert "| clotho | 2 | 50.0 % | 2 | 1.00 | sound | CC BY; CC0 |" in markdown
     assert "| collect | 6 | 4 | unreadable_clip: 2 | 1.5 |" in markdown
-    assert "| clotho | 9 | 3 | 3 | 0 | missing_clip: 4 |" in markdown
+    # the new columns: licence ids counted, clips the shortfall rule moved, duplicates removed, licence refusals
+    assert "| clotho | 2 | 50.0 % | 2 | 1.00 | sound | CC BY; CC0 | CC-BY-4.0: 1, CC0-1.0: 1 |" in markdown
+    assert "## Mixture (seed 3, shortfall rule: redistribute)" in markdown
+    assert "| clotho | 9 | 3 | +2 | 5 | 0 | 1 (kept in audioset: 1) | unknown: 2 | missing_clip: 4 |" in markdown
     assert json.loads((tmp_path / "data_card.json").read_text()) == manifest_card
     assert render_markdown(manifest_card) == markdown
 
@@ -69,7 +76,7 @@ def test_cli_collect_and_card_on_the_tiny_recipe(tmp_path, synthetic_dir):
     assert cli(["card", str(REPO / "recipes" / "tiny.yaml"), *overrides]) == 0
     card = json.loads((work / "data_card.json").read_text())
     assert card["records"] == 10 and card["by_source"]["synthetic"]["proportion"] == 1.0
-    assert card["mixture"]["synthetic"] == {"available": 24, "wanted": 10, "selected": 10, "shortfall": 0}
+    assert card["mixture"]["synthetic"] == {"available": 24, "wanted": 10, "moved": 0, "selected": 10, "shortfall": 0}
     assert card["hours"] == pytest.approx(sum(r["duration"] for r in manifest) / 3600, abs=1e-4)
     assert cli(["collect", str(REPO / "recipes" / "tiny.yaml"), "data_prep.sources=[{name: nope, root: x}]"]) == 2
 

@@ -87,7 +87,7 @@ def test_collect_rejects_clips_cut_from_mmar_videos(tmp_path, mmar_meta):
     root.mkdir()
     (root / "train.csv").write_text(f"audiocap_id,youtube_id,start_time,caption\n1,{video},{int(start)},from MMAR\n2,cleanclip01,0,clean\n")
     write_wav(root / "audio" / f"{video}_{int(start)}.wav", np.zeros(16000, np.float32))
-    write_wav(root / "audio" / "cleanclip01_0.wav", np.zeros(16000, np.float32))
+    write_wav(root / "audio" / "cleanclip01_0.wav", np.full(16000, 0.1, np.float32))  # other audio: collect keeps one per content
     config = DataPrepConfig(work_dir=str(tmp_path / "work"), sources=[{"name": "audiocaps", "root": str(root)}],
                             mmar_meta=str(mmar_meta))
     report = collect(config, show_progress=False)

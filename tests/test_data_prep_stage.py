@@ -179,7 +179,7 @@ def test_mixture_counts_ratios_and_shortfall():
     chosen, summary = sample_mixture(pools, specs, total=40, seed=1)
     by_source = Counter(r["id"].split("-")[0] for r in chosen)
     assert by_source == {"a": 30, "b": 20, "c": 10, "d": 7}
-    assert summary["c"] == {"available": 10, "wanted": 20, "selected": 10, "shortfall": 10}
+    assert summary["c"] == {"available": 10, "wanted": 20, "moved": 0, "selected": 10, "shortfall": 10}
     assert summary["d"]["wanted"] == 7 and len({r["id"] for r in chosen}) == len(chosen)
 
 

@@ -32,7 +32,7 @@ ALLOWED = {
 }
 PROJECT_TOP_LEVEL = {*PACKAGES, "bench", "tests"}
 # core/qwen_omni/'s modules, each importing only those before it (the package docstring's order).
-QWEN_OMNI_ORDER = ("model", "chat", "checkpoint", "processor", "lora_targets")
+QWEN_OMNI_ORDER = ("model", "chat", "checkpoint", "processor", "lora_targets", "attention")
 
 
 def imported_packages(path: Path) -> set[tuple[str, int]]:

@@ -110,7 +110,9 @@ GRPO = TRAINING + [
     "grpo.judge.device", "grpo.stages", "infer.thinking_budget"]
 INFERENCE = ["model.path", "model.dtype", "model.prompt_style", "infer.backend", "infer.meta", "infer.adapter",
              "infer.max_new_tokens", "infer.min_new_tokens", "infer.thinking_budget", "infer.do_sample",
-             "infer.temperature", "infer.top_p", "infer.top_k", "infer.seed", "infer.max_model_len", "infer.max_audio_seconds"]
+             "infer.temperature", "infer.top_p", "infer.top_k", "infer.seed", "infer.max_model_len", "infer.max_audio_seconds",
+             "infer.self_consistency", "infer.mata",
+             "infer.audio_ablation"]
 
 
 def test_the_settings_that_change_results_are_the_ones_listed():

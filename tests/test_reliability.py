@@ -425,7 +425,7 @@ def test_a_refused_connection_or_unknown_host_is_fatal_at_once(monkeypatch):
     def unknown_host(*args, **kwargs):
         raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
 
-    monkeypatch.setattr(judge.urllib.request, "urlopen", unknown_host)
+    monkeypatch.setattr(judge.urllib.request.OpenerDirector, "open", unknown_host)
     nowhere = judge.OpenAIJudge("http://judge.invalid/v1", "m", None, 0.0, 42, 5.0)
     with pytest.raises(judge.FatalJudgeError, match=r"unknown host .*Name or service not known"):
         nowhere.complete("s", "u")
@@ -577,6 +577,7 @@ def test_hub_ids_load_only_with_the_opt_in(tiny_checkpoint, synthetic_dir, tmp_p
         @staticmethod
         def from_pretrained(source, **kwargs):
             asked.append(source)
+            return object(), {"missing_keys": set(), "unexpected_keys": set()}
 
     monkeypatch.setattr(qo.checkpoint, "thinker_class", lambda: Thinker)  # where load_thinker looks it up
     qo.load_thinker("Qwen/Qwen3-Omni-30B-A3B-Thinking", allow_hub=True)

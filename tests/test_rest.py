@@ -173,6 +173,7 @@ def test_one_iteration_end_to_end_then_killed_and_resumed_to_the_same_files(loop
 
 def test_audio_reliance_labels_items_answered_without_the_audio(tmp_path):
     from eval.__main__ import main as eval_main
+    from eval.reliance import item_labels, label_counts
 
     meta = [{"id": f"q{i}", "question": "?", "choices": ["yes", "no"], "answer": "yes", "sub-category": "T"} for i in range(4)]
     (tmp_path / "meta.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
@@ -182,18 +183,18 @@ def test_audio_reliance_labels_items_answered_without_the_audio(tmp_path):
                                              for i, a in answers.items()))
         return str(tmp_path / name)
 
-    # q0 right both ways, q1 only with audio, q2 wrong both ways, q3 only without audio; the silent run lacks nothing
+    # q0 right both ways, q1 only with audio, q2 wrong both ways, q3 only without audio
     normal = submission("normal.jsonl", {"q0": "yes", "q1": "yes", "q2": "no", "q3": "no"})
     silent = submission("silent.jsonl", {"q0": "yes", "q1": "no", "q2": "no", "q3": "yes"})
-    assert eval_main(["audio-reliance", normal, silent, "--meta", str(tmp_path / "meta.jsonl"), "--out", str(tmp_path / "r.jsonl")]) == 0
+    assert eval_main(["reliance", normal, silent, "--meta", str(tmp_path / "meta.jsonl"), "--items", str(tmp_path / "r.jsonl")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
-    assert [(r["id"], r["correct_with_audio"], r["correct_silent"], r["label"]) for r in rows] == [
+    assert [(r["id"], r["correct_with_audio"], r["correct_ablated"], r["label"]) for r in rows] == [
         ("q0", True, True, "weak-audio"), ("q1", True, False, "audio-reliant"), ("q2", False, False, "unsolved"),
         ("q3", False, True, "weak-audio")]
     partial = submission("partial.jsonl", {"q0": "yes"})
-    from eval.audio_reliance import audio_reliance, summary
-    counted = summary(audio_reliance(normal, partial, tmp_path / "meta.jsonl"))
-    assert counted["labels"] == {"weak-audio": 1, "audio-reliant": 0, "unsolved": 0, "missing": 3}
+    assert label_counts(item_labels(normal, partial, tmp_path / "meta.jsonl")) == {
+        "weak-audio": 1, "audio-reliant": 0, "unsolved": 0, "missing": 3}
+
 
 
 def test_the_audit_bundle_of_an_iteration_declares_the_loops_data(loop_recipe, monkeypatch, one_torch_thread):

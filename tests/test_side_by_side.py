@@ -70,3 +70,21 @@ def test_a_submission_without_raw_outputs_is_named(runs):
     (tuned.parent / "submission.raw.jsonl").unlink()
     with pytest.raises(SubmissionError, match=r"tuned/submission.raw.jsonl: file not found"):
         side_by_side(base, tuned, meta)
+
+
+def test_silent_runs_add_the_audio_reliance_columns(runs, tmp_path, capsys):
+    meta, base, tuned, _ = runs
+    base_silent = write_run(tmp_path / "base_silent", {"a1": "x", "a2": "x", "b1": "u", "b2": "u"}, closed=set())
+    tuned_silent = write_run(tmp_path / "tuned_silent", {"a1": "y", "a2": "y", "b1": "v", "b2": "v"}, closed=set())
+    result = side_by_side(base, tuned, meta, base_silent=base_silent, tuned_silent=tuned_silent)
+    rows = {row["task"]: row for row in result["rows"]}
+    assert rows["all"]["base_silent"]["accuracy"] == 50.0 and rows["all"]["tuned_silent"]["accuracy"] == 50.0
+    assert rows["A"]["tuned_silent"]["accuracy"] == 50.0
+    # base: 50 % with and without audio at chance 50 %: no gap, no flag; tuned: 75 -> 50, all of its gap lost
+    assert result["reliance"]["base"]["reliance"] is None
+    assert result["reliance"]["tuned"]["reliance"] == 1.0 and result["reliance"]["tuned"]["changed"] == 75.0
+    assert main(["side-by-side", str(base), str(tuned), "--meta", str(meta), "--base-silent", str(base_silent),
+                 "--tuned-silent", str(tuned_silent)]) == 0
+    printed = capsys.readouterr().out
+    assert "| **all** | 4 | 0.0 | 50.0 | 100.0 | 75.0 | 50.0 | 50.0 |" in printed
+    assert "Audio reliance, tuned (4 items" in printed and "75.0 -> 50.0 %" in printed

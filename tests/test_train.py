@@ -245,6 +245,7 @@ def test_merged_checkpoint_has_the_base_layout(tiny_checkpoint, tmp_path):
     from peft import LoraConfig, get_peft_model
     from safetensors import safe_open
 
+    from core.outdir import MARKER
     from train.merge import merge
 
     model = qo.load_thinker(tiny_checkpoint, "float32")
@@ -257,7 +258,7 @@ def test_merged_checkpoint_has_the_base_layout(tiny_checkpoint, tmp_path):
 
     shards = sorted(merged.glob("model-*.safetensors"))
     assert len(shards) > 1 and all(qo.SHARD_PATTERN.fullmatch(p.name) for p in shards)
-    assert {p.name for p in merged.iterdir()} - {p.name for p in shards} == {
+    assert {p.name for p in merged.iterdir()} - {p.name for p in shards} - {MARKER} == {
         p.name for p in tiny_checkpoint.iterdir() if not qo.SHARD_PATTERN.fullmatch(p.name)}
     assert json.loads((merged / "config.json").read_text()) == json.loads((tiny_checkpoint / "config.json").read_text())
     assert tensor_names(merged) == tensor_names(tiny_checkpoint)

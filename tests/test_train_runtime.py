@@ -4,6 +4,9 @@ launch checks and model loading in both, and setting mistakes as one-line errors
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -107,3 +110,29 @@ def test_grpo_loads_processor_and_policy_from_the_hub_when_allowed(grpo_recipe, 
     assert sorted(set(asked)) == [("from_pretrained", True), ("load_thinker", True)]
     with pytest.raises(qo.CheckpointNotFound, match="model.allow_hub=true"):
         run_grpo(grpo_recipe, f"train.output_dir={tmp_path}/refused", f"model.path={HUB_ID}", "train.stop_after=1")
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_train_as_one_process_with_their_global_batch(recipe_file, tmp_path):
+    """`make train`'s launch (2 CPU ranks, recipes/accelerate/cpu_ddp_2proc.yaml) is data parallel for real: the
+    ranks' gradients are all-reduced, so 2 steps on 2 ranks of batch 2 give the adapter of 2 steps on one process
+    of batch 4. Ranks that each trained alone on their half (Accelerate's DistributedType.NO) end ~lr apart."""
+    from tests.test_train import adapter_weights, launch_ranks
+
+    def train(out: str, *launch: str, batch: int):
+        overrides = [f"train.output_dir={tmp_path / out}", f"train.batch_size={batch}", "train.max_steps=2", "train.lr=1e-3"]
+        if launch:
+            done = launch_ranks(launch[0], str(REPO / "train" / "sft.py"), str(recipe_file), *overrides)
+        else:
+            done = subprocess.run([sys.executable, str(REPO / "train" / "sft.py"), str(recipe_file), *overrides], cwd=REPO,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+        return adapter_weights(tmp_path / out / "adapter")
+
+    two_ranks = train("two", "cpu_ddp_2proc.yaml", batch=2)
+    one = train("one", batch=4)
+    assert two_ranks.keys() == one.keys()
+    moved = max(float(w.abs().max()) for name, w in one.items() if "lora_B" in name)
+    assert moved > 5e-4  # trained: LoRA B starts at zero and takes ~lr per Adam step
+    worst = max(float((two_ranks[k] - one[k]).abs().max()) for k in one)
+    assert worst < 5e-5, worst

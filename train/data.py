@@ -22,7 +22,7 @@ from core.audio import AudioError
 from core.feature_cache import FeatureCache
 from core.items import DataError, Item
 from core.recipe import DataConfig
-from train.data_cache import cached_records, render
+from train.data_cache import cached_records, render, sample_limit
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,11 @@ class Example:
     audio_cropped: bool  # the clip is longer than data.max_audio_seconds and is cut to it
 
 
-def render_examples(items: Sequence[Item], processor: qo.OmniProcessor, prompt_style: str, max_audio_seconds: float,
+def render_examples(items: Sequence[Item], processor: qo.OmniProcessor, prompt_style: str, max_audio_seconds: float | None,
                     source: str) -> list[Example]:
     """A few items rendered and measured in memory, as the cache renders every record (tests, benchmarks)."""
     prompts, targets, samples, lengths = render(items, processor, prompt_style, max_audio_seconds)
-    limit = int(max_audio_seconds * qo.SAMPLE_RATE)
+    limit = sample_limit(max_audio_seconds)
     return [Example(item, prompt, target, length, source, n > limit)
             for item, prompt, target, n, length in zip(items, prompts, targets, samples, lengths)]
 
@@ -51,7 +51,7 @@ class Examples(Sequence[Example]):
     its row when it is read, so 10^5-10^6 records cost each rank a few MB, not a copy of the data.
     """
 
-    def __init__(self, tables: list, sources: list[str], rows: np.ndarray, max_audio_seconds: float, keep_alive: object = None):
+    def __init__(self, tables: list, sources: list[str], rows: np.ndarray, max_audio_seconds: float | None, keep_alive: object = None):
         from datasets import concatenate_datasets
 
         self.table = concatenate_datasets(tables) if len(tables) > 1 else tables[0]
@@ -60,7 +60,7 @@ class Examples(Sequence[Example]):
         self.rows = rows  # global row of each example
         self.lengths = self.table.data.column("length").to_numpy()[rows]  # prompt + target tokens
         self.audio_samples = self.table.data.column("audio_samples").to_numpy()[rows]  # whole clips, 16 kHz
-        self.audio_cropped = self.audio_samples > int(max_audio_seconds * qo.SAMPLE_RATE)
+        self.audio_cropped = self.audio_samples > sample_limit(max_audio_seconds)
         self._keep_alive = keep_alive  # a temporary cache folder lives as long as its examples
 
     def __len__(self) -> int:
@@ -130,11 +130,12 @@ def build_examples(
                                root, config.cache_workers)
         rows = sample_rows(len(table), spec.max_samples, seed + index)
         kept = rows[table.data.column("length").to_numpy()[rows] <= config.max_length]
-        cropped = int((table.data.column("audio_samples").to_numpy()[kept] > int(config.max_audio_seconds * qo.SAMPLE_RATE)).sum())
+        cropped = int((table.data.column("audio_samples").to_numpy()[kept] > sample_limit(config.max_audio_seconds)).sum())
+        cut = "whole clips" if config.max_audio_seconds is None else f"{config.max_audio_seconds:g} s"
         log(
             f"data: {spec.path}: {len(rows)} records, {len(rows) - len(kept)} dropped "
             f"(over data.max_length={config.max_length} tokens), {cropped} clips cropped to "
-            f"data.max_audio_seconds={config.max_audio_seconds:g} s (training only), weight {spec.weight}"
+            f"data.max_audio_seconds={cut}, weight {spec.weight}"
         )
         if not len(kept):
             raise DataError(f"{spec.path}: every record is longer than data.max_length={config.max_length} tokens")
@@ -197,7 +198,7 @@ class SFTDataset(torch.utils.data.Dataset):
     epoch after the first skips decoding and extraction.
     """
 
-    def __init__(self, examples: Sequence[Example], max_audio_seconds: float, feature_cache: FeatureCache | None = None):
+    def __init__(self, examples: Sequence[Example], max_audio_seconds: float | None, feature_cache: FeatureCache | None = None):
         self.examples = examples
         self.max_audio_seconds = max_audio_seconds
         self.feature_cache = feature_cache

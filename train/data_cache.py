@@ -31,6 +31,11 @@ Sharing. The first process to find the folder missing takes the lock DIR/<key>.l
 into DIR/<key>.tmp-<pid> and renames it into place (atomic); every other process (the other ranks of
 a node, or of every node when DIR is on shared storage) blocks on the lock, then memory-maps the
 finished folder. A build that crashed leaves a tmp folder that the next builder removes.
+
+Integrity. info.json lists every part with its rows, bytes and blake2b. Every open checks the folder
+against it (the parts present, their sizes and hashes: the cost of one read, like hashing the JSONL
+for the key) and the rows loaded against `records`; a part missing, truncated, altered or added is
+logged by name and the folder rebuilt under the lock, never trained on short or altered.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from core import qwen_omni as qo
 from core.items import DataError, Item, check_item, parse_item, parse_line
 from core.locks import file_lock
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: info.json lists the parts (rows, bytes, blake2b), checked on every open
 INFO = "info.json"  # written last into the folder: a folder with it is complete
 SCHEMA = pa.schema([
     ("id", pa.string()), ("line", pa.int64()), ("audio_path", pa.string()), ("question", pa.string()),
@@ -105,7 +110,7 @@ def _digest(data: bytes) -> str:
 
 
 def cache_key(data_digest: str, audio_root: Path, processor: qo.OmniProcessor, prompt_style: str,
-              max_audio_seconds: float) -> tuple[str, dict]:
+              max_audio_seconds: float | None) -> tuple[str, dict]:
     """(folder name, what it was made of) for one data file's rows."""
     probe = qo.render_prompt(processor.tokenizer, "Which tone is higher?", ["the first", "the second"], prompt_style)
     description = {
@@ -149,7 +154,7 @@ class RangeRenderer:
     processor: qo.OmniProcessor
     audio_root: Path
     prompt_style: str
-    max_audio_seconds: float
+    max_audio_seconds: float | None
 
     def __call__(self, task: tuple[str, int, int, int, str]) -> int:
         path, start, end, first_line, out = task
@@ -178,12 +183,17 @@ class RangeRenderer:
         }, schema=SCHEMA)
 
 
-def render(items: Sequence[Item], processor: qo.OmniProcessor, prompt_style: str, max_audio_seconds: float):
+def sample_limit(max_audio_seconds: float | None) -> int:
+    """Samples at 16 kHz a clip keeps under `data.max_audio_seconds` (None: whole clips, no limit)."""
+    return sys.maxsize if max_audio_seconds is None else int(max_audio_seconds * qo.SAMPLE_RATE)
+
+
+def render(items: Sequence[Item], processor: qo.OmniProcessor, prompt_style: str, max_audio_seconds: float | None):
     """(prompts, targets, whole-clip samples at 16 kHz, token lengths) of SFT items: what the cache holds of each."""
     prompts = [qo.render_prompt(processor.tokenizer, item.question, item.choices, prompt_style) for item in items]
     targets = [qo.render_target(prompt, item.thinking, item.answer) for prompt, item in zip(prompts, items)]
     samples = [item.audio_samples() for item in items]  # whole clips, from the headers
-    limit = int(max_audio_seconds * qo.SAMPLE_RATE)
+    limit = sample_limit(max_audio_seconds)
     return prompts, targets, samples, token_lengths(processor, prompts, targets, [min(n, limit) for n in samples])
 
 
@@ -213,7 +223,7 @@ def cached_records(
     audio_root: str | Path | None,
     processor: qo.OmniProcessor,
     prompt_style: str,
-    max_audio_seconds: float,
+    max_audio_seconds: float | None,
     root: str | Path,
     workers: int | None = None,
     log: Callable[[str], object] = partial(print, file=sys.stderr, flush=True),
@@ -229,13 +239,46 @@ def cached_records(
     digest, ranges = scan(path, max(MIN_RANGE_BYTES, min(MAX_RANGE_BYTES, path.stat().st_size // (4 * workers) + 1)))
     key, description = cache_key(digest, audio_root, processor, prompt_style, max_audio_seconds)
     folder = Path(root) / key
-    if not (folder / INFO).is_file():
+    if not (folder / INFO).is_file() or damage(folder):
         waiting = lambda: log(f"data cache: {path}: waiting for another process to build {folder}")
         with file_lock(Path(root) / f"{key}.lock", on_wait=waiting):
+            if (folder / INFO).is_file() and (problems := damage(folder)):  # checked again: another may have rebuilt it
+                log(f"data cache: {folder} is damaged ({'; '.join(problems)}): rebuilding it")
+                os.rename(folder, folder.with_name(f"{folder.name}.tmp-damaged-{os.getpid()}"))  # removed by build, with crashed builds
             if not (folder / INFO).is_file():
                 renderer = RangeRenderer(processor, audio_root, prompt_style, max_audio_seconds)
                 build(path, ranges, folder, renderer, workers, {**description, "data_file": str(path)}, log)
     return load(folder)
+
+
+def damage(folder: Path) -> list[str]:
+    """How the folder's parts differ from the manifest in its info.json, one line per part; empty when intact."""
+    try:
+        manifest = {part["name"]: part for part in json.loads((folder / INFO).read_text())["parts"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return [f"{folder / INFO}: no readable parts manifest ({type(err).__name__}: {err})"]
+    present = {part.name for part in folder.glob("part-*.arrow")}
+    problems = [f"{folder / name}: missing" for name in sorted(manifest.keys() - present)]
+    problems += [f"{folder / name}: not in the manifest" for name in sorted(present - manifest.keys())]
+    for name in sorted(manifest.keys() & present):
+        expected = manifest[name]
+        try:
+            size = (folder / name).stat().st_size
+            if size != expected["bytes"]:
+                problems.append(f"{folder / name}: {size:,} bytes, the manifest says {expected['bytes']:,}")
+            elif _file_digest(folder / name) != expected["blake2b"]:
+                problems.append(f"{folder / name}: content differs from the manifest (blake2b)")
+        except OSError as err:  # e.g. removed by a process rebuilding the folder right now
+            problems.append(f"{folder / name}: unreadable ({err.strerror or err})")
+    return problems
+
+
+def _file_digest(path: Path) -> str:
+    hasher = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as handle:
+        while block := handle.read(4 << 20):
+            hasher.update(block)
+    return hasher.hexdigest()
 
 
 def build(path: Path, ranges: list[tuple[int, int, int]], folder: Path, renderer: RangeRenderer, workers: int, description: dict,
@@ -260,9 +303,10 @@ def build(path: Path, ranges: list[tuple[int, int, int]], folder: Path, renderer
                                            initializer=_init_worker, initargs=(renderer,))
                 stack.callback(pool.shutdown, wait=True, cancel_futures=True)  # a bad record stops the rest
                 results = pool.map(_render_in_worker, tasks)
-            records, reported = 0, 0
+            records, reported, parts = 0, 0, []
             for done, count in enumerate(results, 1):
                 records += count
+                parts.append(count)
                 if done * 10 // len(tasks) > reported or done == len(tasks):
                     reported = done * 10 // len(tasks)
                     seconds = time.perf_counter() - began
@@ -271,7 +315,9 @@ def build(path: Path, ranges: list[tuple[int, int, int]], folder: Path, renderer
             raise DataError(f"{path}: no records")
         _check_unique_ids(path, load(tmp))
         seconds = time.perf_counter() - began
-        info = {**description, "records": records, "build_seconds": round(seconds, 2), "workers": workers,
+        parts = [{"name": Path(task[-1]).name, "rows": rows, "bytes": Path(task[-1]).stat().st_size,
+                  "blake2b": _file_digest(Path(task[-1]))} for task, rows in zip(tasks, parts)]
+        info = {**description, "records": records, "parts": parts, "build_seconds": round(seconds, 2), "workers": workers,
                 "built_by": {"host": socket.gethostname(), "pid": os.getpid()}}
         (tmp / INFO).write_text(json.dumps(info, indent=2))
         os.rename(tmp, folder)
@@ -289,8 +335,19 @@ def _check_unique_ids(path: Path, table) -> None:
 
 
 def load(folder: Path):
-    """The folder's Arrow files as one `datasets.Dataset`, memory-mapped (nothing is read until used)."""
+    """The folder's Arrow files as one `datasets.Dataset`, memory-mapped (nothing is read until used).
+
+    With an info.json (a finished folder), the rows must number its `records`."""
     from datasets import Dataset, concatenate_datasets
 
-    parts = sorted(Path(folder).glob("part-*.arrow"))
-    return concatenate_datasets([Dataset.from_file(str(part)) for part in parts])
+    tables = []
+    for part in sorted(Path(folder).glob("part-*.arrow")):
+        try:
+            tables.append(Dataset.from_file(str(part)))
+        except (OSError, pa.ArrowInvalid) as err:
+            raise DataError(f"{part}: unreadable data-cache part ({err}); delete {folder} to rebuild it") from None
+    table = concatenate_datasets(tables)
+    info = Path(folder) / INFO
+    if info.is_file() and len(table) != (records := json.loads(info.read_text())["records"]):
+        raise DataError(f"{folder}: {len(table):,} rows, its {INFO} says {records:,}; delete the folder to rebuild it")
+    return table

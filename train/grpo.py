@@ -44,6 +44,7 @@ from core.progress import progress  # noqa: E402
 from core.recipe import Recipe, RecipeError, recipe_cli  # noqa: E402
 from train import runtime  # noqa: E402
 from train.loss import group_advantages, grpo_loss, make_token_logps  # noqa: E402
+from train.reliance_probe import RelianceProbe  # noqa: E402
 from train.rewards import build_rewards  # noqa: E402
 from train.rollouts import Sample, Schedule, roll_out, rollout_engine, sequence_batch, stage_items  # noqa: E402
 
@@ -185,8 +186,13 @@ def check_settings(recipe: Recipe, stage: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     recipe = recipe_cli(sys.argv[1:] if argv is None else argv, "python train/grpo.py",
                         "GRPO after SFT on audio (see the module docstring for what it writes).")
+    with runtime.launch(recipe, GRPO_SECTIONS, GRPO_ALSO, check=check_settings) as (accelerator, log):
+        return session(recipe, accelerator, log)
+
+
+def session(recipe: Recipe, accelerator, log) -> int:
+    """The session's training, inside runtime.launch (train.output_dir locked)."""
     cfg, grpo, out = recipe.train, recipe.grpo, Path(recipe.train.output_dir)
-    accelerator, log = runtime.launch(recipe, GRPO_SECTIONS, GRPO_ALSO, check=check_settings)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
 
     per_rank = cfg.batch_size * cfg.grad_accum
@@ -215,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     rollouts_path.parent.mkdir(parents=True, exist_ok=True)
     runtime.reset_metrics(rollouts_path, start)
 
+    probe = RelianceProbe.for_recipe(recipe)  # grpo.reliance_every: held-out answers with and without the audio
     bar = progress(total_steps, "grpo", unit="step", initial=start, disable=not accelerator.is_main_process)
     for step in range(start, end):
         tick = time.perf_counter()
@@ -230,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                          token_logps, start_weights)
         record = step_record(accelerator, step + 1, stage.name, lr, parts, total, samples, stats, generated, rollout_s,
                              time.perf_counter() - tick, grpo.iterations)
+        if probe is not None:
+            record.update(probe.at(step + 1, model, engine))
         if stats["nonfinite"]:  # counted per optimizer step, as SFT's train.max_nonfinite_steps
             what = (f"step {step + 1}: loss {record['loss']}, gradient norm {record['grad_norm']} "
                     f"(prompts of this rank: {', '.join(item.id for item in items)}); stopped before its checkpoint")

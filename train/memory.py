@@ -214,6 +214,21 @@ def plans(recipe: Recipe, gpus: int, gpu_gib: float) -> list[Plan]:
     return out
 
 
+def longest_clip(recipe: Recipe) -> str:
+    """The line on the longest clip a sample holds: `data.max_audio_seconds` (the Cogito-Pipe's collect drops
+    longer clips, training cuts to it) as audio tokens, within the `data.max_length` every plan counts."""
+    from core import qwen_omni as qo
+
+    seconds = recipe.data.max_audio_seconds
+    if seconds is None:
+        return (f"longest clip: data.max_audio_seconds is null (whole clips, any length): a sample's audio is bounded only "
+                f"by data.max_length={recipe.data.max_length:,} tokens (longer samples are dropped)")
+    tokens = qo.audio_token_count(qo.feature_frames(int(seconds * qo.SAMPLE_RATE)))
+    verdict = "fits in" if tokens < recipe.data.max_length else "EXCEEDS"
+    return (f"longest clip: data.max_audio_seconds={seconds:g} s = {tokens:,} audio tokens, {verdict} "
+            f"data.max_length={recipe.data.max_length:,} (the plans count whole samples of that length)")
+
+
 def table(plans_: list[Plan]) -> str:
     """Markdown: one column per plan, one row per component, then total, headroom and verdict."""
     names = list(max(plans_, key=lambda p: len(p.rows)).rows)  # ZeRO-3's rows: the others' and more
@@ -239,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"memory plan: {path}, {args.gpus} x {args.gpu_gib:g} GiB; {recipe.model.path} "
           f"({'config.json' if (Path(recipe.model.path) / 'config.json').is_file() else 'real 30B-A3B shapes: core.tiny.REAL_SIZES'}), "
           f"{recipe.model.dtype}, micro-batch {cfg.batch_size} x {recipe.data.max_length} tokens, "
-          f"LoRA r{recipe.lora.r} on {', '.join(recipe.lora.targets)}{' + experts' if recipe.lora.experts else ''}\n")
+          f"LoRA r{recipe.lora.r} on {', '.join(recipe.lora.targets)}{' + experts' if recipe.lora.experts else ''}")
+    print(longest_clip(recipe) + "\n")
     print(table(result))
     fitting = [p for p in result if p.headroom >= 0]
     ours = [p for p in result if f"grad ckpt {'on' if cfg.gradient_checkpointing else 'off'}" in p.title]

@@ -22,19 +22,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repo root
 
 from core import qwen_omni as qo  # noqa: E402
+from core.outdir import FolderRefused, check_apart, replacing  # noqa: E402
+
+MAKER = "train/merge.py"
 
 
 def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str = "auto") -> Path:
-    from peft import PeftModel
-
     base, out = Path(base), Path(out)
-    if out.resolve() == base.resolve():
-        raise ValueError(f"--out {out} is the base checkpoint: write the merged checkpoint elsewhere")
-    model = qo.load_thinker(base, dtype)
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    shard_size = max(p.stat().st_size for p in qo.weight_files(base) if p.suffix == ".safetensors")
-    qo.save_thinker(merged, out, json.loads((base / "config.json").read_text()), max_shard_size=shard_size)
-    qo.copy_checkpoint_files(base, out)
+    check_apart(out, {"the base checkpoint": base, "the adapter": adapter})
+    # built beside `out`, swapped in when whole; an existing `out` is replaced only if a merge made it
+    with replacing(out, MAKER) as staging:
+        model = qo.load_thinker(base, dtype)
+        merged = qo.load_adapter(model, adapter).merge_and_unload()
+        shard_size = max(p.stat().st_size for p in qo.weight_files(base) if p.suffix == ".safetensors")
+        qo.save_thinker(merged, staging, json.loads((base / "config.json").read_text()), max_shard_size=shard_size)
+        qo.copy_checkpoint_files(base, staging)
     return out
 
 
@@ -45,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for the merged checkpoint")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
-    out = merge(args.base, args.adapter, args.out, args.dtype)
+    try:
+        out = merge(args.base, args.adapter, args.out, args.dtype)
+    except FolderRefused as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"merged checkpoint written to {out}")
     return 0
 

@@ -8,7 +8,10 @@ ranks), backward undoes DDP's average over ranks and the division by grad_accum,
 decision for all ranks whether the step is finite, the update (or none), the schedule's step.
 
 A checkpoint, checkpoints/step-N/, holds adapter/ and the Accelerate state (optimizer, scheduler,
-RNG), with trainer_state.json written last; the newest `train.keep_last` are kept.
+RNG), then trainer_state.json (written to a temporary name and renamed) and, last, the COMPLETE marker:
+only a checkpoint with the marker and a state that parses is resumed from; any other is skipped with a
+warning naming it (the previous complete one is used). The newest `train.keep_last` are kept. A full
+disk while writing one is a DiskFull error naming the file.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import shutil
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
@@ -31,6 +34,8 @@ from tqdm.auto import tqdm
 
 from core import qwen_omni as qo
 from core.items import DataError
+from core.locks import LockBusy, file_lock, holder_note
+from core.outdir import DiskFull, naming_full_disk, replacing
 from core.progress import library_bars_off_a_terminal
 from core.provenance import record_session
 from core.recipe import Recipe, RecipeError, changed_settings, result_keys, save_recipe
@@ -38,7 +43,8 @@ from train.lora import GROUPS, apply_lora, placement
 from train.zero3 import load_thinker_zero3
 
 CHECKPOINT_PREFIX = "step-"
-STATE_FILE = "trainer_state.json"  # written last: a checkpoint without it is incomplete and ignored
+STATE_FILE = "trainer_state.json"
+COMPLETE = "COMPLETE"  # written after everything else: a checkpoint without it is incomplete and ignored
 
 
 class TrainingError(RuntimeError):
@@ -50,9 +56,9 @@ def cli(entry: Callable[[list[str] | None], int], argv: list[str] | None = None)
     without a traceback: exit status 2 for the recipe and the data, 1 for the run's state."""
     try:
         return entry(argv)
-    except (RecipeError, DataError, TrainingError, FileNotFoundError) as err:
+    except (RecipeError, DataError, TrainingError, FileNotFoundError, DiskFull, qo.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2 if not isinstance(err, TrainingError) else 1
+        return 1 if isinstance(err, (TrainingError, DiskFull)) else 2
 
 
 # ---------------------------------------------------------------- launch and setting checks
@@ -67,7 +73,10 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=cfg.output_dir,
-        # Without an explicit gloo backend, CPU processes each believe they are alone.
+        # CPU ranks started by torchrun (the MULTI_GPU launcher with use_cpu, recipes/accelerate/cpu_ddp_2proc.yaml):
+        # without cpu=True Accelerate 1.15 takes them for single processes (DistributedType.NO: no DDP, no gradient
+        # all-reduce, each rank training its own copy on its half); with it they are MULTI_CPU over gloo.
+        cpu=_cpu_multiprocess(),
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if _cpu_multiprocess() else [],
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -127,26 +136,54 @@ def check_resumable(recipe: Recipe, out: Path, sections: tuple[str, ...] = TRAIN
                             + ". Restore them, or choose another train.output_dir")
 
 
+LOCK = "train.lock"  # in train.output_dir, held by rank 0 for the whole session
+
+
+def from_rank0(value):
+    """Rank 0's `value`, on every rank. torch.distributed itself: Accelerate's broadcast does nothing where it
+    labels the launch not distributed, as it does the CPU launch of recipes/accelerate/cpu_ddp_2proc.yaml
+    (DistributedType.NO on each of its 2 ranks, accelerate 1.15)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+@contextlib.contextmanager
 def launch(recipe: Recipe, sections: tuple[str, ...] = TRAINING_SECTIONS, also: tuple[str, ...] = (),
-           check: Callable[[Recipe, int], None] | None = None) -> tuple[Accelerator, Callable[[str], None]]:
-    """Start a session: refuse a run folder made with other settings (check_resumable over `sections` and
-    `also`), create the accelerator, refuse settings it cannot run (check_launch, then the trainer's own
-    `check(recipe, ZeRO stage)`), all before anything is written; then seed, and save the resolved recipe
-    and this session's provenance (code, packages, machine). Returns (accelerator, log: prints on rank 0)."""
+           check: Callable[[Recipe, int], None] | None = None) -> Iterator[tuple[Accelerator, Callable[[str], None]]]:
+    """A training session, held open by the block: create the accelerator; rank 0 locks train.output_dir
+    (another run writing it is an error naming it and its holder, on every rank); refuse a run folder made
+    with other settings (check_resumable over `sections` and `also`) and settings this launch cannot run
+    (check_launch, then the trainer's own `check(recipe, ZeRO stage)`), all before anything is written; then
+    seed, and save the resolved recipe and this session's provenance (code, packages, machine).
+    Yields (accelerator, log: prints on rank 0); the lock is released when the block ends."""
     cfg, out = recipe.train, Path(recipe.train.output_dir)
-    check_resumable(recipe, out, sections, also)  # every rank, before any of them writes
     library_bars_off_a_terminal()
     accelerator = make_accelerator(recipe)
-    check_launch(accelerator, recipe)
-    if check is not None:
-        check(recipe, zero_stage(accelerator))
-    log = partial(tqdm.write) if accelerator.is_main_process else (lambda *_: None)
-    set_seed(cfg.seed)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_recipe(recipe, out / "recipe.yaml")
-        record_session(out)
-    return accelerator, log
+    with contextlib.ExitStack() as held:
+        busy = None
+        if accelerator.is_main_process:
+            try:
+                held.enter_context(file_lock(out / LOCK, wait=False, note=holder_note()))
+            except LockBusy as err:
+                busy = err.holder
+        busy = from_rank0(busy)  # every rank learns the outcome: all stop together, none waits in a collective
+        if busy is not None:
+            raise TrainingError(f"{out}: another training run is writing this train.output_dir ({busy}); "
+                                "wait for it to finish, or choose another train.output_dir")
+        check_resumable(recipe, out, sections, also)  # every rank, before any of them writes
+        check_launch(accelerator, recipe)
+        if check is not None:
+            check(recipe, zero_stage(accelerator))
+        log = partial(tqdm.write) if accelerator.is_main_process else (lambda *_: None)
+        set_seed(cfg.seed)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_recipe(recipe, out / "recipe.yaml")
+            record_session(out)
+        yield accelerator, log
 
 
 # ---------------------------------------------------------------- model, optimizer, schedule
@@ -163,9 +200,7 @@ def prepare_for_training(model, recipe: Recipe, adapter: str | Path | None = Non
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter is None:
         return apply_lora(model, recipe.lora)
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    model = qo.load_adapter(model, adapter, is_trainable=True)
     return model, placement(model)
 
 
@@ -301,36 +336,76 @@ def save_adapter(accelerator: Accelerator, model, path: Path) -> None:
             unwrapped.save_pretrained(str(path), save_embedding_layers=False)
 
 
-def checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    found = [p for p in (output_dir / "checkpoints").glob(CHECKPOINT_PREFIX + "*") if (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name[len(CHECKPOINT_PREFIX):])
+
+
+def checkpoint_state(checkpoint: Path) -> dict | None:
+    """The state of a complete checkpoint (COMPLETE marker present, trainer_state.json parses), else None."""
+    if not (checkpoint / COMPLETE).is_file():
+        return None
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("step"), int) else None
+
+
+def checkpoints(output_dir: Path, warn: Callable[[str], object] | None = None) -> list[Path]:
+    """Complete checkpoints, oldest first; `warn` is told of each incomplete or corrupt one left out."""
+    found = [p for p in (output_dir / "checkpoints").glob(CHECKPOINT_PREFIX + "*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    complete = []
+    for path in sorted(found, key=step_of):
+        if checkpoint_state(path) is not None:
+            complete.append(path)
+        elif warn is not None:
+            warn(f"warning: {path}: incomplete or corrupt checkpoint (no {COMPLETE} marker, or {STATE_FILE} empty or "
+                 f"unreadable: interrupted or a full disk), skipped; if an older version wrote it whole (before {COMPLETE} "
+                 f"markers), `touch {path / COMPLETE}` to resume from it")
+    return complete
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename: a reader finds the whole file or none."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def save_checkpoint(accelerator: Accelerator, model, output_dir: Path, step: int, keep_last: int, state: dict) -> Path:
     path = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
-    # DeepSpeed writes model + optimizer itself; the frozen base weights need not be in every checkpoint.
-    accelerator.save_state(str(path), **({"exclude_frozen_parameters": True} if zero_stage(accelerator) else {}))
-    save_adapter(accelerator, model, path / "adapter")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (path / STATE_FILE).write_text(json.dumps({"step": step, **state}))
-        for old in checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old)
+    with naming_full_disk(path, f"checkpoint {path.name}"):
+        if accelerator.is_main_process:  # a checkpoint rewritten after a fall-back: incomplete until the end
+            (path / COMPLETE).unlink(missing_ok=True)
+        # DeepSpeed writes model + optimizer itself; the frozen base weights need not be in every checkpoint.
+        accelerator.save_state(str(path), **({"exclude_frozen_parameters": True} if zero_stage(accelerator) else {}))
+        save_adapter(accelerator, model, path / "adapter")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_atomic(path / STATE_FILE, json.dumps({"step": step, **state}))
+            write_atomic(path / COMPLETE, "")
+            complete = checkpoints(output_dir)
+            # older ones, complete or not, go once `keep_last` complete ones are newer
+            oldest_kept = step_of(complete[-keep_last]) if len(complete) >= keep_last else 0
+            for old in (output_dir / "checkpoints").glob(CHECKPOINT_PREFIX + "*"):
+                if old.name[len(CHECKPOINT_PREFIX):].isdigit() and step_of(old) < oldest_kept:
+                    shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return path
 
 
-def resume(accelerator: Accelerator, output_dir: Path) -> dict:
-    """Load the newest complete checkpoint; returns its state: the optimizer step it was taken after (0: none), ..."""
-    found = checkpoints(output_dir)
+def resume(accelerator: Accelerator, output_dir: Path, log: Callable[[str], object] | None = None) -> dict:
+    """Load the newest complete checkpoint; returns its state: the optimizer step it was taken after (0: none), ...
+    Incomplete or corrupt checkpoints are skipped, each named in a warning through `log`."""
+    found = checkpoints(output_dir, warn=log)
     if not found:
         return {"step": 0}
     latest = found[-1]
     # Only the adapter is in the checkpoint, so the base weights are left as loaded.
     strict = {"load_module_strict": False} if zero_stage(accelerator) else {"strict": False}
     accelerator.load_state(str(latest), **strict)
-    return json.loads((latest / STATE_FILE).read_text())
+    return checkpoint_state(latest)
 
 
 def reset_metrics(path: Path, start: int) -> None:
@@ -352,7 +427,7 @@ def start_session(accelerator: Accelerator, model, optimizer, scheduler, recipe:
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_save_state_pre_hook(keep_trainable_weights)
-    state = resume(accelerator, out) if cfg.resume else {"step": 0}
+    state = resume(accelerator, out, log) if cfg.resume else {"step": 0}
     if state["step"]:
         log(f"resume: from {out}/checkpoints/{CHECKPOINT_PREFIX}{state['step']}")
     end = min(total_steps, cfg.stop_after or total_steps)
@@ -372,10 +447,20 @@ def log_and_save(accelerator: Accelerator, model, recipe: Recipe, record: dict, 
     if step % cfg.log_every == 0 or step == end:
         accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
         if accelerator.is_main_process:
-            with metrics_path.open("a") as handle:
+            with naming_full_disk(metrics_path, "the metrics"), metrics_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
     if step % cfg.save_every == 0 or step == end:
         save_checkpoint(accelerator, model, Path(cfg.output_dir), step, cfg.keep_last, state or {})
+
+
+def save_final_adapter(accelerator: Accelerator, model, path: Path) -> None:
+    """The run's adapter, written beside `path` and swapped in whole (the run owns its output folder)."""
+    with naming_full_disk(path, "the final adapter"):
+        if not accelerator.is_main_process:
+            save_adapter(accelerator, model, path)  # under ZeRO-3 every rank takes part in the gather; rank 0 writes
+            return
+        with replacing(path, "train", made=lambda _: True, marker=False) as staging:
+            save_adapter(accelerator, model, staging)
 
 
 def finish(accelerator: Accelerator, model, out: Path, end: int, total_steps: int, metrics_path: Path, log) -> None:
@@ -383,6 +468,6 @@ def finish(accelerator: Accelerator, model, out: Path, end: int, total_steps: in
     if end < total_steps:
         log(f"stopped after step {end} of {total_steps} (train.stop_after); run again to resume")
     else:
-        save_adapter(accelerator, model, out / "adapter")
+        save_final_adapter(accelerator, model, out / "adapter")
         log(f"done: adapter in {out / 'adapter'}, metrics in {metrics_path}")
     accelerator.end_training()

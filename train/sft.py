@@ -83,8 +83,13 @@ def train_step(accelerator, model, optimizer, scheduler, params, micro: list[dic
 def main(argv: list[str] | None = None) -> int:
     recipe = recipe_cli(sys.argv[1:] if argv is None else argv, "python train/sft.py",
                         "LoRA SFT of the Qwen3-Omni thinker (see the module docstring for what it writes).")
+    with runtime.launch(recipe) as (accelerator, log):
+        return session(recipe, accelerator, log)
+
+
+def session(recipe: Recipe, accelerator, log) -> int:
+    """The session's training, inside runtime.launch (train.output_dir locked)."""
     cfg, out = recipe.train, Path(recipe.train.output_dir)
-    accelerator, log = runtime.launch(recipe)
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # Data: one process builds the on-disk cache, every rank maps it; epoch_batches gives each rank its own slice.

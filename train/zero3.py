@@ -4,7 +4,6 @@ DeepSpeed: core, the runtime every stage shares, imports no DeepSpeed; every oth
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -24,12 +23,9 @@ def checkpoint_tensors(folder: str | Path) -> dict[str, tuple[Path, tuple]]:
     """Tensor name -> (weight file, shape) of a local safetensors checkpoint, from the files' headers only."""
     from safetensors import safe_open
 
-    folder = Path(folder)
-    index = folder / qo.WEIGHT_INDEX
-    files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file() \
-        else [folder / "model.safetensors"]
     tensors = {}
-    for path in files:
+    for path in qo.shard_files(folder):
+        qo.check_weight_file(path)
         with safe_open(str(path), "pt") as f:
             tensors |= {name: (path, tuple(f.get_slice(name).get_shape())) for name in f.keys()}
     return tensors

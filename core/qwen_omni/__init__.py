@@ -9,10 +9,12 @@ One module per job, each importing only the ones listed before it:
 - chat: special tokens, prompt systems, rendering prompts and SFT targets, end-of-generation tokens;
 - checkpoint: the released checkpoint's files, loading the thinker and tokenizer, saving in that layout;
 - processor: the waveform-to-features rule, audio token counts, OmniProcessor (model inputs, padding);
-- lora_targets: the text layers, the exact LoRA module names and the fused expert parameters.
+- lora_targets: the text layers, the exact LoRA module names and the fused expert parameters;
+- attention: the audio-attention boost (MATA) on the thinker's decoder layers.
 Loading under DeepSpeed ZeRO-3 is training's own: train/zero3.py.
 """
 
+from core.qwen_omni.attention import AudioAttentionBoost, audio_attention_boost  # noqa: F401
 from core.qwen_omni.chat import (  # noqa: F401
     AUDIO_END,
     AUDIO_PAD,
@@ -40,18 +42,24 @@ from core.qwen_omni.chat import (  # noqa: F401
     render_target,
 )
 from core.qwen_omni.checkpoint import (  # noqa: F401
+    ADAPTER_WEIGHTS,
     CHAT_TEMPLATE_FILES,
     CHECKPOINT_FILES,
+    OTHER_SUBMODELS,
     SHARD_PATTERN,
     THINKER_PREFIX,
     WEIGHT_INDEX,
+    CheckpointError,
     CheckpointNotFound,
+    check_weight_file,
     checkpoint_source,
     composite_config,
     copy_checkpoint_files,
+    load_adapter,
     load_thinker,
     load_tokenizer,
     save_thinker,
+    shard_files,
     weight_files,
 )
 from core.qwen_omni.lora_targets import (  # noqa: F401

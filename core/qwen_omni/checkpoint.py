@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from core.qwen_omni.model import modeling_module, thinker_class
 
@@ -33,8 +34,19 @@ THINKER_PREFIX = "thinker."
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
 
 
+# A full Qwen3-Omni checkpoint also holds the speech generator (talker, code2wav): loading the thinker skips
+# their tensors (transformers reports them as unexpected), as train/zero3.py's weight plan does.
+OTHER_SUBMODELS = ("talker.", "code2wav.")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
 class CheckpointNotFound(FileNotFoundError):
     """A checkpoint path that is no local folder (and the hub is not allowed)."""
+
+
+class CheckpointError(ValueError):
+    """Weights that cannot be what the checkpoint says: a weight file truncated, missing or unreadable, or
+    tensors that do not match its config (a model's) or its adapter_config.json (a LoRA adapter's)."""
 
 
 def checkpoint_source(path: str | Path, allow_hub: bool = False) -> str:
@@ -72,10 +84,94 @@ def load_thinker(
         kwargs["attn_implementation"] = attn_implementation
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
-    model = thinker_class().from_pretrained(checkpoint_source(path, allow_hub), **kwargs)
+    source = checkpoint_source(path, allow_hub)
+    if Path(source).is_dir():
+        for shard in shard_files(source):
+            check_weight_file(shard)
+    try:
+        model, info = thinker_class().from_pretrained(source, output_loading_info=True, **kwargs)
+    except SafetensorError as err:  # checked above; this names the folder if a file changed since
+        raise CheckpointError(f"{source}: unreadable weights ({err})") from None
+    unexpected = {key for key in info["unexpected_keys"] if not key.startswith(OTHER_SUBMODELS)}
+    _check_keys(source, "the thinker's weights do not match its config.json", info["missing_keys"], unexpected)
     if device:
         model = model.to(device)
     return model
+
+
+def load_adapter(model, adapter: str | Path, is_trainable: bool = False):
+    """`model` with the LoRA `adapter` folder on top (a peft `PeftModel`); `CheckpointError` naming the file
+    when its weights are truncated or unreadable, or when its tensors are not exactly the LoRA its
+    adapter_config.json places on this model (peft itself only warns of missing ones, and drops extra ones)."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors import safe_open
+
+    weights = Path(adapter) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing: a LoRA adapter folder holds adapter_config.json and {ADAPTER_WEIGHTS}")
+    check_weight_file(weights)
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable)
+        with safe_open(str(weights), "pt") as handle:
+            stored = set(handle.keys())
+    except SafetensorError as err:
+        raise CheckpointError(f"{weights}: unreadable ({err})") from None
+    lora = set(get_peft_model_state_dict(model, save_embedding_layers=False))
+    allowed = lora | set(get_peft_model_state_dict(model, save_embedding_layers="auto"))  # e.g. lm_head's own weight
+    _check_keys(weights, "the adapter's tensors do not match the LoRA its adapter_config.json places", lora - stored,
+               stored - allowed)
+    return model
+
+
+def _check_keys(where: str | Path, what: str, missing, unexpected) -> None:
+    """`CheckpointError` listing the missing and unexpected tensor names, if there are any."""
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: {what}: missing {_listed(missing)}; unexpected {_listed(unexpected)}")
+
+
+def _listed(keys, shown: int = 8) -> str:
+    keys = sorted(keys)
+    if not keys:
+        return "none"
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return f"{len(keys)} ({', '.join(keys[:shown])}{more})"
+
+
+def shard_files(folder: str | Path) -> list[Path]:
+    """The safetensors files holding a local checkpoint's weights: those its index names (each must exist), else
+    model.safetensors where there is one."""
+    folder = Path(folder)
+    index = folder / WEIGHT_INDEX
+    if not index.is_file():
+        return [path] if (path := folder / "model.safetensors").is_file() else []
+    try:
+        names = json.loads(index.read_text())["weight_map"].values()
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{index}: unreadable weight index ({type(err).__name__}: {err})") from None
+    return sorted({folder / name for name in names})
+
+
+def check_weight_file(path: str | Path) -> None:
+    """`CheckpointError` naming `path` unless it is a whole safetensors file: a header that parses and a size
+    that is exactly the header's data (a truncated copy or download fails here, not deep inside a load)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little") if size >= 8 else None
+            header = json.loads(handle.read(length)) if length is not None and 8 + length <= size else None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; copy or download the checkpoint again") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable safetensors header ({err}); copy or download it again") from None
+    try:
+        data = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    except (AttributeError, KeyError, IndexError, TypeError):
+        data = None  # no header, or not the safetensors layout
+    if data is None or size != 8 + length + data:
+        expected = "" if data is None else f", its header describes {8 + length + data:,}"
+        raise CheckpointError(f"{path}: {size:,} bytes{expected}: truncated or not a safetensors file; "
+                              "copy or download it again")
 
 
 def load_tokenizer(path: str | Path):
