@@ -47,8 +47,8 @@ from core.outdir import replacing
 from core.progress import progress
 from core.recipe import Recipe, load_recipe
 from core.redact import redact
+from core.rest_files import iteration_data, iteration_manifests, loop_of
 from infer.run import RunPaths
-from train.rest import iteration_data, iteration_manifests, loop_of
 
 BUNDLE_FORMAT = 1
 MANIFEST = "MANIFEST.json"

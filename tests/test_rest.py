@@ -7,6 +7,7 @@ import shutil
 import pytest
 import yaml
 
+from core.rest_files import iteration_data
 from train import rest
 
 
@@ -149,7 +150,7 @@ def test_one_iteration_end_to_end_then_killed_and_resumed_to_the_same_files(loop
     assert sft["data"]["train"][0]["weight"] == 2 * len(first)
     assert (folder / "sft" / "adapter" / "adapter_config.json").is_file()
     assert summary["iterations"][0]["adapter"] == str(folder / "sft" / "adapter")
-    assert rest.iteration_data(recipe.rest.output_dir) == [folder / "data" / "weight-1.jsonl"]
+    assert iteration_data(recipe.rest.output_dir) == [folder / "data" / "weight-1.jsonl"]
     reference = loop_files(rest.Path(recipe.rest.output_dir))
 
     # killed after the first sampling chunk is written: the rerun redoes the rest and writes the same bytes
@@ -214,3 +215,23 @@ def test_the_audit_bundle_of_an_iteration_declares_the_loops_data(loop_recipe, m
     data = iteration / "data" / "weight-1.jsonl"
     assert [(f["path"], f["sha256"]) for f in groups["rest_data"]["files"]] == [(str(data), sha256_file(data))]
     assert json.loads((bundle / "data" / "rest" / "iter-1.json").read_text()) == json.loads((iteration / "data.json").read_text())
+
+
+def test_sft_goes_on_from_train_init_adapter(recipe_file, tmp_path, one_torch_thread):
+    """The loop's iterations train the adapter that sampled: at a vanishing learning rate, SFT from
+    train.init_adapter ends where that adapter was, and a fresh adapter does not."""
+    from safetensors.torch import load_file
+
+    from tests.test_train import run_sft
+
+    first = run_sft(recipe_file)  # 3 steps at lr 1e-2: lora_B away from its zero start
+    start = load_file(first / "adapter" / "adapter_model.safetensors")
+    assert any(t.abs().max() > 0 for name, t in start.items() if "lora_B" in name)
+    went_on = run_sft(recipe_file, f"train.output_dir={tmp_path / 'on'}", "train.max_steps=1", "train.lr=1e-12",
+                      f"train.init_adapter={first / 'adapter'}")
+    fresh = run_sft(recipe_file, f"train.output_dir={tmp_path / 'fresh'}", "train.max_steps=1", "train.lr=1e-12")
+    on = load_file(went_on / "adapter" / "adapter_model.safetensors")
+    new = load_file(fresh / "adapter" / "adapter_model.safetensors")
+    assert on.keys() == start.keys()
+    assert all((on[k] - start[k]).abs().max() < 1e-6 for k in start)
+    assert any((new[k] - start[k]).abs().max() > 1e-3 for k in start)
