@@ -11,7 +11,7 @@ RECIPE     ?= recipes/tiny.yaml
 TINY       := artifacts/tiny-omni
 SYNTH      := artifacts/synthetic
 
-.PHONY: setup setup-vllm tiny data data-hard rest prep train grpo merge infer eval encoder demo readme-demo audit test test-vllm bench clean
+.PHONY: setup setup-vllm tiny data data-hard prep train grpo merge infer eval encoder demo readme-demo audit test test-vllm bench clean
 
 setup: $(VENV)/.installed
 
