@@ -608,8 +608,9 @@ class RestConfig(Section):
     """per completion"""
     batch_size: int = Field(16, gt=0)
     """sequences per generate() call"""
-    chunk_items: Annotated[int, NoEffect] = Field(64, gt=0)
-    """items per sampling chunk: each chunk's samples are one file, written whole, the unit a resumed loop redoes"""
+    chunk_items: int = Field(64, gt=0)
+    """items per sampling chunk: each chunk's samples are one file, written whole, the unit a resumed loop redoes (its
+    seed is one per chunk: another size samples other completions)"""
     seed: int = 0
     """item subset, sampling seeds (one per iteration and chunk), the all-correct fraction"""
     selection: Literal["learning_zone", "all_correct", "shortest_k"] = "learning_zone"
@@ -619,9 +620,9 @@ class RestConfig(Section):
     """correct samples kept per item by shortest_k, and by the learning zone's middle band"""
     all_correct_fraction: float = Field(0.0, ge=0, le=1)
     """learning zone: the share of the top band's items (15-16 of 16, scaled) kept, one sample each at weight 0.5"""
-    launch_config: str | None = None
+    launch_config: Annotated[str | None, NoEffect] = None
     """Accelerate config each iteration's SFT is launched with (train/sft.py, as `make train`); None: one process"""
-    final_histogram: bool = True
+    final_histogram: Annotated[bool, NoEffect] = True
     """after the last iteration, sample and score once more with its adapter: its pass-rate histogram"""
 
 

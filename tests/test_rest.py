@@ -235,3 +235,14 @@ def test_sft_goes_on_from_train_init_adapter(recipe_file, tmp_path, one_torch_th
     assert on.keys() == start.keys()
     assert all((on[k] - start[k]).abs().max() < 1e-6 for k in start)
     assert any((new[k] - start[k]).abs().max() > 1e-3 for k in start)
+
+
+def test_a_loop_folder_resumes_only_with_the_settings_that_made_it(loop_recipe):
+    from core.recipe import RecipeError, load_recipe, save_recipe
+
+    recipe = load_recipe(loop_recipe)
+    save_recipe(recipe, rest.Path(recipe.rest.output_dir) / "recipe.yaml")
+    for change in ("rest.temperature=0.5", "rest.chunk_items=3", "train.lr=1e-2"):
+        with pytest.raises(RecipeError, match=change.split("=")[0]):
+            rest.run(load_recipe(loop_recipe, [change]), log=lambda _: None)
+    assert not (rest.Path(recipe.rest.output_dir) / "iter-1").exists()

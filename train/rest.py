@@ -27,6 +27,7 @@ W (train/data.py `mix`: a group is repeated or subsampled to its share; weight 0
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import hashlib
 import json
@@ -46,7 +47,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core import qwen_omni as qo  # noqa: E402
 from core.answer_rule import is_correct  # noqa: E402
 from core.items import DataError, Item, load_items  # noqa: E402
-from core.recipe import DatasetSpec, Recipe, RecipeError, load_recipe, save_recipe, split_cli  # noqa: E402
+from core.recipe import (  # noqa: E402
+    DatasetSpec,
+    Recipe,
+    RecipeError,
+    changed_settings,
+    load_recipe,
+    result_keys,
+    save_recipe,
+    split_cli,
+)
 from infer.parse import parse_output  # noqa: E402
 from infer.submission import write_records  # noqa: E402
 
@@ -57,6 +67,8 @@ PLACEHOLDERS = (qo.AUDIO_PAD, qo.IMAGE_PAD, qo.VIDEO_PAD)
 # passes / K <= its upper bound / 16, which for K = 16 gives exactly the published bands (integer arithmetic).
 BAND_UPPER_OF_16 = {"low": 3, "middle": 11, "high": 14}
 BAND_WEIGHTS = {"low": 1.0, "middle": 1.5, "high": 0.5, "top": 0.5}
+# what a loop folder may only be resumed with: every setting of these that changes results (core.recipe.result_keys)
+RESULT_SECTIONS = ("model", "data", "lora", "train", "rest", "infer.backend", "infer.max_audio_seconds")
 
 
 def band(passes: int, samples: int) -> str:
@@ -193,8 +205,9 @@ def sample_records(engine, chunk: Sequence[Item], recipe: Recipe, seed: int) -> 
     k = recipe.rest.samples
     requests = []
     for item in chunk:
+        # always the item's own clip (infer.audio_ablation is an evaluation setting, not training data)
         request = item_request(item, engine.tokenizer, recipe.model.prompt_style, recipe.infer.max_audio_seconds)
-        requests += [type(request)(f"{item.id}#{j}", request.prompt, request.audio) for j in range(k)]
+        requests += [dataclasses.replace(request, id=f"{item.id}#{j}") for j in range(k)]
     generations = engine.generate(requests, engine.sampling.replace(seed=seed))
     records = []
     for n, generation in enumerate(generations):
@@ -316,7 +329,7 @@ def run_sft(recipe_path: Path, launch_config: str | None, log=print) -> None:
     else:
         command = [sys.executable, script, str(recipe_path)]
     log("rest: " + " ".join(command))
-    result = subprocess.run(command, cwd=REPO)
+    result = subprocess.run(command)
     if result.returncode:
         raise RuntimeError(f"rest: SFT exited with {result.returncode} ({' '.join(command)}); rerun the loop to resume")
 
@@ -342,6 +355,11 @@ def run(recipe: Recipe, log=print) -> dict:
     """Every iteration of the loop (each step skipped when done); returns the summary also written to summary.json."""
     rest = recipe.rest
     out = Path(rest.output_dir)
+    if (out / "recipe.yaml").is_file():  # resuming: only with the settings that made what is there
+        changed = changed_settings(out / "recipe.yaml", recipe, result_keys(recipe, RESULT_SECTIONS))
+        if changed:
+            raise RecipeError(f"{out}: holds a loop made with other settings ({out / 'recipe.yaml'}); differing: "
+                              + "; ".join(changed) + ". Restore them, or choose another rest.output_dir")
     out.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, out / "recipe.yaml")
     items = loop_items(recipe)
