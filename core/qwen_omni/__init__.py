@@ -47,6 +47,7 @@ from core.qwen_omni.checkpoint import (  # noqa: F401
     WEIGHT_INDEX,
     CheckpointNotFound,
     checkpoint_source,
+    checkpoint_tensors,
     composite_config,
     copy_checkpoint_files,
     load_thinker,
