@@ -38,7 +38,8 @@ def engine_outputs(recipe, device: str | None = None, thinking_budget: int | Non
     if thinking_budget is not None:  # one process for both runs: a vLLM start costs ~30 s on a CPU
         outputs["budgeted"] = generations(engine.sampling.replace(thinking_budget=thinking_budget))
     if copies is not None:  # `copies` sampled completions of the first 4 items: as K requests each, and from one (n=K)
-        sampled = engine.sampling.replace(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16)
+        sampled = engine.sampling.replace(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16,
+                                          thinking_budget=None)
         repeated = [dataclasses.replace(r, id=f"{r.id}@{k}") for r in requests[:4] for k in range(copies)]
         outputs["copies"] = {g.id: list(g.token_ids) for g in engine.generate(repeated, sampled)}
         outputs["groups"] = {g.id: list(g.token_ids) for g in engine.generate_groups(requests[:4], copies, sampled)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import socket
@@ -167,6 +168,67 @@ def test_vllm_equals_hf_token_for_token_on_a_merged_checkpoint(merged_checkpoint
     # the merge changed what the model says, and vLLM served the merged weights, not the base's
     base = base_outputs[1]["generations"]
     assert any(vllm_run["generations"][i]["token_ids"] != base[i]["token_ids"] for i in base)
+
+
+# ---------------------------------------------------------------- GRPO with vLLM rollouts (train/grpo.py)
+
+GRPO_VLLM = ["grpo.rollout_engine=vllm", "grpo.vllm.kv_cache_gib=1", "grpo.vllm.enforce_eager=true",
+             "grpo.vllm.max_model_len=2048"]
+
+
+def grpo_vllm_run(grpo_recipe: Path, work: Path, *overrides: str, ranks: int = 1) -> tuple[list[list[dict]], list[dict]]:
+    """tests/grpo_vllm_run.py (one process, or `ranks` under accelerate): per rank its pushes, and metrics.jsonl."""
+    args = ["tests/grpo_vllm_run.py", str(work / "pushes"), str(grpo_recipe), f"train.output_dir={work / 'run'}",
+            *GRPO_VLLM, *overrides]
+    cmd = [sys.executable, *args] if ranks == 1 else [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/cpu_ddp_2proc.yaml", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with (work / "run.log").open("w") as log:
+        done = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=VLLM_TIMEOUT_S, env=env)
+    assert done.returncode == 0, (work / "run.log").read_text()[-4000:]
+    pushes = [json.loads((work / "pushes" / f"pushes.rank{r}.json").read_text()) for r in range(ranks)]
+    metrics = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    return pushes, metrics
+
+
+def assert_pushes_follow_the_policy(pushes: list[dict], steps: int) -> None:
+    assert len(pushes) == steps  # one push before every rollout step: the start policy, then after each update
+    for push in pushes:
+        assert push["tensors"] > 0 and push["vllm"] == push["hf"]  # token for token, item by item
+    # not vacuous: the pushed policy changed what the model says greedily
+    assert pushes[0]["hf"] != pushes[-1]["hf"]
+
+
+def assert_groups_differ(run: Path, group: int) -> None:
+    rollouts = [json.loads(line) for f in sorted((run / "rollouts").iterdir()) for line in f.read_text().splitlines()]
+    groups: dict[tuple, list[str]] = {}
+    for r in rollouts:
+        groups.setdefault((r["step"], r["id"].rpartition("#")[0]), []).append(r["text"])
+    assert all(len(texts) == group for texts in groups.values())
+    # one seed per request made every copy the same (0 of the groups would differ); a sampled pair of the
+    # random tiny model can still coincide (both ending at once)
+    assert sum(len(set(texts)) == group for texts in groups.values()) >= 0.75 * len(groups)
+
+
+def test_grpo_with_vllm_rollouts_pushes_the_policy_every_step(grpo_recipe, tmp_path):
+    overrides = ["grpo.rollout_logprobs=tis", "grpo.importance_sampling_level=sequence", "grpo.loss_type=grpo"]
+    (pushes,), metrics = grpo_vllm_run(grpo_recipe, tmp_path, *overrides)
+    assert_pushes_follow_the_policy(pushes, 4)
+    assert_groups_differ(tmp_path / "run", 2)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for m in metrics:  # vLLM's processed log-probs are the trainer's, up to float32 kernel differences
+        assert 0 <= m["logprob_mismatch_mean"] <= m["logprob_mismatch_max"] < 1e-3
+        assert math.isfinite(m["loss"]) and m["weight_push_s"] > 0
+
+
+def test_grpo_with_vllm_rollouts_on_two_ranks(grpo_recipe, tmp_path):
+    pushes, metrics = grpo_vllm_run(grpo_recipe, tmp_path, "grpo.iterations=1", ranks=2)
+    for rank in pushes:
+        assert_pushes_follow_the_policy(rank, 4)
+    assert pushes[0][-1]["hf"] == pushes[1][-1]["hf"]  # both ranks hold the same policy after each step
+    assert_groups_differ(tmp_path / "run", 2)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(m["logprob_mismatch_max"] < 1e-3 for m in metrics)
 
 
 # ---------------------------------------------------------------- `vllm serve` as the judge of `eval score`

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,7 @@ from train.rollouts import (  # noqa: E402
     rollout_engine,
     sequence_batch,
     stage_items,
+    tensor_parallel_share,
     vllm_rollout_engine,
 )
 
@@ -213,6 +215,9 @@ def check_settings(recipe: Recipe, stage: int) -> None:
     if per_rank % grpo.num_generations:
         raise RecipeError(f"train.batch_size x train.grad_accum = {per_rank} sequences per rank and step must be a "
                           f"multiple of grpo.num_generations = {grpo.num_generations}")
+    tp, world = grpo.vllm.tensor_parallel_size, int(os.environ.get("WORLD_SIZE", "1"))
+    if grpo.rollout_engine == "vllm" and world % tp:
+        raise RecipeError(f"grpo.vllm.tensor_parallel_size={tp} must divide the {world} ranks")
     if grpo.rollout_logprobs == "tis" and grpo.rollout_engine != "vllm":
         raise RecipeError("grpo.rollout_logprobs=tis weighs tokens by the rollout engine's log-probs: it needs "
                           "grpo.rollout_engine=vllm (the hf engine samples from the policy itself)")
@@ -250,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     model, optimizer, state, end, metrics_path = runtime.start_session(accelerator, model, optimizer, scheduler, recipe, total_steps, log)
     start, skipped = state["step"], state.get("nonfinite_skipped", 0)
     policy = accelerator.unwrap_model(model)
+    # a rollout engine spans grpo.vllm.tensor_parallel_size consecutive ranks (1 with hf rollouts): they sample together
+    tp = grpo.vllm.tensor_parallel_size if grpo.rollout_engine == "vllm" else 1
     if grpo.rollout_engine == "vllm":
-        engine = vllm_rollout_engine(recipe, processor, rank, world > 1)
+        engine = vllm_rollout_engine(recipe, processor, rank // tp, world > 1)
         push_dtype = next(p for p in policy.parameters() if not p.requires_grad).dtype
     else:
         engine = rollout_engine(policy, processor, recipe, str(device))
@@ -269,8 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         push_s = 0.0
         if grpo.rollout_engine == "vllm":  # the policy as it is now (after the last optimizer step) into the engine
             _, push_s = push_policy(engine, policy, push_dtype)
-        samples, generated, rollout_s = roll_out(engine, processor, items, recipe,
-                                                 engine.sampling.replace(seed=cfg.seed + 1000 * step + rank))
+        shared, mine = tensor_parallel_share(items, tp, rank)
+        samples, _, rollout_s = roll_out(engine, processor, shared, recipe,
+                                         engine.sampling.replace(seed=cfg.seed + 1000 * step + rank // tp))
+        samples = samples[mine.start * grpo.num_generations:mine.stop * grpo.num_generations]
+        generated = sum(len(s.completion_ids) for s in samples)
         model.train()
         parts, total = score(samples, rewards, stage.rewards)
         advantages = group_advantages(torch.tensor(total, dtype=torch.float32), grpo.num_generations, grpo.scale_rewards)

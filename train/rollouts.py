@@ -113,6 +113,21 @@ def roll_out(engine: Engine, processor: qo.OmniProcessor, items: Sequence[Item],
     return samples, sum(g.n_generated_tokens for g in generations), seconds
 
 
+def tensor_parallel_share(items: Sequence[Item], tp: int, rank: int) -> tuple[list[Item], slice]:
+    """With a rollout engine spanning `tp` ranks (consecutive ranks, as vLLM forms its tensor-parallel groups
+    under `external_launcher`), every rank of the group must hand it the same requests: the prompts of all of
+    the group's ranks. Returns them and the slice of them that is this rank's own."""
+    if tp == 1:
+        return list(items), slice(0, len(items))
+    import torch.distributed as dist
+
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, list(items))
+    first = rank - rank % tp
+    start = sum(len(everyone[r]) for r in range(first, rank))
+    return [it for r in range(first, first + tp) for it in everyone[r]], slice(start, start + len(items))
+
+
 def placeholder_ids(processor: qo.OmniProcessor) -> list[int]:
     """Multimodal placeholder tokens, never sampled: fed back for scoring, a completion's <|audio_pad|> would be
     taken for an audio position and the forward would fail (a weak policy does emit them)."""
@@ -134,13 +149,14 @@ def rollout_engine(policy, processor: qo.OmniProcessor, recipe: Recipe, device: 
     return HFEngine(policy, processor, rollout_sampling(recipe), recipe.grpo.rollout_batch_size, device)
 
 
-def vllm_rollout_kwargs(recipe: Recipe, rank: int, distributed: bool) -> dict[str, Any]:
+def vllm_rollout_kwargs(recipe: Recipe, group: int, distributed: bool) -> dict[str, Any]:
     """`vllm.LLM(**kwargs)` of a rank's rollout engine: the base checkpoint (the policy's weights are pushed in
     before the first rollout), `grpo.vllm`'s memory settings, log-probs of the processed (temperature-scaled)
     distribution, as the trainer scores them. Under several ranks vLLM joins the trainer's process group
-    (`external_launcher`) instead of starting its own; each rank's engine samples with its own seed."""
+    (`external_launcher`) instead of starting its own; each engine (`group`: its tensor-parallel group's
+    index) samples with its own seed."""
     v = recipe.grpo.vllm
-    kwargs = dict(model=recipe.model.path, dtype=recipe.model.dtype, seed=recipe.train.seed + rank,
+    kwargs = dict(model=recipe.model.path, dtype=recipe.model.dtype, seed=recipe.train.seed + group,
                   tensor_parallel_size=v.tensor_parallel_size, gpu_memory_utilization=v.gpu_memory_utilization,
                   limit_mm_per_prompt=dict(recipe.infer.limit_mm_per_prompt), logprobs_mode="processed_logprobs",
                   enforce_eager=v.enforce_eager, trust_remote_code=False)
@@ -153,12 +169,12 @@ def vllm_rollout_kwargs(recipe: Recipe, rank: int, distributed: bool) -> dict[st
     return kwargs
 
 
-def vllm_rollout_engine(recipe: Recipe, processor: qo.OmniProcessor, rank: int, distributed: bool) -> VLLMEngine:
+def vllm_rollout_engine(recipe: Recipe, processor: qo.OmniProcessor, group: int, distributed: bool) -> VLLMEngine:
     """A vLLM engine in this process (colocated with the trainer; docs/grpo.md says why), sampling as `grpo` says."""
     # In-process engine core: the weight push hands tensors to the worker without serialising them, and
     # no engine process re-imports the trainer's main module.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    return VLLMEngine(recipe, rollout_sampling(recipe), vllm_rollout_kwargs(recipe, rank, distributed),
+    return VLLMEngine(recipe, rollout_sampling(recipe), vllm_rollout_kwargs(recipe, group, distributed),
                       logit_bias={i: -100.0 for i in placeholder_ids(processor)})
 
 
