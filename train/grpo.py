@@ -4,16 +4,18 @@
     accelerate launch --config_file recipes/accelerate/zero2_8gpu.yaml train/grpo.py recipes/grpo_qwen3_omni.yaml
 
 Each rollout step, on every rank: take this rank's prompts of the current curriculum stage, sample
-`grpo.num_generations` (G) completions of each with its audio through the inference engine (hf
-`generate` on the policy being trained), score them with the stage's weighted rewards
+`grpo.num_generations` (G) completions of each with its audio through the inference engine
+(`grpo.rollout_engine`: hf `generate` on the policy being trained, or a vLLM engine in this process
+that the policy's merged weights are pushed into first: train/rollouts.py), score them with the stage's weighted rewards
 (train/rewards.py), normalise the rewards within each prompt's group into advantages, then take
 `grpo.iterations` optimizer steps on the clipped-ratio objective, plus `grpo.beta` x KL to the
 reference policy: the policy it started from, i.e. the SFT adapter of `grpo.init_adapter` (its weights
 swapped in for the reference forward), or the base model for a fresh adapter (no second copy of the model).
 
 Per rank and step the rollouts are `train.batch_size x train.grad_accum` sequences (a multiple of
-G): `train.grad_accum` micro-batches of `train.batch_size`. As in SFT, the loss is the mean over
-every completion token of the global batch (token-level, all ranks), and the launch forms, the
+G): `train.grad_accum` micro-batches of `train.batch_size`. The loss is normalised over the global batch
+(all ranks) as `grpo.loss_type` says (train.loss.Normalisation; `dapo`, the default: the mean over every
+completion token, as SFT's), and the launch forms, the
 optimizer step, checkpoints (adapter + optimizer, scheduler, RNG), resume and provenance are the
 trainers' shared runtime (train/runtime.py). The rollouts (prompts per step, sampling, the scoring
 batch) are train/rollouts.py; the objective and the per-token log-probabilities are train/loss.py,
@@ -21,7 +23,8 @@ where `train.loss_chunk_tokens` scores the completions a chunk of tokens at a ti
 
 Writes to `train.output_dir`: recipe.yaml, provenance.jsonl, metrics.jsonl (per step: loss, lr,
 grad norm, mean/std of each reward and of the weighted total, rollout accuracy, KL, clip fraction,
-completion length, rollout tokens/s), rollouts/rank{R}.jsonl (every completion with its rewards),
+completion length, rollout tokens/s; with vLLM rollouts the weight push's seconds and vLLM's log-prob
+mismatch to the trainer), rollouts/rank{R}.jsonl (every completion with its rewards),
 checkpoints/step-N/ and adapter/.
 """
 
