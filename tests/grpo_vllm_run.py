@@ -4,7 +4,8 @@ after each push, vLLM's greedy tokens for a few test items against the hf engine
     python tests/grpo_vllm_run.py OUT_DIR RECIPE [dotted.key=value ...]
     accelerate launch --config_file recipes/accelerate/cpu_ddp_2proc.yaml tests/grpo_vllm_run.py OUT_DIR RECIPE ...
 
-Writes OUT_DIR/pushes.rank{R}.json: per push the tensors pushed and both engines' greedy token ids per item.
+Writes OUT_DIR/pushes.rank{R}.json: per push the tensors pushed, both engines' greedy token ids per item and the
+sum of the adapter's weights (the ranks' policies compared).
 tests/test_vllm.py runs it in its own process (vLLM in the trainer's process; a crash cannot take pytest with
 it). The rewards get a `length` stand-in that varies between the random tiny model's completions, as in
 tests/test_grpo.py, so the advantages are not all zero and the policy moves between pushes.
@@ -57,7 +58,8 @@ def main(argv: list[str]) -> int:
         base.generation_config.suppress_tokens = suppressed
         policy.train(was_training)
         got = {g.id: list(g.token_ids) for g in engine.generate(requests, greedy)}
-        pushes.append({"tensors": pushed[0], "seconds": pushed[1], "vllm": got, "hf": expected})
+        adapter = float(sum(p.detach().double().sum() for p in policy.parameters() if p.requires_grad))
+        pushes.append({"tensors": pushed[0], "seconds": pushed[1], "vllm": got, "hf": expected, "adapter_sum": adapter})
         return pushed
 
     train.grpo.push_policy = checked_push
