@@ -536,6 +536,19 @@ def test_group_size_must_divide_the_step(grpo_recipe):
         run_grpo(grpo_recipe, "grpo.num_generations=3")
 
 
+def test_vllm_settings_are_checked_before_anything_loads(grpo_recipe, monkeypatch):
+    from train.grpo import check_settings
+
+    recipe = load_recipe(grpo_recipe, ["grpo.rollout_logprobs=tis"])
+    with pytest.raises(RecipeError, match="rollout_logprobs=tis .* needs grpo.rollout_engine=vllm"):
+        check_settings(recipe, 0)
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    recipe = load_recipe(grpo_recipe, ["grpo.rollout_engine=vllm", "grpo.vllm.tensor_parallel_size=4"])
+    with pytest.raises(RecipeError, match="tensor_parallel_size=4 must divide the 6 ranks"):
+        check_settings(recipe, 0)
+    check_settings(load_recipe(grpo_recipe, ["grpo.rollout_engine=vllm", "grpo.vllm.tensor_parallel_size=3"]), 0)
+
+
 @pytest.mark.slow
 def test_two_processes_zero2(grpo_recipe, tmp_path):
     """Two gloo ranks under DeepSpeed ZeRO-2 (SFT's launch form): each rolls out its own prompts, the
