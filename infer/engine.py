@@ -391,6 +391,7 @@ class VLLMEngine(Engine):
     """
 
     name = "vllm"
+    logit_bias: dict[int, float] | None = None
 
     def __init__(self, recipe: Recipe, sampling: SamplingConfig, engine_kwargs: dict[str, Any] | None = None,
                  logit_bias: dict[int, float] | None = None):
