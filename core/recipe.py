@@ -438,7 +438,8 @@ class GRPORolloutVLLM(Section):
     """GPUs one rollout engine spans (train/memory.py divides its weights by it)"""
     kv_cache_gib: Annotated[float | None, NoEffect] = Field(None, gt=0)
     """KV-cache size in GiB; needed on a CPU, where vLLM otherwise takes gpu_memory_utilization of the machine's RAM"""
-    max_model_len: Annotated[int | None, NoEffect] = Field(None, gt=0)
+    # changes rollouts where it binds: vLLM ends a generation at the context
+    max_model_len: int | None = Field(None, gt=0)
     """prompt + completion tokens; None: the checkpoint's context"""
     enforce_eager: Annotated[bool, NoEffect] = False
     """no torch.compile / CUDA graphs (minutes of compilation on a CPU for nothing on the tiny model)"""
