@@ -9,6 +9,11 @@
    difference with its 95% bootstrap interval and the exact McNemar p; accuracy per task beside it.
 3. Rollout throughput: the same G x prompts rollouts generated one request at a time vs in one
    batch (`grpo.rollout_batch_size`), fixed length, tokens/s and the ratio.
+4. Rollout engines (`--rollout-engines`, in .venv-vllm): the same G x prompts rollouts from the SFT
+   policy through the hf engine (batched, as grpo.rollout_engine=hf) and through the vLLM engine GRPO
+   colocates (grpo.rollout_engine=vllm: in this process, the policy's merged weights pushed, n=G),
+   fixed length, in one run: tokens/s of each and the ratio vLLM/hf. `--only-rollout-engines` runs
+   just this part.
 
 The SFT adapter is trained first (`train/sft.py recipes/tiny.yaml`) when it is missing.
 """
@@ -130,6 +135,50 @@ def rollout_throughput(recipe_path: Path, sft_adapter: Path, prompts: int, token
     return out
 
 
+def rollout_engines(recipe_path: Path, sft_adapter: Path, prompts: int, tokens: int) -> dict:
+    """Tokens/s of the same rollouts through the hf engine and through GRPO's vLLM engine (fixed length), one run."""
+    from core.items import load_items
+    from core.recipe import load_recipe
+    from infer.engine import Request
+    from train.grpo import load_policy
+    from train.rollouts import push_policy, rollout_engine, vllm_rollout_engine
+    from train.runtime import load_processor
+
+    recipe = load_recipe(recipe_path, [f"grpo.init_adapter={sft_adapter}", "grpo.vllm.kv_cache_gib=1",
+                                       "grpo.vllm.enforce_eager=true", "grpo.vllm.max_model_len=2048"])
+    model, _ = load_policy(recipe)
+    processor = load_processor(recipe)
+    items = load_items(recipe.grpo.stages[0].data[0].path)[:prompts]
+    from core import qwen_omni as qo
+
+    requests = [Request(it.id, qo.render_prompt(processor.tokenizer, it.question, it.choices), it.load_audio(30)) for it in items]
+    group = recipe.grpo.num_generations
+    hf = rollout_engine(model, processor, recipe, "cpu")
+    vllm = vllm_rollout_engine(recipe, processor, 0, False)
+    pushed, push_s = push_policy(vllm, model, torch.float32)
+    sampling = hf.sampling.replace(max_new_tokens=tokens, min_new_tokens=tokens)
+    out = {}
+    for name, engine in (("hf", hf), ("vllm", vllm)):
+        engine.generate_groups(requests[:1], group, sampling)  # warm-up
+        start = time.perf_counter()
+        generations = engine.generate_groups(requests, group, sampling)
+        seconds = time.perf_counter() - start
+        out[name] = {"sequences": len(generations), "tokens": sum(g.n_generated_tokens for g in generations),
+                     "seconds": seconds, "distinct per group": min(len({generations[i + k].token_ids for k in range(group)})
+                                                                  for i in range(0, len(generations), group))}
+        out[name]["tokens_per_s"] = out[name]["tokens"] / seconds
+    out["ratio vllm/hf"] = out["vllm"]["tokens_per_s"] / out["hf"]["tokens_per_s"]
+    out["push"] = {"tensors": pushed, "seconds": push_s}
+    return out
+
+
+def print_rollout_engines(result: dict, group: int, prompts: int, tokens: int) -> None:
+    print_table([{"engine": name, **result[name]} for name in ("hf", "vllm")],
+                f"Rollout engines (G={group} x {prompts} prompts, {tokens} tokens each, the SFT policy; "
+                f"vLLM after a push of {result['push']['tensors']} tensors in {result['push']['seconds']:.3f} s): "
+                f"vLLM/hf {result['ratio vllm/hf']:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sft-adapter", default="runs/tiny/adapter")
@@ -138,9 +187,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/bench/grpo")
     parser.add_argument("--throughput-prompts", type=int, default=8, help="prompts (x G completions): the recipe's step")
     parser.add_argument("--throughput-tokens", type=int, default=64)
+    parser.add_argument("--rollout-engines", action="store_true", help="also hf vs vLLM rollouts (needs vllm: .venv-vllm)")
+    parser.add_argument("--only-rollout-engines", action="store_true", help="only hf vs vLLM rollouts")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the tiny model: a second thread only adds spin-waits on a shared machine
+    if args.only_rollout_engines:
+        sft_adapter = REPO / args.sft_adapter
+        recipe = yaml.safe_load(RECIPE.read_text())
+        ensure_inputs(recipe, sft_adapter)
+        print(f"machine: {machine()}; load average (1, 5, 15 min) {os.getloadavg()}", flush=True)
+        result = rollout_engines(RECIPE, sft_adapter, args.throughput_prompts, args.throughput_tokens)
+        print_rollout_engines(result, recipe["grpo"]["num_generations"], args.throughput_prompts, args.throughput_tokens)
+        print(f"load average (1, 5, 15 min): {os.getloadavg()}")
+        write_json(args.json, {"machine": machine(), "rollout_engines": result})
+        return 0
 
     from eval.compare import compare
 
@@ -191,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     print_table([{"rollouts": name, **{k: v for k, v in row.items()}} for name, row in throughput.items() if name != "speedup"],
                 f"Rollout throughput (G={recipe['grpo']['num_generations']} x {args.throughput_prompts} prompts, "
                 f"{args.throughput_tokens} tokens each): batched {throughput['speedup']:.2f}x one at a time")
+    engines = None
+    if args.rollout_engines:
+        engines = rollout_engines(recipe_path, sft_adapter, args.throughput_prompts, args.throughput_tokens)
+        print_rollout_engines(engines, recipe["grpo"]["num_generations"], args.throughput_prompts, args.throughput_tokens)
     load["end"] = os.getloadavg()
     print(f"load average (1, 5, 15 min): start {load['start']}, end {load['end']}")
     first, last = rows[0]["answer reward"], rows[-1]["answer reward"]
@@ -200,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, {"machine": info, "load_average": load, "steps": steps, "train_seconds": train_seconds,
                            "bench_seconds": time.perf_counter() - bench_start, "reward_windows": rows, "reward_by_task": per_task,
                            "metrics": records,
-                           "held_out": paired, "held_out_by_task": tasks, "rollout_throughput": throughput})
+                           "held_out": paired, "held_out_by_task": tasks, "rollout_throughput": throughput,
+                           "rollout_engines": engines})
     return 0
 
 

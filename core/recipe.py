@@ -530,6 +530,23 @@ class GRPOStage(Section):
         return self
 
 
+class GRPORolloutVLLM(Section):
+    """The vLLM engine GRPO rolls out with (grpo.rollout_engine=vllm): one per rank, beside the trainer
+    (docs/grpo.md: why a memory fraction and not sleep mode)."""
+
+    gpu_memory_utilization: Annotated[float, NoEffect] = Field(0.35, gt=0, lt=1)
+    """share of each GPU vLLM takes for its weights and KV cache; the trainer lives in the rest (train/memory.py)"""
+    tensor_parallel_size: Annotated[int, NoEffect] = Field(1, gt=0)
+    """GPUs one rollout engine spans (train/memory.py divides its weights by it)"""
+    kv_cache_gib: Annotated[float | None, NoEffect] = Field(None, gt=0)
+    """KV-cache size in GiB; needed on a CPU, where vLLM otherwise takes gpu_memory_utilization of the machine's RAM"""
+    # changes rollouts where it binds: vLLM ends a generation at the context
+    max_model_len: int | None = Field(None, gt=0)
+    """prompt + completion tokens; None: the checkpoint's context"""
+    enforce_eager: Annotated[bool, NoEffect] = False
+    """no torch.compile / CUDA graphs (minutes of compilation on a CPU for nothing on the tiny model)"""
+
+
 class GRPOConfig(Section):
     """RL after SFT (train/grpo.py): G sampled completions per prompt, group-normalised advantages,
     clipped ratio, optional KL to the policy it starts from (the SFT adapter, or the base for a fresh one)."""
@@ -558,6 +575,24 @@ class GRPOConfig(Section):
     """optimizer steps on each batch of rollouts (PPO epochs)"""
     scale_rewards: Literal["group", "none"] = "group"
     """divide by the group's std, or only centre"""
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = "dapo"
+    """token losses to the batch loss (train.loss.Normalisation): dapo, the sum over every completion token of the
+    global batch / its tokens; grpo, each completion's token mean, then the mean over completions; dr_grpo, the sum /
+    (completions x max_new_tokens)"""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """the clipped ratio per token (GRPO), or per completion (GSPO: exp of the mean token log-ratio, one clip for the
+    completion), which the Qwen team found stable on MoE models without routing replay"""
+    rollout_engine: Literal["hf", "vllm"] = "hf"
+    """what samples the rollouts: hf generate on the policy being trained, or a vLLM engine beside the trainer whose
+    weights are the policy's (the adapter merged in, pushed after every optimizer step)"""
+    rollout_logprobs: Literal["recompute", "tis"] = "recompute"
+    """with vLLM rollouts: recompute, the trainer's own log-probs are the old policy's and vLLM's are only compared
+    (metrics: logprob_mismatch); tis, the policy term of each token is also weighted by
+    min(p_trainer / p_vllm, tis_cap) (truncated importance sampling) for tokens the engine sampled off the policy"""
+    tis_cap: float = Field(2.0, ge=1)
+    """upper bound of the truncated importance weight (rollout_logprobs=tis)"""
+    vllm: GRPORolloutVLLM = Field(default_factory=GRPORolloutVLLM)
+    """the rollout engine's settings (rollout_engine=vllm)"""
     embedding_model: str | None = None
     """local sentence-embedding folder (transformers; mean pooling)"""
     judge: JudgeConfig = Field(default_factory=JudgeConfig)

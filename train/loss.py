@@ -174,25 +174,78 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 
 @dataclass
 class LossParts:
-    loss: torch.Tensor  # this micro-batch's share of the global per-token mean
+    loss: torch.Tensor  # this micro-batch's share of the global loss (grpo.loss_type's normalisation)
     kl_sum: float  # sums over this micro-batch's completion tokens (divided by the global count in the log)
     clipped: int
     tokens: int
 
 
-def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              total_tokens: int | torch.Tensor, clip_low: float, clip_high: float,
-              ref_logps: torch.Tensor | None = None, beta: float = 0.0) -> LossParts:
-    """Clipped-ratio policy loss (+ beta x KL) summed over masked tokens, divided by `total_tokens`.
+@dataclass(frozen=True)
+class Normalisation:
+    """How `grpo.loss_type` turns token losses into the global batch's loss (as TRL's GRPOTrainer 1.16 does):
 
-    logps/old_logps/ref_logps/mask: [B, T] per completion token; advantages: [B]. The KL estimate per
-    token is exp(ref - logp) - (ref - logp) - 1 (non-negative, unbiased; Schulman's k3).
+    - `dapo`: sum over every completion token of the global batch / its `tokens` (token-level; a long
+      completion weighs by its length);
+    - `grpo`: each completion's mean over its own tokens, then the mean over the global batch's `sequences`
+      (a token of a short completion weighs more than one of a long one);
+    - `dr_grpo`: sum over every completion token / (`sequences` x `max_length`, grpo.max_new_tokens): a
+      constant, so neither the length bias of `grpo` nor a step size that varies with the batch's tokens.
+
+    Every form is a sum over micro-batches (and ranks) of their shares, so gradient accumulation and data
+    parallelism give the whole batch's gradient.
     """
+
+    loss_type: str
+    tokens: int | torch.Tensor  # completion tokens of the global batch
+    sequences: int = 0  # completions of the global batch
+    max_length: int = 0  # grpo.max_new_tokens
+
+    def __post_init__(self):
+        if self.loss_type not in ("dapo", "grpo", "dr_grpo"):
+            raise ValueError(f"unknown grpo.loss_type {self.loss_type!r}")
+        if self.loss_type != "dapo" and self.sequences <= 0:
+            raise ValueError(f"loss_type {self.loss_type} needs the global batch's number of sequences")
+        if self.loss_type == "dr_grpo" and self.max_length <= 0:
+            raise ValueError("loss_type dr_grpo needs the maximal completion length")
+
+    def __call__(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's share of the loss; `mask` float [B, T]."""
+        if self.loss_type == "grpo":
+            return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / self.sequences
+        if self.loss_type == "dr_grpo":
+            return (per_token * mask).sum() / (self.sequences * self.max_length)
+        return (per_token * mask).sum() / self.tokens
+
+
+def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              total_tokens: int | torch.Tensor | Normalisation, clip_low: float, clip_high: float,
+              ref_logps: torch.Tensor | None = None, beta: float = 0.0, level: str = "token",
+              rollout_weights: torch.Tensor | None = None) -> LossParts:
+    """Clipped-ratio policy loss (+ beta x KL) over masked tokens, normalised as `total_tokens` says (a
+    `Normalisation`, or a token count: the `dapo` form).
+
+    logps/old_logps/ref_logps/mask: [B, T] per completion token; advantages: [B]. The ratio is per token
+    (`level="token"`, GRPO), or per sequence (`"sequence"`, GSPO, arXiv 2507.18071): exp of the mean
+    token log-ratio of the completion, clipped as one number for all its tokens, so one token's routing
+    or precision noise no longer decides its own clip. `rollout_weights` [B, T] (detached) multiply
+    each token's policy term: truncated importance sampling of the trainer's policy against the engine
+    that sampled (train/grpo.py). The KL estimate per token is exp(ref - logp) - (ref - logp) - 1
+    (non-negative, unbiased; Schulman's k3).
+    """
+    norm = total_tokens if isinstance(total_tokens, Normalisation) else Normalisation("dapo", total_tokens)
     mask = mask.to(logps.dtype)
-    ratio = torch.exp(logps - old_logps)
+    log_ratio = logps - old_logps
+    if level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0))
+        log_ratio = log_ratio.expand_as(logps)
+    elif level != "token":
+        raise ValueError(f"unknown importance sampling level {level!r}")
+    ratio = torch.exp(log_ratio)
     adv = advantages.unsqueeze(1)
     clipped_ratio = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
     per_token = -torch.min(ratio * adv, clipped_ratio * adv)
+    if rollout_weights is not None:
+        per_token = per_token * rollout_weights
     kl_sum = 0.0
     if beta:
         if ref_logps is None:
@@ -204,6 +257,13 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
     # A token is clipped when the clipped term is the smaller one, i.e. its gradient is cut off.
     clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
     return LossParts(
-        loss=(per_token * mask).sum() / total_tokens, kl_sum=kl_sum,
+        loss=norm(per_token, mask), kl_sum=kl_sum,
         clipped=int((clipped.float() * mask).sum()), tokens=int(mask.sum()),
     )
+
+
+def truncated_importance_weights(trainer_logps: torch.Tensor, rollout_logps: torch.Tensor, cap: float) -> torch.Tensor:
+    """min(p_trainer / p_rollout, cap) per token, detached: the correction for tokens sampled by an engine
+    whose probabilities differ from the trainer's (another kernel, precision or weight copy), truncated so
+    one token the engine found unlikely cannot dominate the step (TIS, Yao et al. 2025)."""
+    return torch.exp(trainer_logps.detach() - rollout_logps).clamp(max=cap)

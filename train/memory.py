@@ -31,6 +31,15 @@ transients are far below the logits').
 
 The estimate is checked against measured peaks of the tiny and a real-shaped 1-layer thinker on CPU
 (tests/test_memory.py: the tensor bytes allocated, from torch's CPU memory profiler).
+
+A recipe with `grpo.stages` gets the GRPO plan (`grpo_estimate`) instead: the trainer as above on
+micro-batches of `train.batch_size` rollout sequences (prompt: the longest clip's audio tokens + a text
+allowance, then `grpo.max_new_tokens`), plus what GRPO adds: the per-token log-prob tensors of a rank's
+rollouts (old, reference, rollout engine's), the KL reference's copy of the SFT adapter, and the rollouts'
+own memory: with `grpo.rollout_engine: hf`, the KV cache of `grpo.rollout_batch_size` sequences at full
+length; with `vllm`, the share of the GPU it reserves (`grpo.vllm.gpu_memory_utilization`), which must hold
+its weights (split `grpo.vllm.tensor_parallel_size` ways) and the KV cache of every rollout of its group
+(G x prompts x full length) at once, else vLLM preempts and re-computes.
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ FRAMEWORK_FIXED = 2 * GIB
 FRAGMENTATION = 0.10
 LOGIT_BYTES = 12  # fp32 log-softmax output + its gradient + the logits' gradient, per vocabulary entry
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}  # auto: the checkpoint's bf16
+PROMPT_TEXT_TOKENS = 256  # a GRPO prompt's text around its audio: chat template, question, choices
+VLLM_OVERHEAD = 2 * GIB  # vLLM's own activations, sampler and CUDA graphs inside its share (profiled at start)
 
 
 def thinker_config(model_path: str | Path):
@@ -198,6 +209,72 @@ def estimate(
     return rows
 
 
+def grpo_sequence_tokens(recipe: Recipe) -> int:
+    """The longest rollout sequence: the prompt (the clip's audio tokens at data.max_audio_seconds + a text
+    allowance) and grpo.max_new_tokens."""
+    from core import qwen_omni as qo
+
+    seconds = recipe.data.max_audio_seconds or 30
+    audio = qo.audio_token_count(qo.feature_frames(int(seconds * qo.SAMPLE_RATE)))
+    return audio + PROMPT_TEXT_TOKENS + recipe.grpo.max_new_tokens
+
+
+def kv_bytes_per_token(text, act: int, tensor_parallel: int = 1) -> int:
+    """K and V of every decoder layer for one token, per GPU of a `tensor_parallel` group (vLLM splits the KV
+    heads, and replicates them when there are fewer heads than GPUs)."""
+    heads = -(-text.num_key_value_heads // tensor_parallel)
+    return 2 * text.num_hidden_layers * heads * text.head_dim * act
+
+
+def vllm_need(config, recipe: Recipe, gpus: int) -> dict[str, int]:
+    """What a rollout engine needs per GPU inside its share: its weights, the KV cache of every rollout of its
+    tensor-parallel group at full length at once, vLLM's own overhead."""
+    from core.tiny import parameter_counts
+
+    text, act, v = config.text_config, DTYPE_BYTES[recipe.model.dtype], recipe.grpo.vllm
+    tp = min(v.tensor_parallel_size, gpus)
+    sequences = recipe.train.batch_size * recipe.train.grad_accum * tp  # the group generates its ranks' rollouts
+    return {"weights": parameter_counts(config).total * act // tp,
+            "KV cache": sequences * grpo_sequence_tokens(recipe) * kv_bytes_per_token(text, act, tp),
+            "overhead": VLLM_OVERHEAD}
+
+
+def grpo_estimate(config, recipe: Recipe, stage: int | None, gpus: int = 1, gpu_bytes: int | None = None,
+                  lora_params: int | None = None, gpu: bool = True) -> dict[str, int]:
+    """Peak bytes per rank of GRPO: the trainer (`estimate` on micro-batches of rollout sequences) and what GRPO
+    adds; `gpu_bytes` sizes vLLM's share (grpo.rollout_engine=vllm)."""
+    grpo, cfg = recipe.grpo, recipe.train
+    text, act = config.text_config, DTYPE_BYTES[recipe.model.dtype]
+    length = grpo_sequence_tokens(recipe)
+    rows = estimate(config, recipe, stage, gpus, cfg.batch_size * length, lora_params, gpu)
+    lora = lora_params if lora_params is not None else lora_parameters(config, recipe.lora)
+    per_rank = cfg.batch_size * cfg.grad_accum
+    kept = int(grpo.iterations > 1) + int(grpo.beta > 0) + int(grpo.rollout_engine == "vllm")
+    rows["log-probs kept (old, reference, rollout engine's; fp32)"] = kept * per_rank * grpo.max_new_tokens * 4
+    if grpo.beta and grpo.init_adapter:
+        rows["KL reference: the SFT adapter's copy"] = (act if stage in (2, 3) else 4) * lora
+    if grpo.rollout_engine == "hf":
+        rows["rollout KV cache (hf generate)"] = grpo.rollout_batch_size * length * kv_bytes_per_token(text, act)
+    else:
+        rows["vLLM share (grpo.vllm.gpu_memory_utilization)"] = int(grpo.vllm.gpu_memory_utilization * (gpu_bytes or 0))
+    return rows
+
+
+def grpo_plans(recipe: Recipe, gpus: int, gpu_gib: float) -> list[Plan]:
+    """`plans` for GRPO: ZeRO-2 and ZeRO-3, gradient checkpointing as the recipe says and the other way round."""
+    config = thinker_config(recipe.model.path)
+    lora = lora_parameters(config, recipe.lora)
+    out = []
+    for stage in (2, 3):
+        for gc in (recipe.train.gradient_checkpointing, not recipe.train.gradient_checkpointing):
+            variant = recipe.model_copy(deep=True)
+            variant.train.gradient_checkpointing = gc
+            chunk = f", loss chunks {recipe.train.loss_chunk_tokens}" if recipe.train.loss_chunk_tokens else ""
+            title = f"GRPO ZeRO-{stage}, grad ckpt {'on' if gc else 'off'}{chunk}"
+            out.append(Plan(title, grpo_estimate(config, variant, stage, gpus, int(gpu_gib * GIB), lora), int(gpu_gib * GIB)))
+    return out
+
+
 def plans(recipe: Recipe, gpus: int, gpu_gib: float) -> list[Plan]:
     """ZeRO-2 and ZeRO-3, each with gradient checkpointing as the recipe says and the other way round,
     and with the recipe's loss chunking; the recipe's own row first within each stage."""
@@ -249,15 +326,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     path, overrides = split_cli(args.recipe_and_overrides)
     recipe = load_recipe(path, overrides)
-    result = plans(recipe, args.gpus, args.gpu_gib)
+    grpo = bool(recipe.grpo.stages)
+    result = (grpo_plans if grpo else plans)(recipe, args.gpus, args.gpu_gib)
     cfg = recipe.train
-    print(f"memory plan: {path}, {args.gpus} x {args.gpu_gib:g} GiB; {recipe.model.path} "
+    length = grpo_sequence_tokens(recipe) if grpo else recipe.data.max_length
+    print(f"memory plan{' (GRPO)' if grpo else ''}: {path}, {args.gpus} x {args.gpu_gib:g} GiB; {recipe.model.path} "
           f"({'config.json' if (Path(recipe.model.path) / 'config.json').is_file() else 'real 30B-A3B shapes: core.tiny.REAL_SIZES'}), "
-          f"{recipe.model.dtype}, micro-batch {cfg.batch_size} x {recipe.data.max_length} tokens, "
+          f"{recipe.model.dtype}, micro-batch {cfg.batch_size} x {length} tokens"
+          f"{' (prompt + grpo.max_new_tokens)' if grpo else ''}, "
           f"LoRA r{recipe.lora.r} on {', '.join(recipe.lora.targets)}{' + experts' if recipe.lora.experts else ''}")
     print(longest_clip(recipe) + "\n")
     print(table(result))
-    fitting = [p for p in result if p.headroom >= 0]
+    vllm_short = False
+    if grpo and recipe.grpo.rollout_engine == "vllm":
+        need = vllm_need(thinker_config(recipe.model.path), recipe, args.gpus)
+        share = recipe.grpo.vllm.gpu_memory_utilization * args.gpu_gib * GIB
+        vllm_short = sum(need.values()) > share
+        print(f"\nvLLM share: {share / GIB:.1f} GiB per GPU (grpo.vllm.gpu_memory_utilization="
+              f"{recipe.grpo.vllm.gpu_memory_utilization}, tensor_parallel_size={recipe.grpo.vllm.tensor_parallel_size}); "
+              f"needs {sum(need.values()) / GIB:.1f}: " + ", ".join(f"{k} {v / GIB:.1f}" for k, v in need.items())
+              + (" -> does NOT hold every rollout at once" if vllm_short else " -> fits"))
+    fitting = [p for p in result if p.headroom >= 0 and not vllm_short]
     ours = [p for p in result if f"grad ckpt {'on' if cfg.gradient_checkpointing else 'off'}" in p.title]
     print()
     for plan in ours:
@@ -265,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
             f"does NOT fit ({-plan.headroom / GIB:.1f} GiB over)"
         print(f"{plan.title}: {plan.total / GIB:.1f} GiB per GPU, {verdict}")
     if cfg.zero_stage:
-        chosen = next(p for p in ours if p.title.startswith(f"ZeRO-{cfg.zero_stage}"))
-        print(f"recipe: train.zero_stage={cfg.zero_stage} -> {'fits' if chosen.headroom >= 0 else 'DOES NOT FIT'}")
+        chosen = next(p for p in ours if f"ZeRO-{cfg.zero_stage}," in p.title)
+        fits = chosen.headroom >= 0 and not vllm_short
+        print(f"recipe: train.zero_stage={cfg.zero_stage} -> {'fits' if fits else 'DOES NOT FIT'}")
     return 0 if fitting else 1
 
 

@@ -53,6 +53,7 @@ from core.qwen_omni.checkpoint import (  # noqa: F401
     CheckpointNotFound,
     check_weight_file,
     checkpoint_source,
+    checkpoint_tensors,
     composite_config,
     copy_checkpoint_files,
     load_adapter,

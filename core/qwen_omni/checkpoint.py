@@ -253,6 +253,22 @@ def save_thinker(thinker, out: str | Path, config: dict, max_shard_size: int | s
     return out
 
 
+def checkpoint_tensors(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """One thinker parameter as transformers names and holds it (`model.layers.0.mlp.experts.gate_up_proj`) in the
+    released checkpoint's names and format (`thinker.`-prefixed; experts one tensor per expert and projection),
+    which is what vLLM's loader reads (`VLLMEngine.load_weights`). The fused experts: gate_up_proj [E, 2m, h] is
+    each expert's gate_proj.weight [m, h] then its up_proj.weight; down_proj [E, h, m] its down_proj.weight."""
+    prefix = f"thinker.{name}"
+    module, _, leaf = prefix.rpartition(".")
+    if not module.endswith(".mlp.experts") or leaf not in ("gate_up_proj", "down_proj"):
+        return [(prefix, tensor)]
+    if leaf == "down_proj":
+        return [(f"{module}.{e}.down_proj.weight", tensor[e]) for e in range(tensor.shape[0])]
+    half = tensor.shape[1] // 2
+    return [(f"{module}.{e}.{proj}.weight", part) for e in range(tensor.shape[0])
+            for proj, part in (("gate_proj", tensor[e, :half]), ("up_proj", tensor[e, half:]))]
+
+
 def copy_checkpoint_files(base: str | Path, out: str | Path) -> list[str]:
     """Copy every file of `base` that is not weights or config.json (tokenizer, chat template, processor
     and generation files) into `out`, byte for byte, so `out` keeps e.g. processor_class. Returns the names."""
