@@ -27,7 +27,6 @@ W (train/data.py `mix`: a group is repeated or subsampled to its share; weight 0
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import hashlib
 import json
@@ -203,12 +202,11 @@ def sample_records(engine, chunk: Sequence[Item], recipe: Recipe, seed: int) -> 
     from infer.run import item_request
 
     k = recipe.rest.samples
-    requests = []
-    for item in chunk:
-        # always the item's own clip (infer.audio_ablation is an evaluation setting, not training data)
-        request = item_request(item, engine.tokenizer, recipe.model.prompt_style, recipe.infer.max_audio_seconds)
-        requests += [dataclasses.replace(request, id=f"{item.id}#{j}") for j in range(k)]
-    generations = engine.generate(requests, engine.sampling.replace(seed=seed))
+    # always the item's own clip (infer.audio_ablation is an evaluation setting, not training data)
+    requests = [item_request(item, engine.tokenizer, recipe.model.prompt_style, recipe.infer.max_audio_seconds)
+                for item in chunk]
+    # n per prompt: vLLM samples the K at once, the hf engine repeats each request K times (a sample per row)
+    generations = engine.generate_groups(requests, k, engine.sampling.replace(seed=seed))
     records = []
     for n, generation in enumerate(generations):
         item = chunk[n // k]
