@@ -76,7 +76,7 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         # CPU ranks started by torchrun (the MULTI_GPU launcher with use_cpu, recipes/accelerate/cpu_ddp_2proc.yaml):
         # without cpu=True Accelerate 1.15 takes them for single processes (DistributedType.NO: no DDP, no gradient
         # all-reduce, each rank training its own copy on its half); with it they are MULTI_CPU over gloo.
-        cpu=_cpu_multiprocess(),
+        cpu=_cpu_multiprocess() and not _deepspeed_launch(),
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if _cpu_multiprocess() else [],
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -89,6 +89,11 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
 
 def _cpu_multiprocess() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _deepspeed_launch() -> bool:
+    # set by `accelerate launch` for a DeepSpeed config; cpu=True would drop the DeepSpeed plugin
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def _netrc() -> str:
