@@ -260,24 +260,10 @@ def grpo_estimate(config, recipe: Recipe, stage: int | None, gpus: int = 1, gpu_
     return rows
 
 
-def grpo_plans(recipe: Recipe, gpus: int, gpu_gib: float) -> list[Plan]:
-    """`plans` for GRPO: ZeRO-2 and ZeRO-3, gradient checkpointing as the recipe says and the other way round."""
-    config = thinker_config(recipe.model.path)
-    lora = lora_parameters(config, recipe.lora)
-    out = []
-    for stage in (2, 3):
-        for gc in (recipe.train.gradient_checkpointing, not recipe.train.gradient_checkpointing):
-            variant = recipe.model_copy(deep=True)
-            variant.train.gradient_checkpointing = gc
-            chunk = f", loss chunks {recipe.train.loss_chunk_tokens}" if recipe.train.loss_chunk_tokens else ""
-            title = f"GRPO ZeRO-{stage}, grad ckpt {'on' if gc else 'off'}{chunk}"
-            out.append(Plan(title, grpo_estimate(config, variant, stage, gpus, int(gpu_gib * GIB), lora), int(gpu_gib * GIB)))
-    return out
-
-
-def plans(recipe: Recipe, gpus: int, gpu_gib: float) -> list[Plan]:
+def plans(recipe: Recipe, gpus: int, gpu_gib: float, grpo: bool = False) -> list[Plan]:
     """ZeRO-2 and ZeRO-3, each with gradient checkpointing as the recipe says and the other way round,
-    and with the recipe's loss chunking; the recipe's own row first within each stage."""
+    and with the recipe's loss chunking; the recipe's own row first within each stage. `grpo`: GRPO's
+    estimate (rollouts, kept log-probs, the rollout engine) instead of SFT's."""
     config = thinker_config(recipe.model.path)
     lora = lora_parameters(config, recipe.lora)
     out = []
@@ -286,8 +272,10 @@ def plans(recipe: Recipe, gpus: int, gpu_gib: float) -> list[Plan]:
             variant = recipe.model_copy(deep=True)
             variant.train.gradient_checkpointing = gc
             chunk = f", loss chunks {recipe.train.loss_chunk_tokens}" if recipe.train.loss_chunk_tokens else ""
-            title = f"ZeRO-{stage}, grad ckpt {'on' if gc else 'off'}{chunk}"
-            out.append(Plan(title, estimate(config, variant, stage, gpus, lora_params=lora), int(gpu_gib * GIB)))
+            title = f"{'GRPO ' if grpo else ''}ZeRO-{stage}, grad ckpt {'on' if gc else 'off'}{chunk}"
+            estimated = (grpo_estimate(config, variant, stage, gpus, int(gpu_gib * GIB), lora) if grpo
+                      else estimate(config, variant, stage, gpus, lora_params=lora))
+            out.append(Plan(title, estimated, int(gpu_gib * GIB)))
     return out
 
 
@@ -327,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     path, overrides = split_cli(args.recipe_and_overrides)
     recipe = load_recipe(path, overrides)
     grpo = bool(recipe.grpo.stages)
-    result = (grpo_plans if grpo else plans)(recipe, args.gpus, args.gpu_gib)
+    result = plans(recipe, args.gpus, args.gpu_gib, grpo)
     cfg = recipe.train
     length = grpo_sequence_tokens(recipe) if grpo else recipe.data.max_length
     print(f"memory plan{' (GRPO)' if grpo else ''}: {path}, {args.gpus} x {args.gpu_gib:g} GiB; {recipe.model.path} "
