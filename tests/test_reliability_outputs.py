@@ -366,10 +366,10 @@ def test_an_interrupted_synthetic_build_leaves_no_test_file(tmp_path, monkeypatc
 
     real = synthetic.generate_split
 
-    def killed_at_pretrain(out_dir, split, count, seed):
+    def killed_at_pretrain(out_dir, split, count, seed, *hard):
         if split == "pretrain":
             raise KeyboardInterrupt
-        return real(out_dir, split, count, seed)
+        return real(out_dir, split, count, seed, *hard)
 
     out = tmp_path / "synthetic"
     monkeypatch.setattr(synthetic, "generate_split", killed_at_pretrain)
