@@ -51,7 +51,6 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -226,11 +225,13 @@ def cached_records(
     max_audio_seconds: float | None,
     root: str | Path,
     workers: int | None = None,
-    log: Callable[[str], object] = partial(print, file=sys.stderr, flush=True),
+    log: Callable[[str], object] | None = None,
 ):
     """The cached rows of one SFT JSONL (a memory-mapped `datasets.Dataset`), built first if missing.
 
-    `log` gets the build's progress and throughput, and a line when this process waits for another's build."""
+    `log` gets the build's progress and throughput, and a line when this process waits for another's build
+    (default: standard error, looked up when called, so a replaced stream is the one written to)."""
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
