@@ -13,6 +13,7 @@ tests/test_grpo.py, so the advantages are not all zero and the policy moves betw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -67,10 +68,11 @@ def main(argv: list[str]) -> int:
     train.grpo.build_rewards = lambda config, names, budget, device: {**build(config, names, budget, device), "length": letter_share}
     launch = train.grpo.runtime.launch
 
+    @contextlib.contextmanager
     def launched(*args, **kwargs):
-        accelerator, log = launch(*args, **kwargs)
-        rank["value"] = accelerator.process_index
-        return accelerator, log
+        with launch(*args, **kwargs) as (accelerator, log):
+            rank["value"] = accelerator.process_index
+            yield accelerator, log
 
     train.grpo.runtime.launch = launched
     code = train.grpo.main([recipe_path, *overrides])
