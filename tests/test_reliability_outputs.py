@@ -16,9 +16,8 @@ import pytest
 import yaml
 
 from core.recipe import RecipeError, load_recipe
-
-# imported before any test captures output: train.data_cache binds sys.stderr as a default argument at import
-from train import sft  # noqa: F401
+from tests.test_reliability import run_sft
+from train import sft
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,15 +42,6 @@ def recipe_file(tmp_path, tiny_checkpoint, synthetic_dir):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
-
-
-def run_sft(recipe_file: Path, *overrides: str) -> int:
-    from accelerate.state import AcceleratorState
-
-    from train.sft import main
-
-    AcceleratorState._reset_state(True)  # each in-process run gets a fresh Accelerator
-    return main([str(recipe_file), *overrides])
 
 
 @pytest.fixture(scope="module")
