@@ -30,7 +30,7 @@ def _run(command: list[str], cwd: Path | None = None) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -70,7 +70,7 @@ def git_state(repo: Path | None = None) -> tuple[dict, str | None]:
             if file.is_symlink():  # git keeps a link as its target; one to a folder (a shared .venv) has no bytes to hash
                 state["untracked"].append({"path": path, "symlink": os.readlink(file)})
             else:
-                state["untracked"].append({"path": path, "bytes": file.stat().st_size, "sha256": _sha256(file)})
+                state["untracked"].append({"path": path, "bytes": file.stat().st_size, "sha256": sha256_file(file)})
     changed = (_run(["git", "diff", "HEAD", "--name-only"], repo) or "").splitlines()
     secret = [path for path in changed if is_secret_file(path)]
     state["secret_files_left_out"] += secret

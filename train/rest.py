@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import os
 import subprocess
@@ -46,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core import qwen_omni as qo  # noqa: E402
 from core.answer_rule import is_correct  # noqa: E402
 from core.items import DataError, Item, load_items  # noqa: E402
+from core.provenance import sha256_file  # noqa: E402
 from core.recipe import (  # noqa: E402
     DatasetSpec,
     Recipe,
@@ -141,12 +141,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def adapter_identity(adapter: str | None) -> dict:
